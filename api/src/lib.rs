@@ -1,0 +1,474 @@
+//! The `digame` server: wires the bus, pipeline, store and query engine into one process
+//! and serves the HTTP API.
+//!
+//! Routes (all `/v1` routes need `Authorization: Bearer <ingest key>`; the key's tenant
+//! scopes everything the request reads or writes):
+//! - `POST /v1/events` — ingest a JSON array or NDJSON batch (gzip optional)
+//! - `GET /v1/schema` — JSON Schema of the wire event (no auth)
+//! - `GET /v1/users/{user}/features?from=&to=&granularity=hour|day`
+//! - `POST /v1/sql` — `{"sql": "SELECT …"}`, read-only, tenant-scoped
+//! - `GET /healthz`, `GET /readyz`, `GET /metrics` — operations (no auth)
+//!
+//! Errors are JSON `{"error": {"code", "message"}}`, mapped to HTTP status in one place
+//! ([`ApiError`]). Shutdown drains in-flight requests, then stops the pipeline after a
+//! final checkpoint, then closes the bus.
+
+pub mod simulate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use digame_infra::bus::{EventBus, LogBus, LogConfig};
+use digame_infra::config::{Config, IngestKeys};
+use digame_infra::store::{ParquetStore, StoreSink};
+use digame_infra::telemetry::metrics;
+use digame_ingest::{Collector, IngestError};
+use digame_pipelines::runtime::run_dead_letter_sink;
+use digame_pipelines::{FeaturePipeline, PipelineStatus, Processor, RuntimeSettings};
+use digame_query::{QueryEngine, QueryError};
+use digame_schemas::{EventTime, Granularity};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Largest `POST /v1/sql` body.
+const MAX_SQL_BODY: usize = 64 << 10;
+
+/// Shared state of the HTTP handlers.
+pub struct AppState {
+    pub keys: IngestKeys,
+    pub collector: Collector,
+    pub query: QueryEngine,
+    pub bus: Arc<dyn EventBus>,
+    pub store: Arc<ParquetStore>,
+    pub pipeline: Arc<PipelineStatus>,
+    pub max_ready_lag: u64,
+}
+
+/// Every error the API answers with.
+#[derive(Debug)]
+pub enum ApiError {
+    Unauthorized(String),
+    Ingest(IngestError),
+    Query(QueryError),
+    BadRequest(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, message) = match &self {
+            ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, "unauthorized", m.clone()),
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m.clone()),
+            ApiError::Ingest(e) => {
+                let status = match e {
+                    IngestError::BodyTooLarge { .. }
+                    | IngestError::DecompressedTooLarge { .. }
+                    | IngestError::TooManyEvents { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+                    IngestError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    IngestError::BadGzip(_) | IngestError::Malformed(_) | IngestError::Empty => {
+                        StatusCode::BAD_REQUEST
+                    }
+                    IngestError::BusUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                (status, e.code(), e.to_string())
+            }
+            ApiError::Query(e) => match e {
+                QueryError::Invalid(m) => (StatusCode::BAD_REQUEST, "invalid_query", m.clone()),
+                QueryError::Timeout(_) => {
+                    (StatusCode::GATEWAY_TIMEOUT, "query_timeout", e.to_string())
+                }
+                QueryError::Internal(m) => {
+                    tracing::error!(error = %m, "query failed");
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "the query failed inside the engine; see server logs".to_string(),
+                    )
+                }
+            },
+        };
+        let mut resp = (
+            status,
+            Json(json!({"error": {"code": code, "message": message}})),
+        )
+            .into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
+/// The caller's tenant, from `Authorization: Bearer <key>`.
+pub struct Tenant(pub String);
+
+impl FromRequestParts<Arc<AppState>> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok())
+            .ok_or_else(|| {
+                ApiError::Unauthorized(
+                    "missing Authorization header; send `Authorization: Bearer <ingest key>`"
+                        .into(),
+                )
+            })?;
+        let key = header
+            .strip_prefix("Bearer ")
+            .map(str::trim)
+            .ok_or_else(|| {
+                ApiError::Unauthorized("Authorization must use the Bearer scheme".into())
+            })?;
+        state
+            .keys
+            .tenant_of(key)
+            .map(|t| Tenant(t.to_string()))
+            .ok_or_else(|| ApiError::Unauthorized("unknown or revoked key".into()))
+    }
+}
+
+async fn post_events(
+    State(state): State<Arc<AppState>>,
+    tenant: Tenant,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let started = Instant::now();
+    let limit = state.collector.config.max_body_bytes;
+    let result = match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => {
+            let encoding = headers
+                .get(header::CONTENT_ENCODING)
+                .and_then(|v| v.to_str().ok());
+            state.collector.ingest(&tenant.0, encoding, bytes).await
+        }
+        Err(_) => Err(IngestError::BodyTooLarge { limit }),
+    };
+    let response = match result {
+        Ok(outcome) => {
+            let status = if outcome.accepted == 0 {
+                StatusCode::UNPROCESSABLE_ENTITY
+            } else {
+                StatusCode::OK
+            };
+            (status, Json(outcome)).into_response()
+        }
+        Err(e) => ApiError::Ingest(e).into_response(),
+    };
+    metrics()
+        .ingest_requests
+        .with_label_values(&[response.status().as_str()])
+        .inc();
+    metrics()
+        .ingest_request_seconds
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn get_schema() -> Json<serde_json::Value> {
+    Json(digame_schemas::event_json_schema())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FeaturesParams {
+    from: Option<String>,
+    to: Option<String>,
+    granularity: Option<String>,
+}
+
+fn parse_time(name: &str, text: &str) -> Result<EventTime, ApiError> {
+    let parsed = match text.parse::<i64>() {
+        Ok(ms) => EventTime::from_millis(ms),
+        Err(_) => EventTime::parse_rfc3339(text),
+    };
+    parsed.map_err(|e| ApiError::BadRequest(format!("parameter `{name}`: {e}")))
+}
+
+async fn get_features(
+    State(state): State<Arc<AppState>>,
+    tenant: Tenant,
+    Path(user): Path<String>,
+    params: Result<Query<FeaturesParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let granularity = match params.granularity.as_deref() {
+        None => Granularity::Hour,
+        Some(g) => Granularity::parse(g).ok_or_else(|| {
+            ApiError::BadRequest(format!("granularity `{g}` is not supported; use hour or day"))
+        })?,
+    };
+    let to = match &params.to {
+        Some(t) => parse_time("to", t)?,
+        None => EventTime(EventTime::now().0 + EventTime::DAY),
+    };
+    let from = match &params.from {
+        Some(t) => parse_time("from", t)?,
+        None => EventTime(to.0 - 7 * EventTime::DAY),
+    };
+    let series = state
+        .query
+        .features(&tenant.0, &user, from, to, granularity)
+        .await
+        .map_err(ApiError::Query)?;
+    Ok(Json(series).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SqlRequest {
+    sql: String,
+}
+
+async fn post_sql(
+    State(state): State<Arc<AppState>>,
+    tenant: Tenant,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let bytes = axum::body::to_bytes(body, MAX_SQL_BODY)
+        .await
+        .map_err(|_| ApiError::BadRequest(format!("body exceeds {MAX_SQL_BODY} bytes")))?;
+    let req: SqlRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::BadRequest(format!("body must be {{\"sql\": \"SELECT …\"}}: {e}"))
+    })?;
+    let result = state
+        .query
+        .sql(&tenant.0, &req.sql)
+        .await
+        .map_err(ApiError::Query)?;
+    Ok(Json(result).into_response())
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let bus = state.bus.status();
+    let store = state.store.status();
+    let lag = state.pipeline.lag.load(Ordering::Relaxed);
+    let running = state.pipeline.running.load(Ordering::Relaxed);
+    let lag_ok = lag <= state.max_ready_lag;
+    let ready = bus.healthy && store.healthy && running && lag_ok;
+    let body = json!({
+        "ready": ready,
+        "bus": {"ok": bus.healthy, "detail": bus.detail},
+        "store": {"ok": store.healthy && !state.pipeline.store_failing.load(Ordering::Relaxed), "detail": store.detail},
+        "pipeline": {"ok": running && lag_ok, "running": running, "lag_records": lag, "max_lag_records": state.max_ready_lag},
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+async fn metrics_text() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        metrics().render(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::BadRequest("no such route; see the README for the API".into())
+}
+
+/// The HTTP routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/events", post(post_events))
+        .route("/v1/schema", get(get_schema))
+        .route("/v1/users/{user}/features", get(get_features))
+        .route("/v1/sql", post(post_sql))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// A running server.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+    http: JoinHandle<()>,
+}
+
+impl Server {
+    /// Opens the embedded bus and store, starts the pipeline, dead-letter sink,
+    /// compaction, and the HTTP listener.
+    pub async fn start(config: Config) -> anyhow::Result<Server> {
+        if config.ingest.keys.0.is_empty() {
+            anyhow::bail!(
+                "no ingest keys configured; set DIGAME_INGEST_KEYS=key:tenant (keys of at least 16 characters)"
+            );
+        }
+        let bus_dir = config.bus_dir().map_err(anyhow::Error::msg)?;
+        let store_dir = config.store_dir().map_err(anyhow::Error::msg)?;
+        let bus: Arc<dyn EventBus> = Arc::new(LogBus::open(LogConfig {
+            dir: bus_dir,
+            partitions: config.bus.partitions,
+            segment_bytes: config.bus.segment_bytes,
+            retention_bytes: config.bus.retention_bytes,
+            retention: Duration::from_secs(config.bus.retention_hours * 3600),
+            queue_capacity: config.bus.queue_capacity,
+            max_batch_bytes: 32 << 20,
+        })?);
+        let store = Arc::new(ParquetStore::open(&store_dir)?);
+        let pipeline_status = Arc::new(PipelineStatus::default());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+
+        let pipeline = FeaturePipeline {
+            bus: bus.clone(),
+            store: store.clone() as Arc<dyn StoreSink>,
+            processor: Processor::new(&config.pipeline)?,
+            settings: RuntimeSettings::from_config(&config.pipeline, &config.data_dir),
+            status: pipeline_status.clone(),
+        };
+        let mut tasks = Vec::new();
+        let rx = shutdown_rx.clone();
+        tasks.push((
+            "pipeline",
+            tokio::spawn(async move {
+                if let Err(e) = pipeline.run(rx).await {
+                    tracing::error!(error = %e, "feature pipeline stopped with an error");
+                }
+            }),
+        ));
+        let (b, s, rx) = (bus.clone(), store.clone(), shutdown_rx.clone());
+        tasks.push((
+            "dead-letter-sink",
+            tokio::spawn(async move {
+                if let Err(e) = run_dead_letter_sink(b, s, rx).await {
+                    tracing::error!(error = %e, "dead-letter sink stopped with an error");
+                }
+            }),
+        ));
+        let (s, mut rx) = (store.clone(), shutdown_rx.clone());
+        let min_files = config.store.compaction_min_files;
+        let every = Duration::from_secs(config.store.compaction_interval_secs.max(1));
+        tasks.push((
+            "compaction",
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(every) => {}
+                        _ = rx.changed() => return,
+                    }
+                    match s.compact(min_files).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(partitions = n, "compacted store partitions"),
+                        Err(e) => tracing::warn!(error = %e, "compaction failed"),
+                    }
+                }
+            }),
+        ));
+
+        let state = Arc::new(AppState {
+            keys: config.ingest.keys.clone(),
+            collector: Collector {
+                bus: bus.clone(),
+                config: config.ingest.clone(),
+            },
+            query: QueryEngine::new(&store_dir, config.query.clone()),
+            bus,
+            store,
+            pipeline: pipeline_status,
+            max_ready_lag: config.pipeline.max_ready_lag,
+        });
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        let addr = listener.local_addr()?;
+        let app = router(state.clone());
+        let mut rx = shutdown_rx.clone();
+        let http = tokio::spawn(async move {
+            let graceful = async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            };
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(graceful)
+                .await
+            {
+                tracing::error!(error = %e, "http server failed");
+            }
+        });
+        tracing::info!(%addr, data_dir = %config.data_dir.display(), "digame serving");
+        Ok(Server {
+            addr,
+            state,
+            shutdown,
+            tasks,
+            http,
+        })
+    }
+
+    /// Drains HTTP, stops the pipeline after a final checkpoint, closes the bus.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.http.await;
+        for (name, task) in self.tasks {
+            if task.await.is_err() {
+                tracing::error!(task = name, "background task panicked");
+            }
+        }
+        self.state.bus.close().await;
+        tracing::info!("digame stopped");
+    }
+}
+
+/// Loads ingest keys from `<data_dir>/ingest.key`, creating one for tenant `default` on
+/// first start. Returns the keys and, when just created, the new key (to show once).
+pub fn ensure_ingest_key(data_dir: &std::path::Path) -> anyhow::Result<(IngestKeys, Option<String>)> {
+    use std::io::Write;
+    let path = data_dir.join("ingest.key");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let keys = IngestKeys::parse(text.trim()).map_err(anyhow::Error::msg)?;
+        return Ok((keys, None));
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let key: String = {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        (0..32)
+            .map(|_| char::from_digit(rng.random_range(0..16), 16).expect("hex digit"))
+            .collect()
+    };
+    let line = format!("{key}:default");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(&path)?;
+    f.write_all(line.as_bytes())?;
+    f.sync_all()?;
+    let keys = IngestKeys::parse(&line).map_err(anyhow::Error::msg)?;
+    Ok((keys, Some(key)))
+}

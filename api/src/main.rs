@@ -1,0 +1,229 @@
+//! The `digame` command line.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use digame_api::simulate::{SimulationSpec, generate};
+use digame_api::{Server, ensure_ingest_key};
+use digame_infra::config::Config;
+use digame_infra::telemetry::init_logging;
+use futures::StreamExt;
+use serde::Serialize;
+
+/// Digame: real-time workplace analytics.
+#[derive(Parser)]
+#[command(name = "digame", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run everything in one process on the embedded bus and store.
+    Serve(ServeArgs),
+    /// Send realistic synthetic activity to a running server.
+    Simulate(SimulateArgs),
+    /// Print the JSON Schema of the wire event.
+    Schema,
+    /// Print the effective configuration (secrets redacted) and exit.
+    Config(ServeArgs),
+}
+
+/// Flags of `serve`; each also comes from the config file and `DIGAME_*` variables.
+#[derive(clap::Args, Serialize)]
+struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "DIGAME_CONFIG")]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080; env DIGAME_LISTEN].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    listen: Option<SocketAddr>,
+    /// Data directory [default: ./data; env DIGAME_DATA_DIR].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    /// Log format: text or json [env DIGAME_LOG_FORMAT].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_format: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// Server base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Ingest key (as for `Authorization: Bearer`); defaults to the key in ./data/ingest.key.
+    #[arg(long, env = "DIGAME_KEY")]
+    key: Option<String>,
+    /// Number of people.
+    #[arg(long, default_value_t = 20)]
+    people: usize,
+    /// Number of days, ending today.
+    #[arg(long, default_value_t = 7)]
+    days: u32,
+    /// Random seed; the same seed gives the same events.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Events per request.
+    #[arg(long, default_value_t = 5000)]
+    batch: usize,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+}
+
+fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
+    Config::load(args.config.as_deref(), args).map_err(|e| anyhow::anyhow!("configuration: {e}"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Simulate(args) => simulate(args).await,
+        Command::Schema => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&digame_schemas::event_json_schema())?
+            );
+            Ok(())
+        }
+        Command::Config(args) => {
+            let cfg = load_config(&args)?;
+            println!("{cfg:#?}");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut config = load_config(&args)?;
+    init_logging(config.log_format, &config.log_level);
+    if config.ingest.keys.0.is_empty() {
+        let (keys, created) = ensure_ingest_key(&config.data_dir)?;
+        if let Some(key) = created {
+            // Shown once, on the terminal, never through the log pipeline.
+            println!(
+                "No ingest keys configured: created one for tenant `default` (stored in {}):\n  {key}\nUse it as `Authorization: Bearer {key}`.",
+                config.data_dir.join("ingest.key").display()
+            );
+            let _ = std::io::stdout().flush();
+        }
+        config.ingest.keys = keys;
+    }
+    let server = Server::start(config).await?;
+    println!("digame listening on http://{}", server.addr);
+    let _ = std::io::stdout().flush();
+    wait_for_signal().await;
+    tracing::info!("shutdown requested; draining");
+    server.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("install SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    let key = match args.key {
+        Some(k) => k,
+        None => std::fs::read_to_string("data/ingest.key")
+            .context("no --key given and ./data/ingest.key not found")?
+            .trim()
+            .rsplit_once(':')
+            .map(|(k, _)| k.to_string())
+            .context("./data/ingest.key is not key:tenant")?,
+    };
+    let spec = SimulationSpec {
+        people: args.people,
+        days: args.days,
+        seed: args.seed,
+        until_ms: digame_schemas::EventTime::now().0 - 60_000,
+    };
+    let events = generate(&spec);
+    let bar = indicatif::ProgressBar::new(events.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} events ({per_sec})",
+        )?,
+    );
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/events", args.url.trim_end_matches('/'));
+    let batches: Vec<Vec<u8>> = events
+        .chunks(args.batch.max(1))
+        .map(|chunk| {
+            let mut nd = Vec::new();
+            for e in chunk {
+                serde_json::to_writer(&mut nd, e).expect("json");
+                nd.push(b'\n');
+            }
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(&nd).expect("in-memory gzip");
+            gz.finish().expect("in-memory gzip")
+        })
+        .collect();
+    let sizes: Vec<usize> = events
+        .chunks(args.batch.max(1))
+        .map(|c| c.len())
+        .collect();
+    let results = futures::stream::iter(batches.into_iter().zip(sizes))
+        .map(|(body, n)| {
+            let client = client.clone();
+            let url = url.clone();
+            let key = key.clone();
+            let bar = bar.clone();
+            async move {
+                let resp = client
+                    .post(&url)
+                    .bearer_auth(key)
+                    .header("content-type", "application/x-ndjson")
+                    .header("content-encoding", "gzip")
+                    .body(body)
+                    .send()
+                    .await?;
+                let status = resp.status();
+                let body: serde_json::Value = resp.json().await?;
+                bar.inc(n as u64);
+                anyhow::ensure!(status.is_success(), "server answered {status}: {body}");
+                Ok::<_, anyhow::Error>(body)
+            }
+        })
+        .buffer_unordered(args.concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await;
+    bar.finish();
+    let mut accepted = 0u64;
+    let mut rejected = 0u64;
+    for r in results {
+        let body = r?;
+        accepted += body["accepted"].as_u64().unwrap_or(0);
+        rejected += body["rejected"].as_array().map_or(0, |a| a.len() as u64);
+    }
+    println!(
+        "sent {} events for {} people over {} days: {accepted} accepted, {rejected} rejected",
+        events.len(),
+        args.people,
+        args.days
+    );
+    Ok(())
+}

@@ -1,0 +1,381 @@
+//! Configuration: one serde tree, layered defaults → TOML file → environment → flags.
+//!
+//! Environment variables are `DIGAME_` followed by the field path in upper case with `__`
+//! between levels (`DIGAME_PIPELINE__ALLOWED_LATENESS_SECS=600`); the common ones also
+//! have short forms: `DIGAME_LISTEN`, `DIGAME_DATA_DIR`, `DIGAME_INGEST_KEYS`. Unknown keys
+//! are errors, so a typo never silently falls back to a default.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::de::{self, Deserializer};
+use serde::{Deserialize, Serialize, Serializer};
+
+use crate::telemetry::LogFormat;
+
+/// Everything `digame serve` can be told.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    pub listen: SocketAddr,
+    /// Directory holding the embedded bus, store and checkpoints.
+    pub data_dir: PathBuf,
+    /// `text` or `json` log lines on stderr.
+    pub log_format: LogFormat,
+    /// Default log filter when `RUST_LOG` is unset.
+    pub log_level: String,
+    pub ingest: IngestConfig,
+    pub bus: BusConfig,
+    pub pipeline: PipelineConfig,
+    pub store: StoreConfig,
+    pub query: QueryConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./data"),
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            ingest: IngestConfig::default(),
+            bus: BusConfig::default(),
+            pipeline: PipelineConfig::default(),
+            store: StoreConfig::default(),
+            query: QueryConfig::default(),
+        }
+    }
+}
+
+/// Limits and credentials of the HTTP collector.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Ingestion keys and their tenants: `key1:tenant-a,key2:tenant-b` or a table
+    /// `{ key1 = "tenant-a" }`. When empty, `serve` generates one key for tenant `default`.
+    pub keys: IngestKeys,
+    /// Largest request body accepted, as sent (compressed or not).
+    pub max_body_bytes: usize,
+    /// Largest body after gzip decompression (guards against gzip bombs).
+    pub max_decompressed_bytes: usize,
+    /// Most events in one request.
+    pub max_events_per_request: usize,
+    /// Largest single event, as JSON text.
+    pub max_event_bytes: usize,
+    /// Oldest accepted event time, in days before now, unless the tenant overrides it.
+    pub horizon_days: u32,
+    /// Per-tenant horizon overrides, in days.
+    pub tenant_horizon_days: BTreeMap<String, u32>,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            keys: IngestKeys::default(),
+            max_body_bytes: 5 << 20,
+            max_decompressed_bytes: 20 << 20,
+            max_events_per_request: 10_000,
+            max_event_bytes: 64 << 10,
+            horizon_days: 30,
+            tenant_horizon_days: BTreeMap::new(),
+        }
+    }
+}
+
+impl IngestConfig {
+    pub fn horizon_days_for(&self, tenant: &str) -> u32 {
+        self.tenant_horizon_days
+            .get(tenant)
+            .copied()
+            .unwrap_or(self.horizon_days)
+    }
+}
+
+/// Ingestion keys → tenant. Never printed: `Debug` shows only the tenants.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct IngestKeys(pub BTreeMap<String, String>);
+
+impl fmt::Debug for IngestKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.values().map(|t| format!("<redacted>:{t}")))
+            .finish()
+    }
+}
+
+impl IngestKeys {
+    /// Parses `key1:tenant-a,key2:tenant-b`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut keys = BTreeMap::new();
+        for (i, pair) in text.split(',').map(str::trim).enumerate() {
+            if pair.is_empty() {
+                continue;
+            }
+            let (key, tenant) = pair.rsplit_once(':').ok_or_else(|| {
+                format!("ingest key entry {} has no `:tenant` part; write key:tenant", i + 1)
+            })?;
+            if key.len() < 16 {
+                return Err(format!(
+                    "ingest key entry {} is shorter than 16 characters; use a long random key",
+                    i + 1
+                ));
+            }
+            digame_schemas::validate::validate_tenant_id(tenant)?;
+            keys.insert(key.to_string(), tenant.to_string());
+        }
+        Ok(IngestKeys(keys))
+    }
+
+    pub fn tenant_of(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+}
+
+impl Serialize for IngestKeys {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for IngestKeys {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            Text(String),
+            Table(BTreeMap<String, String>),
+        }
+        match Form::deserialize(d)? {
+            Form::Text(text) => IngestKeys::parse(&text).map_err(de::Error::custom),
+            Form::Table(map) => {
+                let text = map
+                    .iter()
+                    .map(|(k, t)| format!("{k}:{t}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                IngestKeys::parse(&text).map_err(de::Error::custom)
+            }
+        }
+    }
+}
+
+/// Which bus to use and how the embedded log behaves.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BusConfig {
+    /// `file://` (embedded log under `<data_dir>/bus`) or `file:///path`.
+    pub url: String,
+    /// Partitions per topic; fixed once the log exists.
+    pub partitions: u32,
+    /// Size at which a log segment is sealed.
+    pub segment_bytes: u64,
+    /// Per-partition size above which old segments are deleted.
+    pub retention_bytes: u64,
+    /// Age after which sealed segments are deleted, in hours.
+    pub retention_hours: u64,
+    /// Append requests queued for the writer before publishers wait.
+    pub queue_capacity: usize,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        BusConfig {
+            url: "file://".into(),
+            partitions: 8,
+            segment_bytes: 64 << 20,
+            retention_bytes: 8 << 30,
+            retention_hours: 7 * 24,
+            queue_capacity: 1024,
+        }
+    }
+}
+
+/// Stream-processor behaviour.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// How far behind a person's newest event time an event may arrive and still update
+    /// its windows; later events are recorded as too late. At least the keystroke timeout.
+    pub allowed_lateness_secs: u64,
+    /// Heartbeats with identical data at most this far apart are merged (ActivityWatch's
+    /// pulsetime), in milliseconds.
+    pub pulsetime_ms: u64,
+    /// Gaps of at most this many milliseconds between not-AFK intervals are filled.
+    pub presence_flood_ms: u64,
+    /// How often changed windows are written to the store, in milliseconds.
+    pub flush_interval_ms: u64,
+    /// How often state and offsets are checkpointed, in milliseconds.
+    pub checkpoint_interval_ms: u64,
+    /// When a person sends nothing for this long (wall clock), their event time is assumed
+    /// to advance with the wall clock, so their windows close. Seconds; 0 disables.
+    pub idle_advance_secs: u64,
+    /// Time zone for people without a profile (IANA name).
+    pub default_timezone: String,
+    /// Records taken from the bus per poll.
+    pub poll_batch: usize,
+    /// `/readyz` reports not ready when more records than this wait unprocessed.
+    pub max_ready_lag: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            allowed_lateness_secs: 900,
+            pulsetime_ms: 2_000,
+            presence_flood_ms: 5_000,
+            flush_interval_ms: 500,
+            checkpoint_interval_ms: 5_000,
+            idle_advance_secs: 600,
+            default_timezone: "UTC".into(),
+            poll_batch: 10_000,
+            max_ready_lag: 1_000_000,
+        }
+    }
+}
+
+/// Which store to use and how the embedded one is maintained.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `file://` (Parquet under `<data_dir>/store`) or `file:///path`.
+    pub url: String,
+    /// A partition with at least this many files is compacted.
+    pub compaction_min_files: usize,
+    /// Seconds between compaction passes.
+    pub compaction_interval_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            url: "file://".into(),
+            compaction_min_files: 8,
+            compaction_interval_secs: 30,
+        }
+    }
+}
+
+/// Query limits.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueryConfig {
+    /// Most rows one SQL request returns; more are cut and flagged `truncated`.
+    pub max_rows: usize,
+    /// Longest a query may run, in seconds.
+    pub timeout_secs: u64,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        QueryConfig {
+            max_rows: 10_000,
+            timeout_secs: 30,
+        }
+    }
+}
+
+impl Config {
+    /// Layers defaults, the optional TOML file, `DIGAME_*` environment variables, and
+    /// `overrides` (command-line flags, serialized with absent flags skipped).
+    pub fn load(file: Option<&Path>, overrides: impl Serialize) -> Result<Self, String> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.exists() {
+                return Err(format!("config file {} does not exist", path.display()));
+            }
+            fig = fig.merge(Toml::file(path));
+        }
+        fig = fig
+            .merge(
+                Env::prefixed("DIGAME_")
+                    .ignore(&["config"])
+                    .map(|key| {
+                        let key = key.as_str().to_ascii_lowercase();
+                        match key.as_str() {
+                            "ingest_keys" => "ingest.keys".into(),
+                            _ => key.replace("__", ".").into(),
+                        }
+                    }),
+            )
+            .merge(Serialized::defaults(overrides));
+        fig.extract::<Config>().map_err(|e| {
+            e.into_iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+    }
+
+    /// Directory of the embedded bus.
+    pub fn bus_dir(&self) -> Result<PathBuf, String> {
+        local_dir(&self.bus.url, &self.data_dir, "bus")
+    }
+
+    /// Directory of the embedded store.
+    pub fn store_dir(&self) -> Result<PathBuf, String> {
+        local_dir(&self.store.url, &self.data_dir, "store")
+    }
+}
+
+fn local_dir(url: &str, data_dir: &Path, default_sub: &str) -> Result<PathBuf, String> {
+    match url.strip_prefix("file://") {
+        Some("") => Ok(data_dir.join(default_sub)),
+        Some(path) => Ok(PathBuf::from(path)),
+        None => Err(format!(
+            "unsupported backend URL `{url}`: this build supports `file://` (embedded); \
+             Kafka and ClickHouse backends come with their own URL schemes"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_parse_and_never_print() {
+        let keys = IngestKeys::parse("0123456789abcdef:acme, fedcba9876543210:globex").unwrap();
+        assert_eq!(keys.tenant_of("0123456789abcdef"), Some("acme"));
+        assert_eq!(keys.tenant_of("fedcba9876543210"), Some("globex"));
+        let shown = format!("{keys:?}");
+        assert!(!shown.contains("0123456789abcdef"), "{shown}");
+        assert!(IngestKeys::parse("short:acme").is_err());
+        assert!(IngestKeys::parse("0123456789abcdef:../x").is_err());
+        assert!(IngestKeys::parse("0123456789abcdef").is_err());
+    }
+
+    #[test]
+    fn layers_file_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("digame.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\n[pipeline]\nallowed_lateness_secs = 60\n[ingest.keys]\n0123456789abcdef = \"acme\"\n",
+        )
+        .unwrap();
+        let cfg = Config::load(
+            Some(&path),
+            serde_json::json!({"data_dir": "/tmp/x"}),
+        )
+        .unwrap();
+        assert_eq!(cfg.listen.port(), 9000);
+        assert_eq!(cfg.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(cfg.pipeline.allowed_lateness_secs, 60);
+        assert_eq!(cfg.ingest.keys.tenant_of("0123456789abcdef"), Some("acme"));
+        assert_eq!(cfg.bus_dir().unwrap(), PathBuf::from("/tmp/x/bus"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("digame.toml");
+        std::fs::write(&path, "[pipeline]\nalowed_lateness_secs = 60\n").unwrap();
+        let err = Config::load(Some(&path), serde_json::json!({})).unwrap_err();
+        assert!(err.contains("alowed_lateness_secs"), "{err}");
+    }
+}

@@ -1,0 +1,280 @@
+//! The native HTTP collector: `POST /v1/events`.
+//!
+//! A request body is a JSON array of events or NDJSON (one event per line), optionally
+//! gzip-compressed. Every limit is checked before the work it protects: body size while
+//! reading, decompressed size while inflating (gzip bombs stop at the limit), event count,
+//! and each event's size before it is parsed. Each event is then decoded and validated on
+//! its own; valid ones are published to the events topic, rejected ones with their reason
+//! to the dead-letter topic. The answer is sent only after the accepted events are durable
+//! on the bus; if the bus cannot take them, nothing is acknowledged (503, retry).
+//!
+//! The tenant comes from the credential, never from the body.
+
+use std::io::Read;
+
+use bytes::Bytes;
+use digame_infra::bus::{EventBus, Record, Topic};
+use digame_infra::config::IngestConfig;
+use digame_infra::telemetry::metrics;
+use digame_schemas::validate::{TimePolicy, validate_event};
+use digame_schemas::{ActivityEvent, DeadLetter, EventTime};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+/// Why a whole request was refused.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum IngestError {
+    #[error("request body exceeds {limit} bytes; send smaller batches")]
+    BodyTooLarge { limit: usize },
+    #[error("decompressed body exceeds {limit} bytes; send smaller batches")]
+    DecompressedTooLarge { limit: usize },
+    #[error("request holds {count} events; the limit is {limit} per request")]
+    TooManyEvents { count: usize, limit: usize },
+    #[error("content encoding `{0}` is not supported; send identity or gzip")]
+    UnsupportedEncoding(String),
+    #[error("body is not valid gzip: {0}")]
+    BadGzip(String),
+    #[error("body is neither a JSON array nor NDJSON: {0}")]
+    Malformed(String),
+    #[error("body holds no events")]
+    Empty,
+    #[error("the event bus is unavailable ({0}); nothing was accepted, retry later")]
+    BusUnavailable(String),
+}
+
+impl IngestError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            IngestError::BodyTooLarge { .. } => "body_too_large",
+            IngestError::DecompressedTooLarge { .. } => "decompressed_too_large",
+            IngestError::TooManyEvents { .. } => "too_many_events",
+            IngestError::UnsupportedEncoding(_) => "unsupported_encoding",
+            IngestError::BadGzip(_) => "bad_gzip",
+            IngestError::Malformed(_) => "malformed_body",
+            IngestError::Empty => "empty_body",
+            IngestError::BusUnavailable(_) => "bus_unavailable",
+        }
+    }
+}
+
+/// One rejected event.
+#[derive(Debug, Serialize, PartialEq, Clone)]
+pub struct Rejection {
+    /// Position in the request: array index, or 0-based line number for NDJSON.
+    pub index: usize,
+    pub reason: String,
+}
+
+/// The answer to an ingest request.
+#[derive(Debug, Serialize, PartialEq)]
+pub struct IngestOutcome {
+    pub accepted: usize,
+    pub rejected: Vec<Rejection>,
+}
+
+/// Everything the collector needs.
+pub struct Collector {
+    pub bus: std::sync::Arc<dyn EventBus>,
+    pub config: IngestConfig,
+}
+
+/// Inflates gzip up to `limit` bytes.
+fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, IngestError> {
+    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
+    flate2::read::MultiGzDecoder::new(body)
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| IngestError::BadGzip(e.to_string()))?;
+    if out.len() > limit {
+        return Err(IngestError::DecompressedTooLarge { limit });
+    }
+    Ok(out)
+}
+
+/// Splits a body into raw event texts with their indexes.
+fn split_events(body: &[u8]) -> Result<Vec<(usize, &str)>, IngestError> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| IngestError::Malformed(format!("body is not UTF-8 ({e})")))?;
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('[') {
+        let items: Vec<&RawValue> = serde_json::from_str(trimmed)
+            .map_err(|e| IngestError::Malformed(format!("invalid JSON array: {e}")))?;
+        return Ok(items.into_iter().map(RawValue::get).enumerate().collect());
+    }
+    Ok(text
+        .split('\n')
+        .enumerate()
+        .map(|(i, line)| (i, line.trim()))
+        .filter(|(_, line)| !line.is_empty())
+        .collect())
+}
+
+impl Collector {
+    /// Handles one request body for `tenant`.
+    pub async fn ingest(
+        &self,
+        tenant: &str,
+        content_encoding: Option<&str>,
+        body: Bytes,
+    ) -> Result<IngestOutcome, IngestError> {
+        metrics().ingest_body_bytes.inc_by(body.len() as u64);
+        let cfg = &self.config;
+        if body.len() > cfg.max_body_bytes {
+            return Err(IngestError::BodyTooLarge {
+                limit: cfg.max_body_bytes,
+            });
+        }
+        let inflated;
+        let raw: &[u8] = match content_encoding.map(str::trim) {
+            None | Some("") | Some("identity") => &body,
+            Some(enc) if enc.eq_ignore_ascii_case("gzip") => {
+                inflated = gunzip(&body, cfg.max_decompressed_bytes)?;
+                &inflated
+            }
+            Some(other) => return Err(IngestError::UnsupportedEncoding(other.to_string())),
+        };
+        let items = split_events(raw)?;
+        if items.is_empty() {
+            return Err(IngestError::Empty);
+        }
+        if items.len() > cfg.max_events_per_request {
+            return Err(IngestError::TooManyEvents {
+                count: items.len(),
+                limit: cfg.max_events_per_request,
+            });
+        }
+
+        let now = EventTime::now();
+        let policy = TimePolicy::new(now, cfg.horizon_days_for(tenant));
+        let key_prefix_len = tenant.len() + 1;
+        let mut records = Vec::with_capacity(items.len());
+        let mut rejected = Vec::new();
+        let mut dead = Vec::new();
+        for (index, text) in items {
+            match self.admit(tenant, text, now, &policy) {
+                Ok(ev) => {
+                    let mut key = String::with_capacity(key_prefix_len + ev.user_id.len());
+                    key.push_str(tenant);
+                    key.push(':');
+                    key.push_str(&ev.user_id);
+                    let payload = serde_json::to_vec(&ev).expect("events serialize");
+                    records.push(Record {
+                        key: Bytes::from(key),
+                        payload: Bytes::from(payload),
+                        timestamp_ms: now.0,
+                    });
+                }
+                Err(reason) => {
+                    dead.push(dead_letter(tenant, index, text, &reason, now));
+                    rejected.push(Rejection { index, reason });
+                }
+            }
+        }
+        let accepted = records.len();
+        let (published, dead_published) = tokio::join!(
+            self.bus.publish(Topic::Events, records),
+            self.bus.publish(Topic::DeadLetters, dead),
+        );
+        published.map_err(|e| IngestError::BusUnavailable(e.to_string()))?;
+        if let Err(e) = dead_published {
+            tracing::error!(tenant, error = %e, rejected = rejected.len(), "could not record rejected events in the dead-letter stream");
+        }
+        metrics()
+            .ingest_events
+            .with_label_values(&["accepted"])
+            .inc_by(accepted as u64);
+        metrics()
+            .ingest_events
+            .with_label_values(&["rejected"])
+            .inc_by(rejected.len() as u64);
+        Ok(IngestOutcome { accepted, rejected })
+    }
+
+    /// Decodes and validates one event; the error is the reason given to the client.
+    fn admit(
+        &self,
+        tenant: &str,
+        text: &str,
+        now: EventTime,
+        policy: &TimePolicy,
+    ) -> Result<ActivityEvent, String> {
+        if text.len() > self.config.max_event_bytes {
+            return Err(format!(
+                "event is {} bytes; the limit is {} bytes",
+                text.len(),
+                self.config.max_event_bytes
+            ));
+        }
+        let mut ev: ActivityEvent =
+            serde_json::from_str(text).map_err(|e| format!("invalid event: {e}"))?;
+        if !ev.tenant_id.is_empty() && ev.tenant_id != tenant {
+            return Err(format!(
+                "tenant_id `{}` does not match the credential's tenant; omit tenant_id, it is taken from the key",
+                ev.tenant_id
+            ));
+        }
+        ev.tenant_id = tenant.to_string();
+        ev.received_at = Some(now);
+        validate_event(&ev, policy).map_err(|e| e.to_string())?;
+        if ev.event_id.is_none() {
+            ev.event_id = Some(uuid::Uuid::now_v7());
+        }
+        Ok(ev)
+    }
+}
+
+fn dead_letter(tenant: &str, index: usize, text: &str, reason: &str, now: EventTime) -> Record {
+    let probe: Option<serde_json::Value> = serde_json::from_str(text).ok();
+    let field = |name: &str| {
+        probe
+            .as_ref()
+            .and_then(|v| v.get(name))
+            .and_then(|v| v.as_str())
+            .map(|s| s.chars().take(128).collect::<String>())
+    };
+    let letter = DeadLetter {
+        tenant_id: tenant.to_string(),
+        rejected_at: now,
+        stage: "ingest".into(),
+        reason_code: "invalid".into(),
+        reason: reason.to_string(),
+        request_index: index as i64,
+        event_id: field("event_id"),
+        user_id: field("user_id"),
+        payload: text.chars().take(64 << 10).collect(),
+    };
+    Record {
+        key: Bytes::from(tenant.to_string()),
+        payload: Bytes::from(serde_json::to_vec(&letter).expect("dead letters serialize")),
+        timestamp_ms: now.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn splits_arrays_and_ndjson() {
+        let arr = split_events(br#" [ {"a":1}, {"b":[2]} ] "#).unwrap();
+        assert_eq!(arr, vec![(0, r#"{"a":1}"#), (1, r#"{"b":[2]}"#)]);
+        let nd = split_events(b"{\"a\":1}\n\n{\"b\":2}\r\n").unwrap();
+        assert_eq!(nd, vec![(0, r#"{"a":1}"#), (2, r#"{"b":2}"#)]);
+        assert!(matches!(split_events(b"[{\"a\":1},"), Err(IngestError::Malformed(_))));
+    }
+
+    #[test]
+    fn gzip_bombs_stop_at_the_limit() {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        enc.write_all(&vec![b' '; 10 << 20]).unwrap();
+        let bomb = enc.finish().unwrap();
+        assert!(bomb.len() < 64 << 10);
+        assert_eq!(
+            gunzip(&bomb, 1 << 20),
+            Err(IngestError::DecompressedTooLarge { limit: 1 << 20 })
+        );
+        assert!(matches!(gunzip(b"not gzip", 10), Err(IngestError::BadGzip(_))));
+    }
+}

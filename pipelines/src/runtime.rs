@@ -1,0 +1,459 @@
+//! The stream-processor runtime: consume the bus, keep keyed state, emit features, write
+//! the store, checkpoint.
+//!
+//! Ordering of side effects per checkpoint, which is what makes replays harmless:
+//! 1. emit changed feature rows and write them, with the raw events and dead letters of
+//!    the same span, to the store (durable on return);
+//! 2. write the checkpoint (all person state + the bus offsets it covers) atomically;
+//! 3. commit the offsets to the bus.
+//!
+//! A crash between any two steps replays events after the last checkpoint into the state
+//! restored from it; the outputs they produce carry the same keys and newer revisions, so
+//! the store's upsert semantics make the replay invisible in results. Nothing is
+//! acknowledged to the bus before its effects are durable (at-least-once in, idempotent
+//! out). Memory is bounded: pending rows are flushed when `max_pending_events` is reached,
+//! and polls take at most `poll_batch` records.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use digame_infra::bus::{BusConsumer, EventBus, Topic};
+use digame_infra::config::PipelineConfig;
+use digame_infra::store::{StoreBatch, StoreSink};
+use digame_infra::telemetry::metrics;
+use digame_schemas::{ActivityEvent, DeadLetter, EventTime, FeatureRow};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::features::FeatureParams;
+use crate::state::{Admission, PersonState, StateParams};
+use crate::window::parse_tz;
+use crate::{Error, Result};
+
+/// Consumer group of the feature pipeline.
+pub const GROUP: &str = "features";
+/// Consumer group of the dead-letter sink.
+pub const DEAD_LETTER_GROUP: &str = "dead-letter-sink";
+const CHECKPOINT_VERSION: u32 = 1;
+
+/// Live status, read by `/readyz` and metrics.
+#[derive(Debug, Default)]
+pub struct PipelineStatus {
+    pub lag: AtomicU64,
+    pub processed: AtomicU64,
+    pub running: AtomicBool,
+    /// Set while the store refuses writes.
+    pub store_failing: AtomicBool,
+}
+
+/// The operator core without I/O: decode, admit, emit. Used by the runtime and benchmarks.
+pub struct Processor {
+    people: HashMap<String, PersonState>,
+    params: StateParams,
+    default_tz: String,
+    last_revision: i64,
+    /// Accepted raw events awaiting the store.
+    pub pending_events: Vec<ActivityEvent>,
+    /// Too-late and undecodable events awaiting the store.
+    pub pending_dead: Vec<DeadLetter>,
+    pub keep_raw_events: bool,
+}
+
+impl Processor {
+    pub fn new(cfg: &PipelineConfig) -> Result<Self> {
+        parse_tz(&cfg.default_timezone).map_err(Error::Config)?;
+        Ok(Processor {
+            people: HashMap::new(),
+            params: StateParams {
+                lateness_ms: (cfg.allowed_lateness_secs * 1000) as i64,
+                idle_advance_ms: (cfg.idle_advance_secs * 1000) as i64,
+                features: FeatureParams {
+                    pulsetime_ms: cfg.pulsetime_ms as i64,
+                    flood_ms: cfg.presence_flood_ms as i64,
+                },
+            },
+            default_tz: cfg.default_timezone.clone(),
+            last_revision: 0,
+            pending_events: Vec::new(),
+            pending_dead: Vec::new(),
+            keep_raw_events: true,
+        })
+    }
+
+    /// Processes one bus payload.
+    pub fn process(&mut self, payload: &[u8], now_wall: i64) {
+        let ev = match serde_json::from_slice::<ActivityEvent>(payload) {
+            Ok(ev) if ev.event_id.is_some() && !ev.tenant_id.is_empty() => ev,
+            Ok(_) => {
+                self.dead(payload, None, "undecodable", "events on the bus need event_id and tenant_id".into(), now_wall);
+                return;
+            }
+            Err(e) => {
+                self.dead(payload, None, "undecodable", format!("not a canonical event: {e}"), now_wall);
+                return;
+            }
+        };
+        let key = ev.partition_key();
+        let person = match self.people.get_mut(&key) {
+            Some(p) => p,
+            None => self.people.entry(key).or_insert_with(|| {
+                PersonState::new(&ev.tenant_id, &ev.user_id, &self.default_tz)
+            }),
+        };
+        match person.admit(&ev, now_wall, &self.params) {
+            Admission::Accepted => {
+                metrics().pipeline_events.with_label_values(&["processed"]).inc();
+                if self.keep_raw_events {
+                    self.pending_events.push(ev);
+                }
+            }
+            Admission::Duplicate => {
+                metrics().pipeline_events.with_label_values(&["duplicate"]).inc();
+            }
+            Admission::TooLate { watermark } => {
+                metrics().pipeline_events.with_label_values(&["late"]).inc();
+                let reason = format!(
+                    "event time {} is before this person's watermark {} (newest event time minus the allowed lateness of {} s), so its windows are final; raise pipeline.allowed_lateness_secs to accept later deliveries",
+                    ev.timestamp,
+                    EventTime(watermark),
+                    self.params.lateness_ms / 1000
+                );
+                self.dead(payload, Some(&ev), "too_late", reason, now_wall);
+            }
+        }
+    }
+
+    fn dead(&mut self, payload: &[u8], ev: Option<&ActivityEvent>, code: &str, reason: String, now_wall: i64) {
+        if ev.is_none() {
+            metrics().pipeline_events.with_label_values(&["undecodable"]).inc();
+        }
+        let text = String::from_utf8_lossy(&payload[..payload.len().min(64 << 10)]).into_owned();
+        self.pending_dead.push(DeadLetter {
+            tenant_id: ev
+                .map(|e| e.tenant_id.clone())
+                .or_else(|| {
+                    serde_json::from_slice::<serde_json::Value>(payload)
+                        .ok()
+                        .and_then(|v| v["tenant_id"].as_str().map(str::to_string))
+                        .filter(|t| digame_schemas::validate::validate_tenant_id(t).is_ok())
+                })
+                .unwrap_or_else(|| "_unknown".into()),
+            rejected_at: EventTime(now_wall),
+            stage: "pipeline".into(),
+            reason_code: code.into(),
+            reason,
+            request_index: -1,
+            event_id: ev.and_then(|e| e.event_id).map(|u| u.to_string()),
+            user_id: ev.map(|e| e.user_id.clone()),
+            payload: text,
+        });
+    }
+
+    /// Emits every changed or newly final feature row and drops closed state.
+    pub fn emit(&mut self, now_wall: i64) -> Vec<FeatureRow> {
+        let mut rows = Vec::new();
+        let now_micros = now_wall.saturating_mul(1000);
+        let last = &mut self.last_revision;
+        let mut next = || {
+            *last = (*last + 1).max(now_micros);
+            *last
+        };
+        for person in self.people.values_mut() {
+            person.emit(now_wall, &self.params, &mut next, &mut rows);
+        }
+        self.people.retain(|_, p| !p.is_idle());
+        metrics().pipeline_open_users.set(self.people.len() as i64);
+        metrics().pipeline_rows_emitted.inc_by(rows.len() as u64);
+        rows
+    }
+
+    pub fn people(&self) -> usize {
+        self.people.len()
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Checkpoint {
+    version: u32,
+    offsets: BTreeMap<u32, u64>,
+    last_revision: i64,
+    people: Vec<PersonState>,
+}
+
+/// Where and how often the runtime persists.
+#[derive(Clone, Debug)]
+pub struct RuntimeSettings {
+    pub checkpoint_path: PathBuf,
+    pub flush_interval: Duration,
+    pub checkpoint_interval: Duration,
+    pub poll_batch: usize,
+    /// Flush early when this many raw events are pending.
+    pub max_pending_events: usize,
+}
+
+impl RuntimeSettings {
+    pub fn from_config(cfg: &PipelineConfig, data_dir: &std::path::Path) -> Self {
+        RuntimeSettings {
+            checkpoint_path: data_dir.join("pipeline").join("checkpoint.bin"),
+            flush_interval: Duration::from_millis(cfg.flush_interval_ms.max(10)),
+            checkpoint_interval: Duration::from_millis(cfg.checkpoint_interval_ms.max(10)),
+            poll_batch: cfg.poll_batch.max(1),
+            max_pending_events: 100_000,
+        }
+    }
+}
+
+/// The feature pipeline: bus → state → store.
+pub struct FeaturePipeline {
+    pub bus: Arc<dyn EventBus>,
+    pub store: Arc<dyn StoreSink>,
+    pub processor: Processor,
+    pub settings: RuntimeSettings,
+    pub status: Arc<PipelineStatus>,
+}
+
+fn now_ms() -> i64 {
+    EventTime::now().0
+}
+
+impl FeaturePipeline {
+    fn load_checkpoint(&mut self) -> Result<BTreeMap<u32, u64>> {
+        let path = &self.settings.checkpoint_path;
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(e) => return Err(Error::Io(format!("{}: {e}", path.display()))),
+        };
+        let cp: Checkpoint = postcard::from_bytes(&bytes).map_err(|e| {
+            Error::Checkpoint(format!(
+                "{} cannot be read ({e}); move it away to rebuild state from the bus",
+                path.display()
+            ))
+        })?;
+        if cp.version != CHECKPOINT_VERSION {
+            return Err(Error::Checkpoint(format!(
+                "{} has version {}, this build reads {CHECKPOINT_VERSION}",
+                path.display(),
+                cp.version
+            )));
+        }
+        self.processor.last_revision = cp.last_revision;
+        self.processor.people = cp
+            .people
+            .into_iter()
+            .map(|p| (digame_schemas::partition_key(&p.tenant, &p.user), p))
+            .collect();
+        tracing::info!(people = self.processor.people.len(), offsets = ?cp.offsets, "restored pipeline checkpoint");
+        Ok(cp.offsets)
+    }
+
+    fn save_checkpoint(&self, offsets: &BTreeMap<u32, u64>) -> Result<()> {
+        let cp = Checkpoint {
+            version: CHECKPOINT_VERSION,
+            offsets: offsets.clone(),
+            last_revision: self.processor.last_revision,
+            people: self.processor.people.values().cloned().collect(),
+        };
+        let bytes = postcard::to_allocvec(&cp).map_err(|e| Error::Checkpoint(e.to_string()))?;
+        let path = &self.settings.checkpoint_path;
+        let io = |e: std::io::Error| Error::Io(format!("{}: {e}", path.display()));
+        let dir = path.parent().expect("checkpoint path has a parent");
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let tmp = path.with_extension("tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.write_all(&bytes).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, path).map_err(io)?;
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        Ok(())
+    }
+
+    /// Emits and writes everything pending; retries the store until it accepts or
+    /// shutdown is requested.
+    async fn flush(&mut self, shutdown: &watch::Receiver<bool>) -> Result<()> {
+        let features = self.processor.emit(now_ms());
+        let batch = StoreBatch {
+            events: std::mem::take(&mut self.processor.pending_events),
+            features,
+            dead_letters: std::mem::take(&mut self.processor.pending_dead),
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut backoff = Duration::from_millis(100);
+        let mut batch = Some(batch);
+        loop {
+            let attempt = batch.take().expect("batch present");
+            // Keep a copy only for a retry; the common path moves the rows.
+            let retry_copy = StoreBatch {
+                events: attempt.events.clone(),
+                features: attempt.features.clone(),
+                dead_letters: attempt.dead_letters.clone(),
+            };
+            match self.store.write(attempt).await {
+                Ok(()) => {
+                    self.status.store_failing.store(false, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(e) => {
+                    self.status.store_failing.store(true, Ordering::Relaxed);
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "store write failed; retrying");
+                    if *shutdown.borrow() {
+                        return Err(Error::Store(e.to_string()));
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    batch = Some(retry_copy);
+                }
+            }
+        }
+    }
+
+    async fn checkpoint(
+        &mut self,
+        consumer: &mut Box<dyn BusConsumer>,
+        offsets: &BTreeMap<u32, u64>,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<()> {
+        let started = Instant::now();
+        self.flush(shutdown).await?;
+        self.save_checkpoint(offsets)?;
+        consumer
+            .commit(offsets)
+            .await
+            .map_err(|e| Error::Bus(e.to_string()))?;
+        metrics()
+            .pipeline_checkpoint_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Runs until `shutdown` turns true, then flushes and checkpoints once more.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+        let mut offsets = self.load_checkpoint()?;
+        let mut consumer = self
+            .bus
+            .subscribe(Topic::Events, GROUP)
+            .await
+            .map_err(|e| Error::Bus(e.to_string()))?;
+        for (p, o) in &offsets {
+            consumer
+                .seek(*p, *o)
+                .await
+                .map_err(|e| Error::Bus(e.to_string()))?;
+        }
+        self.status.running.store(true, Ordering::Relaxed);
+        let mut last_flush = Instant::now();
+        let mut last_checkpoint = Instant::now();
+        let mut dirty_since_checkpoint = false;
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let wait = self.settings.flush_interval.saturating_sub(last_flush.elapsed());
+            let batch = tokio::select! {
+                r = consumer.poll(self.settings.poll_batch, wait) => r.map_err(|e| Error::Bus(e.to_string()))?,
+                _ = shutdown.changed() => Vec::new(),
+            };
+            let now = now_ms();
+            for rec in &batch {
+                self.processor.process(&rec.payload, now);
+                offsets.insert(rec.partition, rec.offset + 1);
+            }
+            if !batch.is_empty() {
+                dirty_since_checkpoint = true;
+                self.status
+                    .processed
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            }
+            let lag = consumer.lag();
+            self.status.lag.store(lag, Ordering::Relaxed);
+            metrics()
+                .pipeline_lag_records
+                .with_label_values(&[Topic::Events.name()])
+                .set(lag as i64);
+            let pending_full =
+                self.processor.pending_events.len() >= self.settings.max_pending_events;
+            if last_flush.elapsed() >= self.settings.flush_interval || pending_full {
+                if dirty_since_checkpoint
+                    && last_checkpoint.elapsed() >= self.settings.checkpoint_interval
+                {
+                    self.checkpoint(&mut consumer, &offsets, &shutdown).await?;
+                    last_checkpoint = Instant::now();
+                    dirty_since_checkpoint = false;
+                } else {
+                    self.flush(&shutdown).await?;
+                }
+                last_flush = Instant::now();
+            }
+        }
+        self.checkpoint(&mut consumer, &offsets, &shutdown).await?;
+        self.status.running.store(false, Ordering::Relaxed);
+        tracing::info!("feature pipeline stopped after a final checkpoint");
+        Ok(())
+    }
+}
+
+/// Moves dead letters from the bus into the store, committing offsets only after the
+/// store write.
+pub async fn run_dead_letter_sink(
+    bus: Arc<dyn EventBus>,
+    store: Arc<dyn StoreSink>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut consumer = bus
+        .subscribe(Topic::DeadLetters, DEAD_LETTER_GROUP)
+        .await
+        .map_err(|e| Error::Bus(e.to_string()))?;
+    let mut offsets = BTreeMap::new();
+    loop {
+        let batch = tokio::select! {
+            r = consumer.poll(10_000, Duration::from_millis(500)) => r.map_err(|e| Error::Bus(e.to_string()))?,
+            _ = shutdown.changed() => Vec::new(),
+        };
+        if batch.is_empty() {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            continue;
+        }
+        let mut rows = Vec::with_capacity(batch.len());
+        for rec in &batch {
+            offsets.insert(rec.partition, rec.offset + 1);
+            match serde_json::from_slice::<DeadLetter>(&rec.payload) {
+                Ok(d) => rows.push(d),
+                Err(e) => tracing::warn!(partition = rec.partition, offset = rec.offset, error = %e, "skipping malformed dead letter"),
+            }
+        }
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match store
+                .write(StoreBatch {
+                    dead_letters: rows.clone(),
+                    ..Default::default()
+                })
+                .await
+            {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "dead-letter store write failed; retrying");
+                    if *shutdown.borrow() {
+                        return Err(Error::Store(e.to_string()));
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        consumer
+            .commit(&offsets)
+            .await
+            .map_err(|e| Error::Bus(e.to_string()))?;
+    }
+}

@@ -1,0 +1,153 @@
+//! Event time: a UTC instant with millisecond precision.
+//!
+//! On the wire an instant is either an RFC 3339 string (any offset; converted to UTC and
+//! truncated to the millisecond) or an integer number of milliseconds since the Unix epoch.
+//! It is always written back as RFC 3339 in UTC with exactly three fractional digits, so the
+//! encoding round-trips and sorts lexically.
+
+use std::fmt;
+
+use chrono::{DateTime, SecondsFormat, TimeZone, Utc};
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::de::{self, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Milliseconds since the Unix epoch, UTC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EventTime(pub i64);
+
+/// Earliest accepted instant (1970-01-01) and latest (year 9999), so every value converts
+/// to a calendar date without overflow.
+const MIN_MS: i64 = 0;
+const MAX_MS: i64 = 253_402_300_799_999;
+
+impl EventTime {
+    pub const MINUTE: i64 = 60_000;
+    pub const HOUR: i64 = 3_600_000;
+    pub const DAY: i64 = 86_400_000;
+
+    /// The current wall-clock instant.
+    pub fn now() -> Self {
+        EventTime(Utc::now().timestamp_millis())
+    }
+
+    pub fn millis(self) -> i64 {
+        self.0
+    }
+
+    /// Converts to a chrono instant; every value built by this module is in range.
+    pub fn to_datetime(self) -> DateTime<Utc> {
+        Utc.timestamp_millis_opt(self.0)
+            .single()
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+
+    /// Parses RFC 3339 text, truncating to the millisecond.
+    pub fn parse_rfc3339(text: &str) -> Result<Self, String> {
+        let parsed = DateTime::parse_from_rfc3339(text).map_err(|e| {
+            format!("`{text}` is not an RFC 3339 timestamp ({e}); use e.g. 2026-11-24T09:30:00Z")
+        })?;
+        Self::from_millis(parsed.timestamp_millis())
+    }
+
+    /// Accepts epoch milliseconds inside the supported range.
+    pub fn from_millis(ms: i64) -> Result<Self, String> {
+        if (MIN_MS..=MAX_MS).contains(&ms) {
+            Ok(EventTime(ms))
+        } else {
+            Err(format!(
+                "{ms} is outside the supported range of epoch milliseconds ({MIN_MS}..={MAX_MS})"
+            ))
+        }
+    }
+
+    pub fn to_rfc3339(self) -> String {
+        self.to_datetime()
+            .to_rfc3339_opts(SecondsFormat::Millis, true)
+    }
+}
+
+impl fmt::Display for EventTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_rfc3339())
+    }
+}
+
+impl Serialize for EventTime {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_rfc3339())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventTime {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct TimeVisitor;
+        impl Visitor<'_> for TimeVisitor {
+            type Value = EventTime;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an RFC 3339 timestamp string or epoch milliseconds")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<EventTime, E> {
+                EventTime::parse_rfc3339(v).map_err(E::custom)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<EventTime, E> {
+                EventTime::from_millis(v).map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<EventTime, E> {
+                let ms = i64::try_from(v).map_err(|_| E::custom("epoch milliseconds overflow"))?;
+                EventTime::from_millis(ms).map_err(E::custom)
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<EventTime, E> {
+                if v.fract() == 0.0 && v.is_finite() {
+                    EventTime::from_millis(v as i64).map_err(E::custom)
+                } else {
+                    Err(E::custom(
+                        "epoch milliseconds must be a whole number (seconds are not accepted)",
+                    ))
+                }
+            }
+        }
+        d.deserialize_any(TimeVisitor)
+    }
+}
+
+impl JsonSchema for EventTime {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "EventTime".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": ["string", "integer"],
+            "format": "date-time",
+            "description": "UTC instant: RFC 3339 text (any offset) or epoch milliseconds; stored with millisecond precision"
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_encodings_to_the_same_instant() {
+        let a: EventTime = serde_json::from_str("\"2026-11-24T10:30:00.123+01:00\"").unwrap();
+        let b: EventTime = serde_json::from_str("1795512600123").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.to_rfc3339(), "2026-11-24T09:30:00.123Z");
+    }
+
+    #[test]
+    fn truncates_sub_millisecond_digits() {
+        let t: EventTime = serde_json::from_str("\"2026-11-24T09:30:00.123999Z\"").unwrap();
+        assert_eq!(t.0 % 1000, 123);
+    }
+
+    #[test]
+    fn rejects_fractional_and_out_of_range_numbers() {
+        assert!(serde_json::from_str::<EventTime>("1.5").is_err());
+        assert!(serde_json::from_str::<EventTime>("-1").is_err());
+        let err = serde_json::from_str::<EventTime>("\"yesterday\"").unwrap_err();
+        assert!(err.to_string().contains("RFC 3339"), "{err}");
+    }
+}
