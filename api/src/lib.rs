@@ -107,10 +107,8 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         if status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer"),
-            );
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }
@@ -218,7 +216,9 @@ async fn get_features(
     let granularity = match params.granularity.as_deref() {
         None => Granularity::Hour,
         Some(g) => Granularity::parse(g).ok_or_else(|| {
-            ApiError::BadRequest(format!("granularity `{g}` is not supported; use hour or day"))
+            ApiError::BadRequest(format!(
+                "granularity `{g}` is not supported; use hour or day"
+            ))
         })?,
     };
     let to = match &params.to {
@@ -446,7 +446,9 @@ impl Server {
 
 /// Loads ingest keys from `<data_dir>/ingest.key`, creating one for tenant `default` on
 /// first start. Returns the keys and, when just created, the new key (to show once).
-pub fn ensure_ingest_key(data_dir: &std::path::Path) -> anyhow::Result<(IngestKeys, Option<String>)> {
+pub fn ensure_ingest_key(
+    data_dir: &std::path::Path,
+) -> anyhow::Result<(IngestKeys, Option<String>)> {
     use std::io::Write;
     let path = data_dir.join("ingest.key");
     if let Ok(text) = std::fs::read_to_string(&path) {

@@ -132,9 +132,8 @@ async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("install SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -162,11 +161,9 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     };
     let events = generate(&spec);
     let bar = indicatif::ProgressBar::new(events.len() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} events ({per_sec})",
-        )?,
-    );
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} events ({per_sec})",
+    )?);
     let client = reqwest::Client::new();
     let url = format!("{}/v1/events", args.url.trim_end_matches('/'));
     let batches: Vec<Vec<u8>> = events
@@ -182,10 +179,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
             gz.finish().expect("in-memory gzip")
         })
         .collect();
-    let sizes: Vec<usize> = events
-        .chunks(args.batch.max(1))
-        .map(|c| c.len())
-        .collect();
+    let sizes: Vec<usize> = events.chunks(args.batch.max(1)).map(|c| c.len()).collect();
     let results = futures::stream::iter(batches.into_iter().zip(sizes))
         .map(|(body, n)| {
             let client = client.clone();

@@ -16,7 +16,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-pub const ARCHETYPES: [&str; 5] = ["maker", "manager", "communicator", "night_owl", "multitasker"];
+pub const ARCHETYPES: [&str; 5] = [
+    "maker",
+    "manager",
+    "communicator",
+    "night_owl",
+    "multitasker",
+];
 
 /// What to generate.
 #[derive(Clone, Debug)]
@@ -74,15 +80,30 @@ impl DayBuilder<'_> {
             self.push("window_focus", t, len, json!({"app": app, "title": title}));
             self.push("afk", t, len, json!({"status": "not-afk"}));
             if app == "Code" {
-                self.push("ide_heartbeat", t, 0, json!({"project": "digame", "language": "rust", "file": "src/lib.rs"}));
+                self.push(
+                    "ide_heartbeat",
+                    t,
+                    0,
+                    json!({"project": "digame", "language": "rust", "file": "src/lib.rs"}),
+                );
                 if self.rng.random_bool(0.15) {
-                    self.push("commit", t + len / 2, 0, json!({"project": "digame", "branch": "main"}));
+                    self.push(
+                        "commit",
+                        t + len / 2,
+                        0,
+                        json!({"project": "digame", "branch": "main"}),
+                    );
                 }
             }
             if app == "Slack" {
                 for _ in 0..self.rng.random_range(0..4) {
                     let at = t + self.rng.random_range(0..len.max(1));
-                    self.push("message", at, 0, json!({"app": "Slack", "participants": ["person-0000"]}));
+                    self.push(
+                        "message",
+                        at,
+                        0,
+                        json!({"app": "Slack", "participants": ["person-0000"]}),
+                    );
                 }
             }
             t += len;
@@ -225,10 +246,8 @@ mod tests {
         let b = generate(&spec);
         assert_eq!(a, b);
         assert!(a.len() > 500, "{} events", a.len());
-        let policy = digame_schemas::validate::TimePolicy::new(
-            digame_schemas::EventTime(spec.until_ms),
-            30,
-        );
+        let policy =
+            digame_schemas::validate::TimePolicy::new(digame_schemas::EventTime(spec.until_ms), 30);
         for v in &a {
             let ev: digame_schemas::ActivityEvent = serde_json::from_value(v.clone()).unwrap();
             digame_schemas::validate::validate_event(&ev, &policy).unwrap();

@@ -117,7 +117,10 @@ impl IngestKeys {
                 continue;
             }
             let (key, tenant) = pair.rsplit_once(':').ok_or_else(|| {
-                format!("ingest key entry {} has no `:tenant` part; write key:tenant", i + 1)
+                format!(
+                    "ingest key entry {} has no `:tenant` part; write key:tenant",
+                    i + 1
+                )
             })?;
             if key.len() < 16 {
                 return Err(format!(
@@ -291,17 +294,13 @@ impl Config {
             fig = fig.merge(Toml::file(path));
         }
         fig = fig
-            .merge(
-                Env::prefixed("DIGAME_")
-                    .ignore(&["config"])
-                    .map(|key| {
-                        let key = key.as_str().to_ascii_lowercase();
-                        match key.as_str() {
-                            "ingest_keys" => "ingest.keys".into(),
-                            _ => key.replace("__", ".").into(),
-                        }
-                    }),
-            )
+            .merge(Env::prefixed("DIGAME_").ignore(&["config"]).map(|key| {
+                let key = key.as_str().to_ascii_lowercase();
+                match key.as_str() {
+                    "ingest_keys" => "ingest.keys".into(),
+                    _ => key.replace("__", ".").into(),
+                }
+            }))
             .merge(Serialized::defaults(overrides));
         fig.extract::<Config>().map_err(|e| {
             e.into_iter()
@@ -358,11 +357,7 @@ mod tests {
             "listen = \"127.0.0.1:9000\"\n[pipeline]\nallowed_lateness_secs = 60\n[ingest.keys]\n0123456789abcdef = \"acme\"\n",
         )
         .unwrap();
-        let cfg = Config::load(
-            Some(&path),
-            serde_json::json!({"data_dir": "/tmp/x"}),
-        )
-        .unwrap();
+        let cfg = Config::load(Some(&path), serde_json::json!({"data_dir": "/tmp/x"})).unwrap();
         assert_eq!(cfg.listen.port(), 9000);
         assert_eq!(cfg.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(cfg.pipeline.allowed_lateness_secs, 60);

@@ -47,7 +47,10 @@ pub enum StoreError {
         source: std::io::Error,
     },
     #[error("store encoding error in table {table}: {message}")]
-    Encode { table: &'static str, message: String },
+    Encode {
+        table: &'static str,
+        message: String,
+    },
     #[error("store query error: {0}")]
     Query(String),
 }
@@ -277,7 +280,8 @@ impl ParquetStore {
             table: table.name(),
             message: e.to_string(),
         };
-        let mut writer = ArrowWriter::try_new(file, table.file_schema(), Some(props)).map_err(encode)?;
+        let mut writer =
+            ArrowWriter::try_new(file, table.file_schema(), Some(props)).map_err(encode)?;
         for batch in batches {
             writer.write(batch).map_err(encode)?;
         }
@@ -388,7 +392,11 @@ fn partition_value(dir: &Path, column: &str) -> String {
 }
 
 /// Keeps one row per upsert key, the one with the highest version column, ordered by time.
-async fn dedupe(table: Table, schema: SchemaRef, batches: Vec<RecordBatch>) -> Result<Vec<RecordBatch>> {
+async fn dedupe(
+    table: Table,
+    schema: SchemaRef,
+    batches: Vec<RecordBatch>,
+) -> Result<Vec<RecordBatch>> {
     use datafusion::datasource::MemTable;
     use datafusion::prelude::SessionContext;
 
@@ -572,14 +580,20 @@ fn column_array(table: Table, column: &Column, rows: &[Value]) -> Result<ArrayRe
         DataType::UInt32 => {
             let mut b = UInt32Builder::new();
             for v in values {
-                b.append_option(v.and_then(Value::as_u64).and_then(|n| u32::try_from(n).ok()));
+                b.append_option(
+                    v.and_then(Value::as_u64)
+                        .and_then(|n| u32::try_from(n).ok()),
+                );
             }
             Arc::new(b.finish())
         }
         DataType::UInt16 => {
             let mut b = UInt16Builder::new();
             for v in values {
-                b.append_option(v.and_then(Value::as_u64).and_then(|n| u16::try_from(n).ok()));
+                b.append_option(
+                    v.and_then(Value::as_u64)
+                        .and_then(|n| u16::try_from(n).ok()),
+                );
             }
             Arc::new(b.finish())
         }
@@ -662,9 +676,7 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let part = dir
-            .path()
-            .join("features/tenant_id=acme/date=2026-11-24");
+        let part = dir.path().join("features/tenant_id=acme/date=2026-11-24");
         assert_eq!(store.live_files(&part).unwrap().len(), 3);
         assert_eq!(store.compact(3).await.unwrap(), 1);
         store.sweep_retired();

@@ -262,7 +262,10 @@ mod tests {
         assert_eq!(arr, vec![(0, r#"{"a":1}"#), (1, r#"{"b":[2]}"#)]);
         let nd = split_events(b"{\"a\":1}\n\n{\"b\":2}\r\n").unwrap();
         assert_eq!(nd, vec![(0, r#"{"a":1}"#), (2, r#"{"b":2}"#)]);
-        assert!(matches!(split_events(b"[{\"a\":1},"), Err(IngestError::Malformed(_))));
+        assert!(matches!(
+            split_events(b"[{\"a\":1},"),
+            Err(IngestError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -275,6 +278,9 @@ mod tests {
             gunzip(&bomb, 1 << 20),
             Err(IngestError::DecompressedTooLarge { limit: 1 << 20 })
         );
-        assert!(matches!(gunzip(b"not gzip", 10), Err(IngestError::BadGzip(_))));
+        assert!(matches!(
+            gunzip(b"not gzip", 10),
+            Err(IngestError::BadGzip(_))
+        ));
     }
 }

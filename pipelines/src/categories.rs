@@ -27,9 +27,26 @@ pub const COMMUNICATION: &str = "communication";
 const RULES: &[(&[&str], Category)] = &[
     (
         &[
-            "code", "intellij", "idea", "pycharm", "goland", "clion", "rider", "webstorm",
-            "vim", "emacs", "xcode", "android studio", "sublime", "zed", "terminal",
-            "iterm", "alacritty", "kitty", "konsole", "wezterm",
+            "code",
+            "intellij",
+            "idea",
+            "pycharm",
+            "goland",
+            "clion",
+            "rider",
+            "webstorm",
+            "vim",
+            "emacs",
+            "xcode",
+            "android studio",
+            "sublime",
+            "zed",
+            "terminal",
+            "iterm",
+            "alacritty",
+            "kitty",
+            "konsole",
+            "wezterm",
         ],
         Category {
             name: "development",
@@ -38,8 +55,18 @@ const RULES: &[(&[&str], Category)] = &[
     ),
     (
         &[
-            "slack", "teams", "zoom", "meet", "outlook", "thunderbird", "mail", "mattermost",
-            "telegram", "signal", "whatsapp", "webex",
+            "slack",
+            "teams",
+            "zoom",
+            "meet",
+            "outlook",
+            "thunderbird",
+            "mail",
+            "mattermost",
+            "telegram",
+            "signal",
+            "whatsapp",
+            "webex",
         ],
         Category {
             name: COMMUNICATION,
@@ -48,8 +75,18 @@ const RULES: &[(&[&str], Category)] = &[
     ),
     (
         &[
-            "word", "docs", "notion", "confluence", "obsidian", "libreoffice", "excel",
-            "sheets", "powerpoint", "keynote", "jira", "linear",
+            "word",
+            "docs",
+            "notion",
+            "confluence",
+            "obsidian",
+            "libreoffice",
+            "excel",
+            "sheets",
+            "powerpoint",
+            "keynote",
+            "jira",
+            "linear",
         ],
         Category {
             name: "documentation",
@@ -57,7 +94,14 @@ const RULES: &[(&[&str], Category)] = &[
         },
     ),
     (
-        &["figma", "sketch", "photoshop", "illustrator", "inkscape", "gimp"],
+        &[
+            "figma",
+            "sketch",
+            "photoshop",
+            "illustrator",
+            "inkscape",
+            "gimp",
+        ],
         Category {
             name: "design",
             level: 1,
@@ -71,14 +115,23 @@ const RULES: &[(&[&str], Category)] = &[
         },
     ),
     (
-        &["twitter", "facebook", "instagram", "reddit", "tiktok", "discord"],
+        &[
+            "twitter",
+            "facebook",
+            "instagram",
+            "reddit",
+            "tiktok",
+            "discord",
+        ],
         Category {
             name: "social",
             level: -2,
         },
     ),
     (
-        &["firefox", "chrome", "chromium", "safari", "edge", "brave", "opera"],
+        &[
+            "firefox", "chrome", "chromium", "safari", "edge", "brave", "opera",
+        ],
         Category {
             name: "browsing",
             level: 0,

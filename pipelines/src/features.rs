@@ -230,7 +230,12 @@ pub fn compute_day(
     for &(s, e) in &present {
         add(&mut out.day, PRESENCE, "", (e - s) as f64 / 1000.0);
         spread(hours, s, e, |h, ms| {
-            add(out.hours.entry(h).or_default(), PRESENCE, "", ms as f64 / 1000.0)
+            add(
+                out.hours.entry(h).or_default(),
+                PRESENCE,
+                "",
+                ms as f64 / 1000.0,
+            )
         });
     }
 
@@ -295,7 +300,10 @@ pub fn compute_day(
         let kind = a.kind.as_str();
         add(&mut out.day, EVENTS, "", 1.0);
         add(&mut out.day, EVENTS_BY_KIND, kind, 1.0);
-        if let Some(&(h, _)) = hours.iter().find(|(hs, he)| *hs <= a.start && a.start < *he) {
+        if let Some(&(h, _)) = hours
+            .iter()
+            .find(|(hs, he)| *hs <= a.start && a.start < *he)
+        {
             let v = out.hours.entry(h).or_default();
             add(v, EVENTS, "", 1.0);
             add(v, EVENTS_BY_KIND, kind, 1.0);
@@ -341,9 +349,15 @@ mod tests {
     }
 
     fn day_of_work() -> Vec<Activity> {
-        let mut meeting = with_status(act(EventKind::Meeting, t(11, 0, 0), t(11, 30, 0)), "accepted");
+        let mut meeting = with_status(
+            act(EventKind::Meeting, t(11, 0, 0), t(11, 30, 0)),
+            "accepted",
+        );
         meeting.others = 1;
-        let mut declined = with_status(act(EventKind::Meeting, t(12, 0, 0), t(13, 0, 0)), "declined");
+        let mut declined = with_status(
+            act(EventKind::Meeting, t(12, 0, 0), t(13, 0, 0)),
+            "declined",
+        );
         declined.others = 3;
         vec![
             with_status(act(EventKind::Afk, t(9, 0, 0), t(9, 50, 0)), "not-afk"),

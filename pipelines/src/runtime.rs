@@ -88,30 +88,49 @@ impl Processor {
         let ev = match serde_json::from_slice::<ActivityEvent>(payload) {
             Ok(ev) if ev.event_id.is_some() && !ev.tenant_id.is_empty() => ev,
             Ok(_) => {
-                self.dead(payload, None, "undecodable", "events on the bus need event_id and tenant_id".into(), now_wall);
+                self.dead(
+                    payload,
+                    None,
+                    "undecodable",
+                    "events on the bus need event_id and tenant_id".into(),
+                    now_wall,
+                );
                 return;
             }
             Err(e) => {
-                self.dead(payload, None, "undecodable", format!("not a canonical event: {e}"), now_wall);
+                self.dead(
+                    payload,
+                    None,
+                    "undecodable",
+                    format!("not a canonical event: {e}"),
+                    now_wall,
+                );
                 return;
             }
         };
         let key = ev.partition_key();
         let person = match self.people.get_mut(&key) {
             Some(p) => p,
-            None => self.people.entry(key).or_insert_with(|| {
-                PersonState::new(&ev.tenant_id, &ev.user_id, &self.default_tz)
-            }),
+            None => self
+                .people
+                .entry(key)
+                .or_insert_with(|| PersonState::new(&ev.tenant_id, &ev.user_id, &self.default_tz)),
         };
         match person.admit(&ev, now_wall, &self.params) {
             Admission::Accepted => {
-                metrics().pipeline_events.with_label_values(&["processed"]).inc();
+                metrics()
+                    .pipeline_events
+                    .with_label_values(&["processed"])
+                    .inc();
                 if self.keep_raw_events {
                     self.pending_events.push(ev);
                 }
             }
             Admission::Duplicate => {
-                metrics().pipeline_events.with_label_values(&["duplicate"]).inc();
+                metrics()
+                    .pipeline_events
+                    .with_label_values(&["duplicate"])
+                    .inc();
             }
             Admission::TooLate { watermark } => {
                 metrics().pipeline_events.with_label_values(&["late"]).inc();
@@ -126,9 +145,19 @@ impl Processor {
         }
     }
 
-    fn dead(&mut self, payload: &[u8], ev: Option<&ActivityEvent>, code: &str, reason: String, now_wall: i64) {
+    fn dead(
+        &mut self,
+        payload: &[u8],
+        ev: Option<&ActivityEvent>,
+        code: &str,
+        reason: String,
+        now_wall: i64,
+    ) {
         if ev.is_none() {
-            metrics().pipeline_events.with_label_values(&["undecodable"]).inc();
+            metrics()
+                .pipeline_events
+                .with_label_values(&["undecodable"])
+                .inc();
         }
         let text = String::from_utf8_lossy(&payload[..payload.len().min(64 << 10)]).into_owned();
         self.pending_dead.push(DeadLetter {
@@ -270,7 +299,9 @@ impl FeaturePipeline {
             f.sync_all().map_err(io)?;
         }
         std::fs::rename(&tmp, path).map_err(io)?;
-        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
         Ok(())
     }
 
@@ -356,7 +387,10 @@ impl FeaturePipeline {
             if *shutdown.borrow() {
                 break;
             }
-            let wait = self.settings.flush_interval.saturating_sub(last_flush.elapsed());
+            let wait = self
+                .settings
+                .flush_interval
+                .saturating_sub(last_flush.elapsed());
             let batch = tokio::select! {
                 r = consumer.poll(self.settings.poll_batch, wait) => r.map_err(|e| Error::Bus(e.to_string()))?,
                 _ = shutdown.changed() => Vec::new(),
@@ -428,7 +462,9 @@ pub async fn run_dead_letter_sink(
             offsets.insert(rec.partition, rec.offset + 1);
             match serde_json::from_slice::<DeadLetter>(&rec.payload) {
                 Ok(d) => rows.push(d),
-                Err(e) => tracing::warn!(partition = rec.partition, offset = rec.offset, error = %e, "skipping malformed dead letter"),
+                Err(e) => {
+                    tracing::warn!(partition = rec.partition, offset = rec.offset, error = %e, "skipping malformed dead letter")
+                }
             }
         }
         let mut backoff = Duration::from_millis(100);

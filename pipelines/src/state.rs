@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono_tz::Tz;
-use digame_schemas::{ActivityEvent, FEATURE_VERSION, FeatureRow, Granularity, EventTime};
+use digame_schemas::{ActivityEvent, EventTime, FEATURE_VERSION, FeatureRow, Granularity};
 use serde::{Deserialize, Serialize};
 
 use crate::features::{Activity, FeatureParams, compute_day};
@@ -139,9 +139,7 @@ impl PersonState {
         if p.idle_advance_ms > 0 && self.newest_start != i64::MIN {
             let idle = now_wall - self.last_arrival;
             if idle >= p.idle_advance_ms {
-                self.watermark = self
-                    .watermark
-                    .max(self.newest_start + idle - p.lateness_ms);
+                self.watermark = self.watermark.max(self.newest_start + idle - p.lateness_ms);
             }
         }
         self.watermark
@@ -160,11 +158,13 @@ impl PersonState {
         let tz = self.tz();
         let mut closed = Vec::new();
         for (&day_start, day) in self.days.iter_mut() {
-            let newly_final = day.end <= wm && !day.finalized.contains(&(Granularity::Day, day_start))
-                || day
-                    .emitted
-                    .keys()
-                    .any(|(g, w, _, _)| *g == Granularity::Hour && !day.finalized.contains(&(*g, *w)) && *w + 3_600_000 <= wm);
+            let newly_final = day.end <= wm
+                && !day.finalized.contains(&(Granularity::Day, day_start))
+                || day.emitted.keys().any(|(g, w, _, _)| {
+                    *g == Granularity::Hour
+                        && !day.finalized.contains(&(*g, *w))
+                        && *w + 3_600_000 <= wm
+                });
             if !day.dirty && !newly_final {
                 continue;
             }
@@ -285,8 +285,8 @@ mod tests {
 
     fn value(rows: &[FeatureRow], g: Granularity, feature: &str) -> Option<(f64, bool)> {
         rows.iter()
-            .filter(|r| r.granularity == g && r.feature == feature && r.dimension.is_empty())
-            .last()
+            .rev()
+            .find(|r| r.granularity == g && r.feature == feature && r.dimension.is_empty())
             .map(|r| (r.value, r.is_final))
     }
 
@@ -299,28 +299,49 @@ mod tests {
             rev += 1;
             rev
         };
-        assert_eq!(s.admit(&event(1, D + 9 * 60 * MIN, "commit"), 0, &p), Admission::Accepted);
-        assert_eq!(s.admit(&event(1, D + 9 * 60 * MIN, "commit"), 0, &p), Admission::Duplicate);
+        assert_eq!(
+            s.admit(&event(1, D + 9 * 60 * MIN, "commit"), 0, &p),
+            Admission::Accepted
+        );
+        assert_eq!(
+            s.admit(&event(1, D + 9 * 60 * MIN, "commit"), 0, &p),
+            Admission::Duplicate
+        );
         let mut rows = Vec::new();
         s.emit(0, &p, &mut next, &mut rows);
-        assert_eq!(value(&rows, Granularity::Hour, "event_count"), Some((1.0, false)));
+        assert_eq!(
+            value(&rows, Granularity::Hour, "event_count"),
+            Some((1.0, false))
+        );
 
         // Within lateness: 10 min before the newest event.
-        assert_eq!(s.admit(&event(2, D + 9 * 60 * MIN - 10 * MIN, "commit"), 0, &p), Admission::Accepted);
+        assert_eq!(
+            s.admit(&event(2, D + 9 * 60 * MIN - 10 * MIN, "commit"), 0, &p),
+            Admission::Accepted
+        );
         // A later event moves the watermark to 10:45; the 9:00 hour becomes final.
-        assert_eq!(s.admit(&event(3, D + 11 * 60 * MIN, "commit"), 0, &p), Admission::Accepted);
+        assert_eq!(
+            s.admit(&event(3, D + 11 * 60 * MIN, "commit"), 0, &p),
+            Admission::Accepted
+        );
         rows.clear();
         s.emit(0, &p, &mut next, &mut rows);
         let nine: Vec<&FeatureRow> = rows
             .iter()
-            .filter(|r| r.window_start.0 == D + 9 * 60 * MIN && r.feature == "event_count" && r.dimension.is_empty())
+            .filter(|r| {
+                r.window_start.0 == D + 9 * 60 * MIN
+                    && r.feature == "event_count"
+                    && r.dimension.is_empty()
+            })
             .collect();
         assert_eq!(nine.len(), 1);
         assert!(nine[0].is_final);
         assert_eq!(nine[0].value, 1.0);
         assert_eq!(
             s.admit(&event(4, D + 10 * 60 * MIN, "commit"), 0, &p),
-            Admission::TooLate { watermark: D + 11 * 60 * MIN - 15 * MIN }
+            Admission::TooLate {
+                watermark: D + 11 * 60 * MIN - 15 * MIN
+            }
         );
         // Unchanged windows are not emitted again.
         rows.clear();
@@ -338,12 +359,26 @@ mod tests {
         s.admit(&event(1, D + 23 * 60 * MIN, "message"), 1_000, &p);
         let mut rows = Vec::new();
         let mut rev = 0;
-        s.emit(1_000, &p, || { rev += 1; rev }, &mut rows);
-        assert_eq!(value(&rows, Granularity::Day, "event_count"), Some((1.0, false)));
+        s.emit(
+            1_000,
+            &p,
+            || {
+                rev += 1;
+                rev
+            },
+            &mut rows,
+        );
+        assert_eq!(
+            value(&rows, Granularity::Day, "event_count"),
+            Some((1.0, false))
+        );
         rows.clear();
         // Two hours of silence: event time is assumed to reach 01:00 next day.
         s.emit(1_000 + 120 * MIN, &p, || 99, &mut rows);
-        assert_eq!(value(&rows, Granularity::Day, "event_count"), Some((1.0, true)));
+        assert_eq!(
+            value(&rows, Granularity::Day, "event_count"),
+            Some((1.0, true))
+        );
         assert!(s.is_idle());
     }
 }

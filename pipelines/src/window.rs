@@ -39,7 +39,8 @@ pub fn hour_window(tz: Tz, t: i64) -> (i64, i64) {
 /// First instant of local date `date`.
 pub fn local_midnight(tz: Tz, date: NaiveDate) -> i64 {
     let mut time = NaiveTime::MIN;
-    for _ in 0..4 {
+    // Gaps are at most a couple of hours (usually one, starting exactly at midnight).
+    for _ in 0..(4 * 3) {
         if let Some(dt) = tz.from_local_datetime(&date.and_time(time)).earliest() {
             return dt.timestamp_millis();
         }
@@ -99,7 +100,13 @@ mod tests {
     fn berlin_spring_forward_day_has_23_hours() {
         let tz = parse_tz("Europe/Berlin").unwrap();
         let day = day_window(tz, ms("2026-03-29T12:00:00+02:00"));
-        assert_eq!(day, (ms("2026-03-29T00:00:00+01:00"), ms("2026-03-30T00:00:00+02:00")));
+        assert_eq!(
+            day,
+            (
+                ms("2026-03-29T00:00:00+01:00"),
+                ms("2026-03-30T00:00:00+02:00")
+            )
+        );
         assert_eq!(hours_of_day(tz, day).len(), 23);
     }
 
@@ -111,21 +118,43 @@ mod tests {
         assert_eq!(hours.len(), 25);
         let first_two = hour_window(tz, ms("2026-10-25T02:30:00+02:00"));
         let second_two = hour_window(tz, ms("2026-10-25T02:30:00+01:00"));
-        assert_eq!(first_two, (ms("2026-10-25T02:00:00+02:00"), ms("2026-10-25T03:00:00+02:00")));
-        assert_eq!(second_two, (ms("2026-10-25T02:00:00+01:00"), ms("2026-10-25T03:00:00+01:00")));
+        assert_eq!(
+            first_two,
+            (
+                ms("2026-10-25T02:00:00+02:00"),
+                ms("2026-10-25T03:00:00+02:00")
+            )
+        );
+        assert_eq!(
+            second_two,
+            (
+                ms("2026-10-25T02:00:00+01:00"),
+                ms("2026-10-25T03:00:00+01:00")
+            )
+        );
     }
 
     #[test]
     fn half_hour_zone_hours_start_at_local_full_hours() {
         let tz = parse_tz("Asia/Kolkata").unwrap();
         let w = hour_window(tz, ms("2026-11-24T10:45:00+05:30"));
-        assert_eq!(w, (ms("2026-11-24T10:00:00+05:30"), ms("2026-11-24T11:00:00+05:30")));
+        assert_eq!(
+            w,
+            (
+                ms("2026-11-24T10:00:00+05:30"),
+                ms("2026-11-24T11:00:00+05:30")
+            )
+        );
     }
 
     #[test]
     fn a_span_across_midnight_touches_two_days() {
         let tz = parse_tz("America/New_York").unwrap();
-        let days = days_overlapping(tz, ms("2026-11-24T23:30:00-05:00"), ms("2026-11-25T00:30:00-05:00"));
+        let days = days_overlapping(
+            tz,
+            ms("2026-11-24T23:30:00-05:00"),
+            ms("2026-11-25T00:30:00-05:00"),
+        );
         assert_eq!(days.len(), 2);
         assert_eq!(days[1].0, ms("2026-11-25T00:00:00-05:00"));
     }

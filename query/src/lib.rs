@@ -251,7 +251,12 @@ impl QueryEngine {
         }
         self.run("features", async {
             let ctx = self.tenant_context(tenant)?;
-            let ts = |t: EventTime| lit(ScalarValue::TimestampMillisecond(Some(t.0), Some("UTC".into())));
+            let ts = |t: EventTime| {
+                lit(ScalarValue::TimestampMillisecond(
+                    Some(t.0),
+                    Some("UTC".into()),
+                ))
+            };
             let df = ctx
                 .table(Table::Features.name())
                 .await
@@ -298,8 +303,14 @@ fn clean_error(text: &str) -> String {
     let text = text
         .trim_start_matches("Error during planning: ")
         .trim_start_matches("SQL error: ");
-    if text.contains("not supported") || text.contains("Statement") || text.contains("DDL") || text.contains("DML") {
-        format!("{text}; only read-only queries (SELECT, WITH, EXPLAIN) over events, features and dead_letters are allowed")
+    if text.contains("not supported")
+        || text.contains("Statement")
+        || text.contains("DDL")
+        || text.contains("DML")
+    {
+        format!(
+            "{text}; only read-only queries (SELECT, WITH, EXPLAIN) over events, features and dead_letters are allowed"
+        )
     } else {
         text.to_string()
     }
@@ -374,7 +385,14 @@ mod tests {
     use digame_infra::store::ParquetStore;
     use digame_schemas::FeatureRow;
 
-    fn row(tenant: &str, user: &str, feature: &str, dim: &str, value: f64, revision: i64) -> FeatureRow {
+    fn row(
+        tenant: &str,
+        user: &str,
+        feature: &str,
+        dim: &str,
+        value: f64,
+        revision: i64,
+    ) -> FeatureRow {
         FeatureRow {
             tenant_id: tenant.into(),
             user_id: user.into(),
@@ -413,7 +431,10 @@ mod tests {
     async fn views_keep_the_latest_revision_of_the_tenant_only() {
         let (_dir, engine) = engine();
         let r = engine
-            .sql("acme", "SELECT user_id, feature, value FROM features ORDER BY feature")
+            .sql(
+                "acme",
+                "SELECT user_id, feature, value FROM features ORDER BY feature",
+            )
             .await
             .unwrap();
         assert_eq!(r.row_count, 2);
@@ -425,7 +446,10 @@ mod tests {
         assert_eq!(other.rows[0]["n"], 1);
         // Even an explicit predicate for another tenant finds nothing.
         let probe = engine
-            .sql("acme", "SELECT count(*) AS n FROM features WHERE tenant_id = 'globex'")
+            .sql(
+                "acme",
+                "SELECT count(*) AS n FROM features WHERE tenant_id = 'globex'",
+            )
             .await
             .unwrap();
         assert_eq!(probe.rows[0]["n"], 0);

@@ -165,7 +165,10 @@ fn is_type(schema: &Value, wanted: &str) -> bool {
 fn scalar_type(root: &Value, schema: &Value) -> Result<DataType, String> {
     let format = schema.get("format").and_then(Value::as_str);
     if format == Some("date-time") {
-        return Ok(DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())));
+        return Ok(DataType::Timestamp(
+            TimeUnit::Millisecond,
+            Some("UTC".into()),
+        ));
     }
     let types = types_of(schema);
     match types.as_slice() {

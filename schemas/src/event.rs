@@ -23,7 +23,9 @@ fn schema_version_default() -> u16 {
 
 /// What happened. The set is closed so that features can rely on it; anything else is
 /// `custom` with its details in `properties`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     WindowFocus,
@@ -172,7 +174,8 @@ impl PartialEq for ActivityEvent {
             && self.received_at == other.received_at
             && self.duration_ms == other.duration_ms
             && self.attributes == other.attributes
-            && self.properties.as_ref().map(|p| p.get()) == other.properties.as_ref().map(|p| p.get())
+            && self.properties.as_ref().map(|p| p.get())
+                == other.properties.as_ref().map(|p| p.get())
     }
 }
 
@@ -217,7 +220,9 @@ mod tests {
     #[test]
     fn unknown_fields_are_named_in_the_error() {
         let json = r#"{"user_id":"u1","source":"aw","kind":"afk","timestamp":0,"colour":"red"}"#;
-        let err = serde_json::from_str::<ActivityEvent>(json).unwrap_err().to_string();
+        let err = serde_json::from_str::<ActivityEvent>(json)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `colour`"), "{err}");
     }
 

@@ -14,7 +14,9 @@ use crate::time::EventTime;
 pub const FEATURE_VERSION: u32 = 1;
 
 /// Window size of a feature row.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Granularity {
     Hour,

@@ -105,7 +105,13 @@ impl Checker {
         }
     }
 
-    fn status_in(&mut self, value: &Option<String>, allowed: &[&str], kind: EventKind, required: bool) {
+    fn status_in(
+        &mut self,
+        value: &Option<String>,
+        allowed: &[&str],
+        kind: EventKind,
+        required: bool,
+    ) {
         match value.as_deref() {
             None if required => self.fail(
                 "attributes.status",
@@ -199,8 +205,7 @@ pub fn validate_event(ev: &ActivityEvent, time: &TimePolicy) -> Result<(), Inval
             ),
         );
     }
-    if a
-        .participants
+    if a.participants
         .iter()
         .any(|p| p.is_empty() || p.len() > MAX_USER_ID_BYTES)
     {
@@ -236,7 +241,12 @@ pub fn validate_event(ev: &ActivityEvent, time: &TimePolicy) -> Result<(), Inval
                     format!("must be positive for kind `{}`", kind.as_str()),
                 );
             }
-            c.status_in(&a.status, &["accepted", "tentative", "declined"], kind, false);
+            c.status_in(
+                &a.status,
+                &["accepted", "tentative", "declined"],
+                kind,
+                false,
+            );
         }
         EventKind::BrowserVisit => c.require("attributes.url", &a.url, kind),
         EventKind::IdeHeartbeat => {
@@ -320,7 +330,12 @@ mod tests {
             r#"{"user_id":"u","source":"s","kind":"message","timestamp":"2026-11-24T10:31:00Z"}"#,
         );
         let err = validate_event(&future, &policy()).unwrap_err().to_string();
-        assert!(err.starts_with("timestamp: 2026-11-24T10:31:00.000Z is more than 60 min in the future"), "{err}");
+        assert!(
+            err.starts_with(
+                "timestamp: 2026-11-24T10:31:00.000Z is more than 60 min in the future"
+            ),
+            "{err}"
+        );
         let just_inside = parse(
             r#"{"user_id":"u","source":"s","kind":"message","timestamp":"2026-11-24T10:30:00Z"}"#,
         );
@@ -329,7 +344,10 @@ mod tests {
             r#"{"user_id":"u","source":"s","kind":"message","timestamp":"2026-10-01T00:00:00Z"}"#,
         );
         let err = validate_event(&old, &policy()).unwrap_err().to_string();
-        assert!(err.contains("older than this tenant's horizon of 30 days"), "{err}");
+        assert!(
+            err.contains("older than this tenant's horizon of 30 days"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -351,8 +369,13 @@ mod tests {
         let json = format!(
             r#"{{"user_id":"u","source":"s","kind":"window_focus","timestamp":"2026-11-24T09:00:00Z","attributes":{{"app":"x","title":"{title}"}}}}"#
         );
-        let err = validate_event(&parse(&json), &policy()).unwrap_err().to_string();
-        assert_eq!(err, "attributes.title: is 1025 bytes; the limit is 1024 bytes");
+        let err = validate_event(&parse(&json), &policy())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "attributes.title: is 1025 bytes; the limit is 1024 bytes"
+        );
     }
 
     #[test]

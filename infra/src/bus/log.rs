@@ -110,10 +110,13 @@ impl PartitionShared {
     }
 }
 
+/// Where the writer thread answers an append once it is durable.
+type Reply = oneshot::Sender<Result<Vec<Position>>>;
+
 enum Request {
     Append {
         records: Vec<Record>,
-        reply: oneshot::Sender<Result<Vec<Position>>>,
+        reply: Reply,
     },
 }
 
@@ -435,7 +438,7 @@ impl WriterContext {
     fn encode(
         &mut self,
         req: Request,
-        pending: &mut Vec<(oneshot::Sender<Result<Vec<Position>>>, Vec<Position>)>,
+        pending: &mut Vec<(Reply, Vec<Position>)>,
     ) -> usize {
         let Request::Append { records, reply } = req;
         let n = self.writers.len() as u32;
@@ -783,8 +786,7 @@ impl Cursor {
             }
             if used == 0 {
                 // A frame larger than the chunk: grow the buffer and read again.
-                let need = u32::from_le_bytes(self.buf[0..4].try_into().expect("4 bytes"))
-                    as usize
+                let need = u32::from_le_bytes(self.buf[0..4].try_into().expect("4 bytes")) as usize
                     + FRAME_HEADER;
                 self.buf.reserve(need.saturating_sub(self.buf.len()));
                 if need > (limit - self.pos) as usize {
@@ -1007,7 +1009,10 @@ mod tests {
             .iter()
             .map(|d| String::from_utf8(d.payload.to_vec()).unwrap())
             .collect();
-        assert_eq!(payloads, (10..30).map(|i| i.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            payloads,
+            (10..30).map(|i| i.to_string()).collect::<Vec<_>>()
+        );
         // New appends continue the offset sequence after recovery.
         let pos = bus
             .publish(Topic::Events, vec![rec("t:a", "30")])
@@ -1070,7 +1075,10 @@ mod tests {
         let mut buf = Vec::new();
         encode_frame(&mut buf, 7, &rec("key", "value"));
         let (offset, ts, key, payload, size) = decode_frame(&buf).unwrap().unwrap();
-        assert_eq!((offset, ts, key, payload, size), (7, 1, &b"key"[..], &b"value"[..], buf.len()));
+        assert_eq!(
+            (offset, ts, key, payload, size),
+            (7, 1, &b"key"[..], &b"value"[..], buf.len())
+        );
         assert!(decode_frame(&buf[..buf.len() - 1]).is_none());
         let last = buf.len() - 1;
         buf[last] ^= 0xff;
