@@ -1,1 +1,228 @@
-//! placeholder
+//! Test helpers: run the real `digame` binary as a child process on a free loopback port
+//! with its own data directory, and talk to it over HTTP.
+//!
+//! The process is killed when the handle drops, so a failing test never leaves a server
+//! behind.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use tokio::process::{Child, Command};
+
+/// Milliseconds since the Unix epoch of `YYYY-MM-DD` + `HH:MM` in UTC.
+pub fn utc_ms(date: chrono::NaiveDate, hh: u32, mm: u32) -> i64 {
+    date.and_hms_opt(hh, mm, 0)
+        .expect("valid time of day")
+        .and_utc()
+        .timestamp_millis()
+}
+
+/// An ephemeral port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// A running `digame serve`.
+pub struct DigameProcess {
+    bin: PathBuf,
+    data_dir: PathBuf,
+    env: Vec<(String, String)>,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl DigameProcess {
+    /// Starts `bin serve` on a free port with `data_dir` and extra environment, and waits
+    /// until `/healthz` answers.
+    pub async fn start(bin: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Result<Self> {
+        let mut p = DigameProcess {
+            bin: bin.to_path_buf(),
+            data_dir: data_dir.to_path_buf(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            port: free_port(),
+            child: None,
+        };
+        p.spawn().await?;
+        Ok(p)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .env("DIGAME_LOG_LEVEL", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().context("spawn digame")?);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let http = reqwest::Client::new();
+        loop {
+            if let Ok(r) = http.get(format!("{}/healthz", self.url())).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!("digame exited during start-up: {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("digame did not answer /healthz within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:43121`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// A client using `key` as its bearer credential.
+    pub fn client(&self, key: &str) -> Client {
+        Client {
+            http: reqwest::Client::new(),
+            base: self.url(),
+            key: key.to_string(),
+        }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub async fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub async fn terminate(&mut self) -> Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("not running")?;
+        let pid = child.id().context("already reaped")?;
+        let sent = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()?;
+        if !sent.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        Ok(tokio::time::timeout(Duration::from_secs(30), child.wait()).await??)
+    }
+
+    /// Starts again on the same data directory and port.
+    pub async fn restart(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("still running; kill or terminate first");
+        }
+        self.spawn().await
+    }
+}
+
+/// An HTTP client bound to one server and credential.
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    key: String,
+}
+
+/// Status and JSON body of a response (`Value::Null` when the body is not JSON).
+pub type Reply = (u16, Value);
+
+impl Client {
+    async fn reply(r: reqwest::Response) -> Result<Reply> {
+        let status = r.status().as_u16();
+        let bytes = r.bytes().await?;
+        Ok((
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        ))
+    }
+
+    /// `POST /v1/events` with a raw body and optional content encoding.
+    pub async fn post_events_raw(&self, body: Vec<u8>, encoding: Option<&str>) -> Result<Reply> {
+        let mut req = self
+            .http
+            .post(format!("{}/v1/events", self.base))
+            .bearer_auth(&self.key)
+            .header("content-type", "application/x-ndjson")
+            .body(body);
+        if let Some(e) = encoding {
+            req = req.header("content-encoding", e);
+        }
+        Self::reply(req.send().await?).await
+    }
+
+    /// `POST /v1/events` with the given events as a JSON array.
+    pub async fn post_events(&self, events: &[Value]) -> Result<Reply> {
+        self.post_events_raw(serde_json::to_vec(events)?, None)
+            .await
+    }
+
+    /// `POST /v1/sql`.
+    pub async fn sql(&self, sql: &str) -> Result<Reply> {
+        let r = self
+            .http
+            .post(format!("{}/v1/sql", self.base))
+            .bearer_auth(&self.key)
+            .json(&serde_json::json!({ "sql": sql }))
+            .send()
+            .await?;
+        Self::reply(r).await
+    }
+
+    /// `GET` a path (with query string) under the base URL.
+    pub async fn get(&self, path_and_query: &str) -> Result<Reply> {
+        let r = self
+            .http
+            .get(format!("{}{path_and_query}", self.base))
+            .bearer_auth(&self.key)
+            .send()
+            .await?;
+        Self::reply(r).await
+    }
+
+    /// Rows of a successful SQL query; fails on an error reply.
+    pub async fn rows(&self, sql: &str) -> Result<Vec<Value>> {
+        let (status, body) = self.sql(sql).await?;
+        if status != 200 {
+            bail!("SQL `{sql}` answered {status}: {body}");
+        }
+        Ok(body["rows"].as_array().cloned().unwrap_or_default())
+    }
+}
+
+/// Polls `probe` until it returns `Some`, or fails after `timeout` with the last value seen.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut probe: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await? {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("condition not met within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

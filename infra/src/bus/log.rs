@@ -114,10 +114,7 @@ impl PartitionShared {
 type Reply = oneshot::Sender<Result<Vec<Position>>>;
 
 enum Request {
-    Append {
-        records: Vec<Record>,
-        reply: Reply,
-    },
+    Append { records: Vec<Record>, reply: Reply },
 }
 
 struct TopicLog {
@@ -435,11 +432,7 @@ impl WriterContext {
     }
 
     /// Frames a request's records into their partitions' buffers; returns bytes framed.
-    fn encode(
-        &mut self,
-        req: Request,
-        pending: &mut Vec<(Reply, Vec<Position>)>,
-    ) -> usize {
+    fn encode(&mut self, req: Request, pending: &mut Vec<(Reply, Vec<Position>)>) -> usize {
         let Request::Append { records, reply } = req;
         let n = self.writers.len() as u32;
         let mut positions = Vec::with_capacity(records.len());

@@ -1,0 +1,472 @@
+//! End to end through the real binary: HTTP ingest → durable log → pipeline → Parquet →
+//! query API, with two tenants, bad input of every kind, late and duplicate events.
+//!
+//! The expected feature values are worked out by hand in the comments next to the
+//! fixture, from the definitions in METRICS.md.
+
+use std::io::Write;
+use std::time::Duration;
+
+use chrono::{Days, NaiveDate, Utc};
+use digame_testkit::{DigameProcess, eventually, utc_ms};
+use serde_json::{Value, json};
+
+const ACME_KEY: &str = "acme-key-0123456789abcdef";
+const GLOBEX_KEY: &str = "globex-key-0123456789abcdef";
+const MIN: i64 = 60_000;
+
+fn env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        (
+            "DIGAME_INGEST_KEYS",
+            "acme-key-0123456789abcdef:acme,globex-key-0123456789abcdef:globex",
+        ),
+        ("DIGAME_INGEST__MAX_EVENT_BYTES", "4096"),
+        ("DIGAME_INGEST__MAX_BODY_BYTES", "262144"),
+        ("DIGAME_INGEST__MAX_DECOMPRESSED_BYTES", "1048576"),
+        ("DIGAME_INGEST__MAX_EVENTS_PER_REQUEST", "50"),
+        ("DIGAME_PIPELINE__ALLOWED_LATENESS_SECS", "3600"),
+    ]
+}
+
+struct Day(NaiveDate);
+
+impl Day {
+    fn at(&self, hh: u32, mm: u32) -> i64 {
+        utc_ms(self.0, hh, mm)
+    }
+
+    fn iso(&self, hh: u32, mm: u32) -> String {
+        format!("{}T{hh:02}:{mm:02}:00Z", self.0)
+    }
+}
+
+fn focus(user: &str, start: i64, minutes: i64, app: &str, title: &str) -> Value {
+    json!({"user_id": user, "source": "aw-watcher-window", "kind": "window_focus",
+           "timestamp": start, "duration_ms": minutes * MIN,
+           "attributes": {"app": app, "title": title}})
+}
+
+fn not_afk(user: &str, start: i64, minutes: i64) -> Value {
+    json!({"user_id": user, "source": "aw-watcher-afk", "kind": "afk",
+           "timestamp": start, "duration_ms": minutes * MIN,
+           "attributes": {"status": "not-afk"}})
+}
+
+fn ndjson(events: &[Value]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in events {
+        out.extend_from_slice(e.to_string().as_bytes());
+        out.push(b'\n');
+    }
+    out
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(bytes).unwrap();
+    enc.finish().unwrap()
+}
+
+/// The window of `series` starting at `start`.
+fn window(series: &Value, start: &str) -> Value {
+    series["windows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["window_start"] == start)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn values(w: &Value) -> Value {
+    json!({"features": w["features"], "breakdowns": w["breakdowns"]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_for_two_tenants_end_to_end() {
+    let data = tempfile::tempdir().unwrap();
+    let mut server = DigameProcess::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_digame")),
+        data.path(),
+        &env(),
+    )
+    .await
+    .unwrap();
+    let acme = server.client(ACME_KEY);
+    let globex = server.client(GLOBEX_KEY);
+    let d = Day(Utc::now()
+        .date_naive()
+        .checked_sub_days(Days::new(1))
+        .unwrap());
+
+    // ---- Alice (tenant acme), request 1: a JSON array with three bad events ----------
+    // Presence: not-afk 09:00–11:00 ∪ the 11:00–11:30 meeting (Bob attends) = 09:00–11:30.
+    // Focus: Code 09:00–09:30, Slack 09:30–09:40, Code 09:40–10:00, YouTube 10:00–10:15,
+    //        Code 11:00–11:20 (inside the meeting, so present).
+    let commit_id = "0195a6a4-0000-7000-8000-00000000c0de";
+    let mut oversize = focus("alice", d.at(9, 5), 1, "Code", &"x".repeat(5000));
+    oversize["attributes"]["project"] = json!("digame");
+    let oversize_len = oversize.to_string().len();
+    let batch1 = vec![
+        not_afk("alice", d.at(9, 0), 120),
+        focus("alice", d.at(9, 0), 30, "Code", "main.rs"),
+        focus("alice", d.at(9, 30), 10, "Slack", "#general"),
+        focus("alice", d.at(9, 40), 20, "Code", "main.rs"),
+        focus("alice", d.at(10, 0), 15, "YouTube", "talk"),
+        json!({"user_id": "alice", "source": "calendar", "kind": "meeting",
+               "timestamp": d.iso(11, 0), "duration_ms": 30 * MIN,
+               "attributes": {"participants": ["alice", "bob"], "status": "accepted"}}),
+        focus("alice", d.at(11, 0), 20, "Code", "lib.rs"),
+        json!({"event_id": commit_id, "user_id": "alice", "source": "git", "kind": "commit",
+               "timestamp": d.at(10, 20), "attributes": {"project": "digame"}}),
+        // 8: a focus event without its application.
+        json!({"user_id": "alice", "source": "aw", "kind": "window_focus",
+               "timestamp": d.at(9, 10)}),
+        // 9: claims another tenant.
+        json!({"tenant_id": "globex", "user_id": "alice", "source": "aw", "kind": "commit",
+               "timestamp": d.at(9, 10), "attributes": {"project": "x"}}),
+        // 10: larger than the 4096-byte event limit.
+        oversize,
+    ];
+    let (status, body) = acme.post_events(&batch1).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"accepted": 8, "rejected": [
+            {"index": 8, "reason": "attributes.app: is required for kind `window_focus`"},
+            {"index": 9, "reason": "tenant_id `globex` does not match the credential's tenant; omit tenant_id, it is taken from the key"},
+            {"index": 10, "reason": format!("event is {oversize_len} bytes; the limit is 4096 bytes")},
+        ]})
+    );
+
+    // ---- Request 2, NDJSON and gzip: a retry, a broken line, a late and a too-late event.
+    // Alice's newest event starts at 11:00, so with 1 h lateness her watermark is 10:00:
+    // a focus event at 10:30 still counts, one at 09:50 is too late.
+    let late_ok = focus("alice", d.at(10, 30), 10, "Code", "main.rs");
+    let too_late = focus("alice", d.at(9, 50), 5, "Firefox", "docs");
+    let mut body2 = ndjson(&[batch1[7].clone()]);
+    body2.extend_from_slice(b"{\"user_id\": \"alice\", \"kind\":\n");
+    body2.extend_from_slice(&ndjson(&[late_ok, too_late]));
+    let (status, body) = acme
+        .post_events_raw(gzip(&body2), Some("gzip"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], 3);
+    assert_eq!(body["rejected"][0]["index"], 1);
+    let reason = body["rejected"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("invalid event: EOF while parsing"),
+        "{reason}"
+    );
+    assert_eq!(body["rejected"].as_array().unwrap().len(), 1);
+
+    // ---- Carol (tenant globex): one focused hour. ----------------------------------
+    let (status, body) = globex
+        .post_events(&[
+            not_afk("carol", d.at(14, 0), 60),
+            focus("carol", d.at(14, 0), 60, "Code", "app.py"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body),
+        (200, json!({"accepted": 2, "rejected": []}))
+    );
+
+    // ---- Whole-request refusals. ---------------------------------------------------
+    let (status, body) = acme
+        .post_events_raw(vec![b' '; 300_000], None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, body),
+        (
+            413,
+            json!({"error": {"code": "body_too_large",
+            "message": "request body exceeds 262144 bytes; send smaller batches"}})
+        )
+    );
+    let bomb = gzip(&vec![b' '; 2_000_000]);
+    assert!(bomb.len() < 262_144);
+    let (status, body) = acme.post_events_raw(bomb, Some("gzip")).await.unwrap();
+    assert_eq!(
+        (status, body),
+        (
+            413,
+            json!({"error": {"code": "decompressed_too_large",
+            "message": "decompressed body exceeds 1048576 bytes; send smaller batches"}})
+        )
+    );
+    let many: Vec<Value> = (0..51)
+        .map(|i| focus("alice", d.at(12, 0) + i, 1, "Code", "x"))
+        .collect();
+    let (status, body) = acme.post_events(&many).await.unwrap();
+    assert_eq!(
+        (status, body),
+        (
+            413,
+            json!({"error": {"code": "too_many_events",
+            "message": "request holds 51 events; the limit is 50 per request"}})
+        )
+    );
+    let (status, body) = acme
+        .post_events_raw(b"[{\"nope\": 1}]".to_vec(), None)
+        .await
+        .unwrap();
+    assert_eq!(status, 422, "every event rejected: {body}");
+    assert_eq!(body["accepted"], 0);
+    let stranger = server.client("not-a-key-0123456789");
+    let (status, body) = stranger.post_events(&batch1[..1]).await.unwrap();
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "unauthorized");
+
+    // ---- Alice's features, by hand. -------------------------------------------------
+    // Active = focus ∩ presence: Code 30+20+10+20 = 80 min, Slack 10, YouTube 15.
+    // 5-minute slot labels: dev ×6 (09:00–09:30), communication ×2, dev ×4,
+    // entertainment ×3 (10:00–10:15), dev ×2 (10:30), dev ×4 (11:00) → switches at
+    // 09:30 (to_communication), 09:40 (work_to_work), 10:00 (to_distraction),
+    // 10:30 (work_to_work).
+    // Events: afk, 6 focus (incl. the late one), meeting, commit (its retry counts once).
+    let expected_day = json!({
+        "features": {"active_seconds": 6300.0, "context_switches": 4.0,
+                     "event_count": 9.0, "presence_seconds": 9000.0},
+        "breakdowns": {
+            "active_seconds_by_app": {"Code": 4800.0, "Slack": 600.0, "YouTube": 900.0},
+            "active_seconds_by_category": {"communication": 600.0, "development": 4800.0,
+                                           "entertainment": 900.0},
+            "context_switches": {"to_communication": 1.0, "to_distraction": 1.0,
+                                 "work_to_work": 2.0},
+            "event_count_by_kind": {"afk": 1.0, "commit": 1.0, "meeting": 1.0,
+                                    "window_focus": 6.0}}
+    });
+    let day_start = format!("{}T00:00:00.000Z", d.0);
+    let from = d.iso(0, 0);
+    let to = format!("{}T00:00:00Z", d.0.checked_add_days(Days::new(1)).unwrap());
+    let day_path = format!("/v1/users/alice/features?granularity=day&from={from}&to={to}");
+    let series = eventually(Duration::from_secs(15), || async {
+        let (status, series) = acme.get(&day_path).await?;
+        assert_eq!(status, 200, "{series}");
+        let w = window(&series, &day_start);
+        Ok((values(&w) == expected_day).then_some(series))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: day features never matched the hand-computed values"));
+    assert_eq!(series["windows"].as_array().unwrap().len(), 1);
+    let day = window(&series, &day_start);
+    assert_eq!(day["timezone"], "UTC");
+    assert_eq!(day["is_final"], false, "the day is still open");
+
+    let hour_path = format!("/v1/users/alice/features?granularity=hour&from={from}&to={to}");
+    let (_, hours) = acme.get(&hour_path).await.unwrap();
+    let hour = |h: u32| window(&hours, &format!("{}T{h:02}:00:00.000Z", d.0));
+    assert_eq!(hours["windows"].as_array().unwrap().len(), 3, "{hours}");
+    assert_eq!(
+        values(&hour(9)),
+        json!({"features": {"active_seconds": 3600.0, "context_switches": 2.0,
+                            "event_count": 4.0, "presence_seconds": 3600.0},
+               "breakdowns": {
+                   "active_seconds_by_app": {"Code": 3000.0, "Slack": 600.0},
+                   "active_seconds_by_category": {"communication": 600.0, "development": 3000.0},
+                   "context_switches": {"to_communication": 1.0, "to_distraction": 0.0,
+                                        "work_to_work": 1.0},
+                   "event_count_by_kind": {"afk": 1.0, "window_focus": 3.0}}})
+    );
+    assert_eq!(
+        values(&hour(10)),
+        json!({"features": {"active_seconds": 1500.0, "context_switches": 2.0,
+                            "event_count": 3.0, "presence_seconds": 3600.0},
+               "breakdowns": {
+                   "active_seconds_by_app": {"Code": 600.0, "YouTube": 900.0},
+                   "active_seconds_by_category": {"development": 600.0, "entertainment": 900.0},
+                   "context_switches": {"to_communication": 0.0, "to_distraction": 1.0,
+                                        "work_to_work": 1.0},
+                   "event_count_by_kind": {"commit": 1.0, "window_focus": 2.0}}})
+    );
+    assert_eq!(
+        values(&hour(11)),
+        json!({"features": {"active_seconds": 1200.0, "context_switches": 0.0,
+                            "event_count": 2.0, "presence_seconds": 1800.0},
+               "breakdowns": {
+                   "active_seconds_by_app": {"Code": 1200.0},
+                   "active_seconds_by_category": {"development": 1200.0},
+                   "context_switches": {"to_communication": 0.0, "to_distraction": 0.0,
+                                        "work_to_work": 0.0},
+                   "event_count_by_kind": {"meeting": 1.0, "window_focus": 1.0}}})
+    );
+    // The watermark (10:00) has passed the 09:00 hour only.
+    assert_eq!(hour(9)["is_final"], true);
+    assert_eq!(hour(10)["is_final"], false);
+
+    // ---- Raw events and dead letters. -----------------------------------------------
+    assert_eq!(
+        acme.rows("SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM events")
+            .await
+            .unwrap(),
+        vec![json!({"n": 9, "d": 9})]
+    );
+    let dead = eventually(Duration::from_secs(10), || async {
+        let rows = acme
+            .rows("SELECT stage, reason_code, request_index FROM dead_letters ORDER BY stage, request_index")
+            .await?;
+        Ok((rows.len() >= 5).then_some(rows))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        dead,
+        vec![
+            json!({"stage": "ingest", "reason_code": "invalid", "request_index": 0}),
+            json!({"stage": "ingest", "reason_code": "invalid", "request_index": 1}),
+            json!({"stage": "ingest", "reason_code": "invalid", "request_index": 8}),
+            json!({"stage": "ingest", "reason_code": "invalid", "request_index": 9}),
+            json!({"stage": "ingest", "reason_code": "invalid", "request_index": 10}),
+            json!({"stage": "pipeline", "reason_code": "too_late", "request_index": -1}),
+        ]
+    );
+    let late_reason = acme
+        .rows("SELECT reason FROM dead_letters WHERE reason_code = 'too_late'")
+        .await
+        .unwrap();
+    let late_reason = late_reason[0]["reason"].as_str().unwrap();
+    assert!(
+        late_reason.contains(&format!(
+            "before this person's watermark {}",
+            d.iso(10, 0).replace(":00Z", ":00.000Z")
+        )),
+        "{late_reason}"
+    );
+
+    // ---- Tenant isolation. --------------------------------------------------------------
+    assert_eq!(
+        globex
+            .rows("SELECT DISTINCT tenant_id, user_id FROM features ORDER BY user_id")
+            .await
+            .unwrap(),
+        vec![json!({"tenant_id": "globex", "user_id": "carol"})]
+    );
+    for sql in [
+        "SELECT count(*) AS n FROM features WHERE tenant_id = 'acme'",
+        "SELECT count(*) AS n FROM events WHERE user_id = 'alice'",
+        "SELECT count(*) AS n FROM dead_letters",
+    ] {
+        assert_eq!(
+            globex.rows(sql).await.unwrap(),
+            vec![json!({"n": 0})],
+            "{sql}"
+        );
+    }
+    let (status, carol_as_acme) = acme
+        .get("/v1/users/carol/features?granularity=day")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(carol_as_acme["windows"], json!([]));
+    let carol = eventually(Duration::from_secs(10), || async {
+        let (_, s) = globex
+            .get("/v1/users/carol/features?granularity=day")
+            .await?;
+        Ok((!s["windows"].as_array().unwrap().is_empty()).then_some(s))
+    })
+    .await
+    .unwrap();
+    assert_eq!(carol["windows"][0]["features"]["active_seconds"], 3600.0);
+
+    // ---- Only queries. ----------------------------------------------------------------
+    for sql in [
+        "DROP TABLE features",
+        "CREATE TABLE t AS SELECT 1",
+        "INSERT INTO features SELECT * FROM features",
+        "SET datafusion.execution.batch_size = 1",
+    ] {
+        let (status, body) = globex.sql(sql).await.unwrap();
+        assert_eq!(status, 400, "{sql}: {body}");
+        assert_eq!(body["error"]["code"], "invalid_query", "{sql}");
+    }
+
+    // ---- Graceful shutdown. -------------------------------------------------------------
+    let exit = server.terminate().await.unwrap();
+    assert!(exit.success(), "{exit}");
+}
+
+/// SIGKILL right after a 2xx loses nothing and counts nothing twice, including a client
+/// retry of the last acknowledged request after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_after_ack_loses_nothing_and_counts_once() {
+    let data = tempfile::tempdir().unwrap();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_digame"));
+    let env = [("DIGAME_INGEST_KEYS", "acme-key-0123456789abcdef:acme")];
+    let mut server = DigameProcess::start(bin, data.path(), &env).await.unwrap();
+    let d = Day(Utc::now()
+        .date_naive()
+        .checked_sub_days(Days::new(1))
+        .unwrap());
+    let users = ["u0", "u1", "u2", "u3", "u4"];
+    // Request r holds 200 commits, 40 per user, each with its own client event id, all
+    // within 10:00–10:10 so a retry is well inside the allowed lateness.
+    let request = |r: usize| -> Vec<Value> {
+        (0..200)
+            .map(|i| {
+                let n = r * 200 + i;
+                json!({"event_id": format!("0195a6a4-0000-7000-8000-{n:012x}"),
+                       "user_id": users[i % users.len()], "source": "git", "kind": "commit",
+                       "timestamp": d.at(10, 0) + (n as i64) * 100,
+                       "attributes": {"project": "digame"}})
+            })
+            .collect()
+    };
+    let mut acked = 0usize;
+    let client = server.client(ACME_KEY);
+    for r in 0..10 {
+        let (status, body) = client.post_events(&request(r)).await.unwrap();
+        assert_eq!((status, &body["accepted"]), (200, &json!(200)));
+        acked += 200;
+    }
+    server.kill9().await.unwrap();
+
+    server.restart().await.unwrap();
+    let client = server.client(ACME_KEY);
+    // A client that never saw the last answer retries it: same event ids.
+    let (status, _) = client.post_events(&request(9)).await.unwrap();
+    assert_eq!(status, 200);
+    for r in 10..15 {
+        let (status, _) = client.post_events(&request(r)).await.unwrap();
+        assert_eq!(status, 200);
+        acked += 200;
+    }
+    // Each user got 1/5 of every request.
+    let per_user = acked / users.len();
+    let expected: Vec<Value> = users
+        .iter()
+        .map(|u| json!({"user_id": u, "n": per_user as f64}))
+        .collect();
+    let got = eventually(Duration::from_secs(20), || async {
+        let rows = client
+            .rows(
+                "SELECT user_id, sum(value) AS n FROM features \
+                 WHERE feature = 'event_count' AND granularity = 'day' AND dimension = '' \
+                 GROUP BY user_id ORDER BY user_id",
+            )
+            .await?;
+        Ok((rows == expected).then_some(rows))
+    })
+    .await;
+    assert!(got.is_ok(), "feature counts never reached {acked} events");
+    assert_eq!(
+        client
+            .rows("SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM events")
+            .await
+            .unwrap(),
+        vec![json!({"n": acked, "d": acked})]
+    );
+    drop(server);
+}
+
+/// Keeps the date arithmetic above honest around midnight.
+#[test]
+fn day_helper_formats_utc() {
+    let d = Day(NaiveDate::from_ymd_opt(2026, 11, 23).unwrap());
+    assert_eq!(d.at(9, 30), 1_795_426_200_000);
+    assert_eq!(d.iso(9, 30), "2026-11-23T09:30:00Z");
+}
