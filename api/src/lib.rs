@@ -53,6 +53,8 @@ pub struct AppState {
     pub store: Arc<ParquetStore>,
     pub pipeline: Arc<PipelineStatus>,
     pub max_ready_lag: u64,
+    /// False on ingest-only nodes.
+    pub pipeline_enabled: bool,
 }
 
 /// Every error the API answers with.
@@ -62,6 +64,7 @@ pub enum ApiError {
     Ingest(IngestError),
     Query(QueryError),
     BadRequest(String),
+    NotFound(String),
 }
 
 impl IntoResponse for ApiError {
@@ -69,6 +72,7 @@ impl IntoResponse for ApiError {
         let (status, code, message) = match &self {
             ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, "unauthorized", m.clone()),
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m.clone()),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m.clone()),
             ApiError::Ingest(e) => {
                 let status = match e {
                     IngestError::BodyTooLarge { .. }
@@ -270,7 +274,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let bus = state.bus.status();
     let store = state.store.status();
     let lag = state.pipeline.lag.load(Ordering::Relaxed);
-    let running = state.pipeline.running.load(Ordering::Relaxed);
+    // An ingest-only node has no pipeline to wait for.
+    let running = !state.pipeline_enabled || state.pipeline.running.load(Ordering::Relaxed);
     let lag_ok = lag <= state.max_ready_lag;
     let ready = bus.healthy && store.healthy && running && lag_ok;
     let body = json!({
@@ -296,7 +301,7 @@ async fn metrics_text() -> Response {
 }
 
 async fn not_found() -> ApiError {
-    ApiError::BadRequest("no such route; see the README for the API".into())
+    ApiError::NotFound("no such route; see the README for the API".into())
 }
 
 /// The HTTP routes.
@@ -355,15 +360,17 @@ impl Server {
             status: pipeline_status.clone(),
         };
         let mut tasks = Vec::new();
-        let rx = shutdown_rx.clone();
-        tasks.push((
-            "pipeline",
-            tokio::spawn(async move {
-                if let Err(e) = pipeline.run(rx).await {
-                    tracing::error!(error = %e, "feature pipeline stopped with an error");
-                }
-            }),
-        ));
+        if config.pipeline.enabled {
+            let rx = shutdown_rx.clone();
+            tasks.push((
+                "pipeline",
+                tokio::spawn(async move {
+                    if let Err(e) = pipeline.run(rx).await {
+                        tracing::error!(error = %e, "feature pipeline stopped with an error");
+                    }
+                }),
+            ));
+        }
         let (b, s, rx) = (bus.clone(), store.clone(), shutdown_rx.clone());
         tasks.push((
             "dead-letter-sink",
@@ -404,6 +411,7 @@ impl Server {
             store,
             pipeline: pipeline_status,
             max_ready_lag: config.pipeline.max_ready_lag,
+            pipeline_enabled: config.pipeline.enabled,
         });
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;

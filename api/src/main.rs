@@ -13,6 +13,11 @@ use digame_infra::telemetry::init_logging;
 use futures::StreamExt;
 use serde::Serialize;
 
+/// The allocator: the pipeline and ingest allocate many small, short-lived strings, which
+/// glibc's malloc serves markedly slower.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Digame: real-time workplace analytics.
 #[derive(Parser)]
 #[command(name = "digame", version, about)]

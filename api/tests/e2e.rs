@@ -385,6 +385,10 @@ async fn a_day_for_two_tenants_end_to_end() {
         assert_eq!(body["error"]["code"], "invalid_query", "{sql}");
     }
 
+    let (status, body) = globex.get("/v1/nope").await.unwrap();
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "not_found");
+
     // ---- Graceful shutdown. -------------------------------------------------------------
     let exit = server.terminate().await.unwrap();
     assert!(exit.success(), "{exit}");

@@ -202,6 +202,9 @@ impl Default for BusConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
+    /// Run the feature pipeline in this process. Off for ingest-only nodes, whose events
+    /// are processed by pipeline workers elsewhere.
+    pub enabled: bool,
     /// How far behind a person's newest event time an event may arrive and still update
     /// its windows; later events are recorded as too late. At least the keystroke timeout.
     pub allowed_lateness_secs: u64,
@@ -228,6 +231,7 @@ pub struct PipelineConfig {
 impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
+            enabled: true,
             allowed_lateness_secs: 900,
             pulsetime_ms: 2_000,
             presence_flood_ms: 5_000,

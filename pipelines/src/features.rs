@@ -59,26 +59,65 @@ pub struct FeatureParams {
     pub flood_ms: i64,
 }
 
-/// Feature name and breakdown value.
-pub type FeatureKey = (&'static str, String);
+/// The features this operator computes. Variants are declared in the alphabetical order
+/// of their names, so maps keyed by `Feature` sort exactly as maps keyed by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Feature {
+    ActiveSeconds,
+    ActiveSecondsByApp,
+    ActiveSecondsByCategory,
+    ContextSwitches,
+    EventCount,
+    EventCountByKind,
+    PresenceSeconds,
+}
+
+impl Feature {
+    pub const ALL: [Feature; 7] = [
+        Feature::ActiveSeconds,
+        Feature::ActiveSecondsByApp,
+        Feature::ActiveSecondsByCategory,
+        Feature::ContextSwitches,
+        Feature::EventCount,
+        Feature::EventCountByKind,
+        Feature::PresenceSeconds,
+    ];
+
+    /// The name stored in feature rows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Feature::ActiveSeconds => "active_seconds",
+            Feature::ActiveSecondsByApp => "active_seconds_by_app",
+            Feature::ActiveSecondsByCategory => "active_seconds_by_category",
+            Feature::ContextSwitches => "context_switches",
+            Feature::EventCount => "event_count",
+            Feature::EventCountByKind => "event_count_by_kind",
+            Feature::PresenceSeconds => "presence_seconds",
+        }
+    }
+}
+
+/// Feature and breakdown value; the breakdown borrows from the activities (app names) or
+/// is static (categories, kinds, switch types), so adding costs no allocation.
+pub type FeatureKey<'a> = (Feature, &'a str);
 
 /// Values of one window.
-pub type WindowValues = BTreeMap<FeatureKey, f64>;
+pub type WindowValues<'a> = BTreeMap<FeatureKey<'a>, f64>;
 
 /// Values for a day and its hours, keyed by window start.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct DayFeatures {
-    pub day: WindowValues,
-    pub hours: BTreeMap<i64, WindowValues>,
+pub struct DayFeatures<'a> {
+    pub day: WindowValues<'a>,
+    pub hours: BTreeMap<i64, WindowValues<'a>>,
 }
 
-pub const PRESENCE: &str = "presence_seconds";
-pub const ACTIVE: &str = "active_seconds";
-pub const ACTIVE_BY_APP: &str = "active_seconds_by_app";
-pub const ACTIVE_BY_CATEGORY: &str = "active_seconds_by_category";
-pub const SWITCHES: &str = "context_switches";
-pub const EVENTS: &str = "event_count";
-pub const EVENTS_BY_KIND: &str = "event_count_by_kind";
+pub const PRESENCE: Feature = Feature::PresenceSeconds;
+pub const ACTIVE: Feature = Feature::ActiveSeconds;
+pub const ACTIVE_BY_APP: Feature = Feature::ActiveSecondsByApp;
+pub const ACTIVE_BY_CATEGORY: Feature = Feature::ActiveSecondsByCategory;
+pub const SWITCHES: Feature = Feature::ContextSwitches;
+pub const EVENTS: Feature = Feature::EventCount;
+pub const EVENTS_BY_KIND: Feature = Feature::EventCountByKind;
 pub const SWITCH_TYPES: [&str; 3] = ["to_distraction", "to_communication", "work_to_work"];
 
 /// Merges intervals, filling gaps of at most `gap` between neighbours.
@@ -112,7 +151,7 @@ pub fn presence(acts: &[Activity], params: &FeatureParams) -> Vec<(i64, i64)> {
 }
 
 /// Focus intervals after heartbeat merging and overlap resolution: `(start, end, app)`.
-pub fn focus(acts: &[Activity], params: &FeatureParams) -> Vec<(i64, i64, String)> {
+pub fn focus<'a>(acts: &'a [Activity], params: &FeatureParams) -> Vec<(i64, i64, &'a str)> {
     let mut beats: Vec<&Activity> = acts
         .iter()
         .filter(|a| a.kind == EventKind::WindowFocus && a.app.is_some())
@@ -131,12 +170,12 @@ pub fn focus(acts: &[Activity], params: &FeatureParams) -> Vec<(i64, i64, String
         }
         merged.push((b.start, b.end, b));
     }
-    let mut out: Vec<(i64, i64, String)> = Vec::with_capacity(merged.len());
+    let mut out: Vec<(i64, i64, &'a str)> = Vec::with_capacity(merged.len());
     let mut covered_until = i64::MIN;
     for (s, e, a) in merged {
         let s = s.max(covered_until);
         if e > s {
-            out.push((s, e, a.app.clone().unwrap_or_default()));
+            out.push((s, e, a.app.as_deref().unwrap_or_default()));
             covered_until = e;
         }
     }
@@ -144,7 +183,7 @@ pub fn focus(acts: &[Activity], params: &FeatureParams) -> Vec<(i64, i64, String
 }
 
 /// Intersects sorted, disjoint `focus` with sorted, disjoint `presence`.
-fn active_pieces(focus: &[(i64, i64, String)], presence: &[(i64, i64)]) -> Vec<(i64, i64, usize)> {
+fn active_pieces(focus: &[(i64, i64, &str)], presence: &[(i64, i64)]) -> Vec<(i64, i64, usize)> {
     let mut out = Vec::new();
     let mut j = 0;
     for (i, (fs, fe, _)) in focus.iter().enumerate() {
@@ -164,13 +203,23 @@ fn active_pieces(focus: &[(i64, i64, String)], presence: &[(i64, i64)]) -> Vec<(
     out
 }
 
-fn add(values: &mut WindowValues, feature: &'static str, dim: &str, amount: f64) {
-    *values.entry((feature, dim.to_string())).or_insert(0.0) += amount;
+fn add<'a>(values: &mut WindowValues<'a>, feature: Feature, dim: &'a str, amount: f64) {
+    *values.entry((feature, dim)).or_insert(0.0) += amount;
+}
+
+/// The hour (of sorted, contiguous `hours`) containing `t`.
+fn hour_of(hours: &[(i64, i64)], t: i64) -> Option<(i64, i64)> {
+    let i = hours.partition_point(|&(_, he)| he <= t);
+    hours.get(i).copied().filter(|&(hs, _)| hs <= t)
 }
 
 /// Adds `ms` of the span `[s, e)` to every hour it overlaps.
 fn spread<F: FnMut(i64, i64)>(hours: &[(i64, i64)], s: i64, e: i64, mut f: F) {
-    for &(hs, he) in hours {
+    let first = hours.partition_point(|&(_, he)| he <= s);
+    for &(hs, he) in &hours[first..] {
+        if hs >= e {
+            break;
+        }
         let a = s.max(hs);
         let b = e.min(he);
         if b > a {
@@ -181,12 +230,12 @@ fn spread<F: FnMut(i64, i64)>(hours: &[(i64, i64)], s: i64, e: i64, mut f: F) {
 
 /// Computes the features of one local day `[day_start, day_end)` with the given hour
 /// windows (from [`crate::window::hours_of_day`]).
-pub fn compute_day(
-    acts: &[Activity],
+pub fn compute_day<'a>(
+    acts: &'a [Activity],
     day: (i64, i64),
     hours: &[(i64, i64)],
     params: &FeatureParams,
-) -> DayFeatures {
+) -> DayFeatures<'a> {
     let clip = |spans: Vec<(i64, i64)>| -> Vec<(i64, i64)> {
         spans
             .into_iter()
@@ -195,14 +244,23 @@ pub fn compute_day(
             .collect()
     };
     let present = clip(presence(acts, params));
-    let focused: Vec<(i64, i64, String)> = focus(acts, params)
+    let focused: Vec<(i64, i64, &str)> = focus(acts, params)
         .into_iter()
         .map(|(s, e, app)| (s.max(day.0), e.min(day.1), app))
         .filter(|(s, e, _)| e > s)
         .collect();
+    // Few distinct apps per day: categorize each once.
+    let mut known: Vec<(&str, Category)> = Vec::new();
     let categories: Vec<Category> = focused
         .iter()
-        .map(|(_, _, app)| categories::categorize(app))
+        .map(|&(_, _, app)| match known.iter().find(|(a, _)| *a == app) {
+            Some(&(_, c)) => c,
+            None => {
+                let c = categories::categorize(app);
+                known.push((app, c));
+                c
+            }
+        })
         .collect();
     let active = active_pieces(&focused, &present);
 
@@ -211,20 +269,26 @@ pub fn compute_day(
     // reader can tell "measured zero" from "no data".
     let standard = |values: &mut WindowValues| {
         for f in [PRESENCE, ACTIVE, SWITCHES, EVENTS] {
-            values.entry((f, String::new())).or_insert(0.0);
+            values.entry((f, "")).or_insert(0.0);
         }
         for t in SWITCH_TYPES {
-            values.entry((SWITCHES, t.to_string())).or_insert(0.0);
+            values.entry((SWITCHES, t)).or_insert(0.0);
         }
     };
     standard(&mut out.day);
-    for &(hs, he) in hours {
-        if acts
-            .iter()
-            .any(|a| a.start < he && a.end.max(a.start + 1) > hs)
-        {
-            standard(out.hours.entry(hs).or_default());
+    let mut touched = vec![false; hours.len()];
+    for a in acts {
+        let first = hours.partition_point(|&(_, he)| he <= a.start);
+        let end = a.end.max(a.start + 1);
+        for (i, &(hs, _)) in hours.iter().enumerate().skip(first) {
+            if hs >= end {
+                break;
+            }
+            touched[i] = true;
         }
+    }
+    for (&(hs, _), _) in hours.iter().zip(&touched).filter(|(_, t)| **t) {
+        standard(out.hours.entry(hs).or_default());
     }
 
     for &(s, e) in &present {
@@ -242,7 +306,7 @@ pub fn compute_day(
     // Per-slot active time by category, for F8.
     let mut slots: BTreeMap<i64, BTreeMap<&'static str, i64>> = BTreeMap::new();
     for &(s, e, i) in &active {
-        let app = focused[i].2.as_str();
+        let app = focused[i].2;
         let cat = categories[i].name;
         let secs = (e - s) as f64 / 1000.0;
         add(&mut out.day, ACTIVE, "", secs);
@@ -284,7 +348,7 @@ pub fn compute_day(
             };
             add(&mut out.day, SWITCHES, "", 1.0);
             add(&mut out.day, SWITCHES, kind, 1.0);
-            if let Some(&(h, _)) = hours.iter().find(|(hs, he)| hs <= slot && slot < he) {
+            if let Some((h, _)) = hour_of(hours, *slot) {
                 let v = out.hours.entry(h).or_default();
                 add(v, SWITCHES, "", 1.0);
                 add(v, SWITCHES, kind, 1.0);
@@ -300,10 +364,7 @@ pub fn compute_day(
         let kind = a.kind.as_str();
         add(&mut out.day, EVENTS, "", 1.0);
         add(&mut out.day, EVENTS_BY_KIND, kind, 1.0);
-        if let Some(&(h, _)) = hours
-            .iter()
-            .find(|(hs, he)| *hs <= a.start && a.start < *he)
-        {
+        if let Some((h, _)) = hour_of(hours, a.start) {
             let v = out.hours.entry(h).or_default();
             add(v, EVENTS, "", 1.0);
             add(v, EVENTS_BY_KIND, kind, 1.0);
@@ -315,6 +376,16 @@ pub fn compute_day(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn features_sort_as_their_names() {
+        let mut by_name = Feature::ALL;
+        by_name.sort_by_key(|f| f.name());
+        assert_eq!(by_name, Feature::ALL);
+        let mut by_variant = Feature::ALL;
+        by_variant.sort();
+        assert_eq!(by_variant, Feature::ALL);
+    }
 
     /// 2026-11-24T00:00:00Z
     const D: i64 = 1_795_478_400_000;
@@ -392,13 +463,13 @@ mod tests {
         (0..24).map(|h| (t(h, 0, 0), t(h + 1, 0, 0))).collect()
     }
 
-    fn get(v: &WindowValues, f: &'static str, dim: &str) -> f64 {
-        v.get(&(f, dim.to_string())).copied().unwrap_or(f64::NAN)
+    fn get(v: &WindowValues, f: Feature, dim: &str) -> f64 {
+        v.get(&(f, dim)).copied().unwrap_or(f64::NAN)
     }
 
     #[test]
     fn hand_computed_day() {
-        let mut acts = day_of_work();
+        let acts = day_of_work();
         let f = compute_day(&acts, (D, t(24, 0, 0)), &hours(), &params());
         // Presence: 09:00–10:30 (flooded) + meeting 11:00–11:30; the declined meeting adds
         // nothing.
@@ -441,8 +512,9 @@ mod tests {
         assert_eq!(f.hours.len(), 4);
 
         // Arrival order does not matter.
-        acts.reverse();
-        let again = compute_day(&acts, (D, t(24, 0, 0)), &hours(), &params());
+        let mut reversed = acts.clone();
+        reversed.reverse();
+        let again = compute_day(&reversed, (D, t(24, 0, 0)), &hours(), &params());
         assert_eq!(again, f);
     }
 
@@ -450,7 +522,7 @@ mod tests {
     fn pulsetime_bounds_heartbeat_merging() {
         let p = params();
         let near = [focus_on("Code", 0, 1000), focus_on("Code", 3000, 4000)];
-        assert_eq!(focus(&near, &p), vec![(0, 4000, "Code".to_string())]);
+        assert_eq!(focus(&near, &p), vec![(0, 4000, "Code")]);
         let far = [focus_on("Code", 0, 1000), focus_on("Code", 3001, 4000)];
         assert_eq!(focus(&far, &p).len(), 2);
     }

@@ -37,7 +37,7 @@ use crate::{Error, Result};
 pub const GROUP: &str = "features";
 /// Consumer group of the dead-letter sink.
 pub const DEAD_LETTER_GROUP: &str = "dead-letter-sink";
-const CHECKPOINT_VERSION: u32 = 1;
+const CHECKPOINT_VERSION: u32 = 2;
 
 /// Live status, read by `/readyz` and metrics.
 #[derive(Debug, Default)]
@@ -60,7 +60,19 @@ pub struct Processor {
     /// Too-late and undecodable events awaiting the store.
     pub pending_dead: Vec<DeadLetter>,
     pub keep_raw_events: bool,
+    /// Events by result since the last emit, published to metrics in batches (per-event
+    /// label lookups cost more than the counting).
+    outcomes: [u64; 4],
+    /// Reused buffer for the `tenant:user` state key.
+    key: String,
 }
+
+/// Indexes into `Processor::outcomes`, with their metric labels.
+const OUTCOMES: [&str; 4] = ["processed", "duplicate", "late", "undecodable"];
+const PROCESSED: usize = 0;
+const DUPLICATE: usize = 1;
+const LATE: usize = 2;
+const UNDECODABLE: usize = 3;
 
 impl Processor {
     pub fn new(cfg: &PipelineConfig) -> Result<Self> {
@@ -80,6 +92,8 @@ impl Processor {
             pending_events: Vec::new(),
             pending_dead: Vec::new(),
             keep_raw_events: true,
+            outcomes: [0; 4],
+            key: String::new(),
         })
     }
 
@@ -108,32 +122,27 @@ impl Processor {
                 return;
             }
         };
-        let key = ev.partition_key();
-        let person = match self.people.get_mut(&key) {
+        self.key.clear();
+        self.key.push_str(&ev.tenant_id);
+        self.key.push(':');
+        self.key.push_str(&ev.user_id);
+        let person = match self.people.get_mut(self.key.as_str()) {
             Some(p) => p,
             None => self
                 .people
-                .entry(key)
+                .entry(self.key.clone())
                 .or_insert_with(|| PersonState::new(&ev.tenant_id, &ev.user_id, &self.default_tz)),
         };
         match person.admit(&ev, now_wall, &self.params) {
             Admission::Accepted => {
-                metrics()
-                    .pipeline_events
-                    .with_label_values(&["processed"])
-                    .inc();
+                self.outcomes[PROCESSED] += 1;
                 if self.keep_raw_events {
                     self.pending_events.push(ev);
                 }
             }
-            Admission::Duplicate => {
-                metrics()
-                    .pipeline_events
-                    .with_label_values(&["duplicate"])
-                    .inc();
-            }
+            Admission::Duplicate => self.outcomes[DUPLICATE] += 1,
             Admission::TooLate { watermark } => {
-                metrics().pipeline_events.with_label_values(&["late"]).inc();
+                self.outcomes[LATE] += 1;
                 let reason = format!(
                     "event time {} is before this person's watermark {} (newest event time minus the allowed lateness of {} s), so its windows are final; raise pipeline.allowed_lateness_secs to accept later deliveries",
                     ev.timestamp,
@@ -154,10 +163,7 @@ impl Processor {
         now_wall: i64,
     ) {
         if ev.is_none() {
-            metrics()
-                .pipeline_events
-                .with_label_values(&["undecodable"])
-                .inc();
+            self.outcomes[UNDECODABLE] += 1;
         }
         let text = String::from_utf8_lossy(&payload[..payload.len().min(64 << 10)]).into_owned();
         self.pending_dead.push(DeadLetter {
@@ -194,6 +200,14 @@ impl Processor {
             person.emit(now_wall, &self.params, &mut next, &mut rows);
         }
         self.people.retain(|_, p| !p.is_idle());
+        let m = metrics();
+        for (label, n) in OUTCOMES.iter().zip(&mut self.outcomes) {
+            if *n > 0 {
+                m.pipeline_events
+                    .with_label_values(&[label])
+                    .inc_by(std::mem::take(n));
+            }
+        }
         metrics().pipeline_open_users.set(self.people.len() as i64);
         metrics().pipeline_rows_emitted.inc_by(rows.len() as u64);
         rows

@@ -17,7 +17,7 @@ use chrono_tz::Tz;
 use digame_schemas::{ActivityEvent, EventTime, FEATURE_VERSION, FeatureRow, Granularity};
 use serde::{Deserialize, Serialize};
 
-use crate::features::{Activity, FeatureParams, compute_day};
+use crate::features::{Activity, FeatureParams, WindowValues, compute_day};
 use crate::window::{days_overlapping, hours_of_day, parse_tz};
 
 /// Runtime settings the state needs.
@@ -42,10 +42,71 @@ struct DayState {
     end: i64,
     acts: Vec<Activity>,
     dirty: bool,
-    /// Last emitted value per (granularity, window start, feature, dimension).
-    emitted: BTreeMap<(Granularity, i64, String, String), f64>,
-    /// Windows already emitted as final.
-    finalized: BTreeSet<(Granularity, i64)>,
+    /// What was last emitted per window (granularity, window start).
+    windows: BTreeMap<(Granularity, i64), EmittedWindow>,
+}
+
+/// The values last emitted for one window, sorted by (feature, dimension) as
+/// [`crate::features::WindowValues`] is, so the two can be diffed by a merge.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct EmittedWindow {
+    end: i64,
+    values: BTreeMap<(String, String), f64>,
+    is_final: bool,
+}
+
+impl EmittedWindow {
+    /// Calls `changed(feature, dimension, value)` for every value that differs from the
+    /// last emitted one (or every value when `all`); keys emitted before but absent now
+    /// fell to zero. Records what was reported.
+    fn diff(
+        &mut self,
+        current: &WindowValues,
+        all: bool,
+        mut changed: impl FnMut(&str, &str, f64),
+    ) {
+        use std::cmp::Ordering;
+        let mut updates: Vec<(&'static str, &str, f64)> = Vec::new();
+        let mut vanished: Vec<(String, String)> = Vec::new();
+        let mut prev = self.values.iter().peekable();
+        for ((feature, dim), &value) in current {
+            let mut same = false;
+            while let Some(&((pf, pd), &pv)) = prev.peek() {
+                match (pf.as_str(), pd.as_str()).cmp(&(feature.name(), *dim)) {
+                    Ordering::Less => {
+                        if pv != 0.0 || all {
+                            vanished.push((pf.clone(), pd.clone()));
+                        }
+                        prev.next();
+                    }
+                    Ordering::Equal => {
+                        same = pv == value;
+                        prev.next();
+                        break;
+                    }
+                    Ordering::Greater => break,
+                }
+            }
+            if !same || all {
+                changed(feature.name(), dim, value);
+                if !same {
+                    updates.push((feature.name(), dim, value));
+                }
+            }
+        }
+        for ((pf, pd), &pv) in prev {
+            if pv != 0.0 || all {
+                vanished.push((pf.clone(), pd.clone()));
+            }
+        }
+        for (f, d, v) in updates {
+            self.values.insert((f.to_string(), d.to_string()), v);
+        }
+        for key in vanished {
+            changed(&key.0, &key.1, 0.0);
+            self.values.insert(key, 0.0);
+        }
+    }
 }
 
 /// State of one person.
@@ -158,13 +219,12 @@ impl PersonState {
         let tz = self.tz();
         let mut closed = Vec::new();
         for (&day_start, day) in self.days.iter_mut() {
-            let newly_final = day.end <= wm
-                && !day.finalized.contains(&(Granularity::Day, day_start))
-                || day.emitted.keys().any(|(g, w, _, _)| {
-                    *g == Granularity::Hour
-                        && !day.finalized.contains(&(*g, *w))
-                        && *w + 3_600_000 <= wm
-                });
+            let newly_final = day.windows.values().any(|w| !w.is_final && w.end <= wm)
+                || (day.end <= wm
+                    && !day
+                        .windows
+                        .get(&(Granularity::Day, day_start))
+                        .is_some_and(|w| w.is_final));
             if !day.dirty && !newly_final {
                 continue;
             }
@@ -185,26 +245,11 @@ impl PersonState {
                 .chain([(Granularity::Day, day_start, day.end, &features.day)]);
             for (g, ws, we, values) in windows {
                 let is_final = we <= wm;
-                let first_final = is_final && day.finalized.insert((g, ws));
-                // Keys emitted before but absent now fell to zero.
-                let vanished: Vec<(String, String)> = day
-                    .emitted
-                    .keys()
-                    .filter(|(eg, ew, f, d)| {
-                        *eg == g && *ew == ws && !values.contains_key(&(feature_name(f), d.clone()))
-                    })
-                    .map(|(_, _, f, d)| (f.clone(), d.clone()))
-                    .collect();
-                let current = values
-                    .iter()
-                    .map(|((f, d), v)| (f.to_string(), d.clone(), *v))
-                    .chain(vanished.into_iter().map(|(f, d)| (f, d, 0.0)));
-                for (feature, dimension, value) in current {
-                    let key = (g, ws, feature, dimension);
-                    let changed = day.emitted.get(&key) != Some(&value);
-                    if !(changed || first_final) {
-                        continue;
-                    }
+                let emitted = day.windows.entry((g, ws)).or_default();
+                emitted.end = we;
+                let first_final = is_final && !emitted.is_final;
+                emitted.is_final |= is_final;
+                emitted.diff(values, first_final, |feature, dimension, value| {
                     out.push(FeatureRow {
                         tenant_id: self.tenant.clone(),
                         user_id: self.user.clone(),
@@ -212,15 +257,14 @@ impl PersonState {
                         window_start: EventTime(ws),
                         window_end: EventTime(we),
                         timezone: self.timezone.clone(),
-                        feature: key.2.clone(),
-                        dimension: key.3.clone(),
+                        feature: feature.to_string(),
+                        dimension: dimension.to_string(),
                         value,
                         feature_version: FEATURE_VERSION,
                         is_final,
                         revision: rev,
                     });
-                    day.emitted.insert(key, value);
-                }
+                });
             }
             day.dirty = false;
             if day.end <= wm {
@@ -236,23 +280,6 @@ impl PersonState {
             self.seen.retain(|_, start| *start >= horizon);
         }
     }
-}
-
-/// Maps a stored feature name back to the operator's static name.
-fn feature_name(name: &str) -> &'static str {
-    use crate::features::*;
-    [
-        PRESENCE,
-        ACTIVE,
-        ACTIVE_BY_APP,
-        ACTIVE_BY_CATEGORY,
-        SWITCHES,
-        EVENTS,
-        EVENTS_BY_KIND,
-    ]
-    .into_iter()
-    .find(|n| *n == name)
-    .unwrap_or("")
 }
 
 #[cfg(test)]

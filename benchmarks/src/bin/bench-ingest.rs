@@ -1,0 +1,248 @@
+//! HTTP ingest into the durable embedded bus: batched NDJSON of ~300-byte events posted
+//! over several keep-alive connections to a Digame server in its own process, which
+//! answers only after the batch is fsynced.
+//!
+//! The server is this same executable re-run as `serve-child` (the `digame serve` code
+//! path: `digame_api::Server`), so its CPU time can be read from `/proc` apart from the
+//! load generator's. The figure per core is events per server CPU-second.
+//!
+//! ```text
+//! cargo run --release -p digame-benchmarks --bin bench-ingest -- --seconds 10
+//! ```
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use digame_benchmarks::{ndjson_bodies, process_cpu, quantile, thousands};
+
+/// The allocator: the pipeline and ingest allocate many small, short-lived strings, which
+/// glibc's malloc serves markedly slower.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const KEY: &str = "bench-key-0123456789abcdef";
+
+#[derive(Parser)]
+#[command(about = "HTTP ingest → durable bus throughput")]
+struct Cli {
+    #[command(subcommand)]
+    child: Option<Child>,
+    /// Measured duration in seconds (after a one-second warm-up).
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Events per request.
+    #[arg(long, default_value_t = 5000)]
+    batch: usize,
+    /// Distinct people the events belong to.
+    #[arg(long, default_value_t = 1000)]
+    users: u64,
+    /// Also run the feature pipeline in the server (as `digame serve` does).
+    #[arg(long)]
+    pipeline: bool,
+}
+
+#[derive(Subcommand)]
+enum Child {
+    /// Internal: run the server and print its address.
+    #[command(hide = true)]
+    ServeChild {
+        #[arg(long)]
+        data_dir: std::path::PathBuf,
+        #[arg(long)]
+        pipeline: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.child {
+        Some(Child::ServeChild { data_dir, pipeline }) => serve_child(data_dir, pipeline),
+        None => run(cli),
+    }
+}
+
+fn serve_child(data_dir: std::path::PathBuf, pipeline: bool) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut config = digame_infra::config::Config {
+            data_dir,
+            listen: "127.0.0.1:0".parse()?,
+            ..Default::default()
+        };
+        config.ingest.keys = digame_infra::config::IngestKeys::parse(&format!("{KEY}:bench"))
+            .map_err(anyhow::Error::msg)?;
+        config.pipeline.enabled = pipeline;
+        let server = digame_api::Server::start(config).await?;
+        println!("listening {}", server.addr);
+        // Runs until the parent closes stdin.
+        tokio::task::spawn_blocking(|| {
+            let mut sink = String::new();
+            while std::io::stdin()
+                .read_line(&mut sink)
+                .map(|n| n > 0)
+                .unwrap_or(false)
+            {}
+        })
+        .await?;
+        server.shutdown().await;
+        Ok(())
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["serve-child", "--data-dir"])
+        .arg(data.path())
+        .args(cli.pipeline.then_some("--pipeline"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("start the server process")?;
+    let pid = child.id();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().context("child stdout")?).read_line(&mut line)?;
+    let addr = line
+        .trim()
+        .strip_prefix("listening ")
+        .with_context(|| format!("server did not start: {line:?}"))?
+        .to_string();
+
+    // Enough distinct bodies that event ids do not repeat within a run of this length
+    // at the expected rate; bodies are built before the clock starts.
+    let base_ms = chrono::Utc::now().timestamp_millis() - 6 * 3_600_000;
+    let bodies_n = 64;
+    let (bodies, mean_size) = ndjson_bodies(bodies_n, cli.batch, cli.users, base_ms);
+    let bodies: Arc<Vec<bytes::Bytes>> =
+        Arc::new(bodies.into_iter().map(bytes::Bytes::from).collect());
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(load(&cli, &addr, bodies, pid));
+    drop(child.stdin.take());
+    let _ = child.wait();
+    let r = result?;
+
+    let secs = r.elapsed.as_secs_f64();
+    let eps = r.events as f64 / secs;
+    let server_cores = r.server_cpu.as_secs_f64() / secs;
+    let per_core = r.events as f64 / r.server_cpu.as_secs_f64().max(1e-9);
+    let mut lat = r.latencies;
+    println!(
+        "ingest: HTTP NDJSON -> embedded log bus (fsync before 2xx), pipeline {}",
+        if cli.pipeline { "on" } else { "off" }
+    );
+    println!(
+        "  load          {} events in {secs:.1} s; {mean_size:.0} B/event, {} events/request, {} connections, {} people",
+        thousands(r.events as f64),
+        cli.batch,
+        cli.connections,
+        cli.users
+    );
+    println!(
+        "  throughput    {} events/s ({:.1} MB/s of request bodies)",
+        thousands(eps),
+        eps * mean_size / 1e6
+    );
+    println!(
+        "  server CPU    {server_cores:.2} cores busy -> {} events per CPU-second (per core)",
+        thousands(per_core)
+    );
+    println!(
+        "  load gen CPU  {:.2} cores (same machine)",
+        r.client_cpu.as_secs_f64() / secs
+    );
+    println!(
+        "  request       p50 {:.1} ms, p99 {:.1} ms ({} requests)",
+        quantile(&mut lat, 0.5).as_secs_f64() * 1e3,
+        quantile(&mut lat, 0.99).as_secs_f64() * 1e3,
+        lat.len()
+    );
+    Ok(())
+}
+
+struct LoadResult {
+    events: u64,
+    elapsed: Duration,
+    server_cpu: Duration,
+    client_cpu: Duration,
+    latencies: Vec<Duration>,
+}
+
+async fn load(
+    cli: &Cli,
+    addr: &str,
+    bodies: Arc<Vec<bytes::Bytes>>,
+    pid: u32,
+) -> anyhow::Result<LoadResult> {
+    let url = format!("http://{addr}/v1/events");
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(cli.connections)
+        .build()?;
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let events = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..cli.connections {
+        let (http, url, bodies) = (http.clone(), url.clone(), bodies.clone());
+        let (measuring, stop, events) = (measuring.clone(), stop.clone(), events.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut i = c;
+            while !stop.load(Ordering::Relaxed) {
+                let body = bodies[i % bodies.len()].clone();
+                i += 7;
+                let started = Instant::now();
+                let resp = http
+                    .post(&url)
+                    .bearer_auth(KEY)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body)
+                    .send()
+                    .await?;
+                let status = resp.status();
+                let reply: serde_json::Value = resp.json().await?;
+                if status != 200 || reply["rejected"].as_array().is_some_and(|r| !r.is_empty()) {
+                    bail!("ingest answered {status}: {reply}");
+                }
+                if measuring.load(Ordering::Relaxed) {
+                    latencies.push(started.elapsed());
+                    events.fetch_add(reply["accepted"].as_u64().unwrap_or(0), Ordering::Relaxed);
+                }
+            }
+            Ok(latencies)
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (server0, client0) = (process_cpu(pid)?, process_cpu(std::process::id())?);
+    let started = Instant::now();
+    measuring.store(true, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(cli.seconds)).await;
+    measuring.store(false, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let (server1, client1) = (process_cpu(pid)?, process_cpu(std::process::id())?);
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await??);
+    }
+    Ok(LoadResult {
+        events: events.load(Ordering::Relaxed),
+        elapsed,
+        server_cpu: server1 - server0,
+        client_cpu: client1 - client0,
+        latencies,
+    })
+}
