@@ -27,7 +27,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use digame_infra::bus::{EventBus, LogBus, LogConfig};
+use digame_infra::bus::EventBus;
 use digame_infra::config::{Config, IngestKeys};
 use digame_infra::store::{ParquetStore, StoreSink};
 use digame_infra::telemetry::metrics;
@@ -82,7 +82,9 @@ impl IntoResponse for ApiError {
                     IngestError::BadGzip(_) | IngestError::Malformed(_) | IngestError::Empty => {
                         StatusCode::BAD_REQUEST
                     }
-                    IngestError::BusUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                    IngestError::BusUnavailable(_) | IngestError::PartlyAccepted { .. } => {
+                        StatusCode::SERVICE_UNAVAILABLE
+                    }
                 };
                 (status, e.code(), e.to_string())
             }
@@ -101,11 +103,18 @@ impl IntoResponse for ApiError {
                 }
             },
         };
-        let mut resp = (
-            status,
-            Json(json!({"error": {"code": code, "message": message}})),
-        )
-            .into_response();
+        let mut body = json!({"error": {"code": code, "message": message}});
+        if let ApiError::Ingest(IngestError::PartlyAccepted {
+            accepted,
+            rejected,
+            not_acknowledged,
+        }) = &self
+        {
+            body["accepted"] = json!(accepted);
+            body["rejected"] = json!(rejected);
+            body["not_acknowledged"] = json!(not_acknowledged);
+        }
+        let mut resp = (status, Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -337,17 +346,8 @@ impl Server {
                 "no ingest keys configured; set DIGAME_INGEST_KEYS=key:tenant (keys of at least 16 characters)"
             );
         }
-        let bus_dir = config.bus_dir().map_err(anyhow::Error::msg)?;
         let store_dir = config.store_dir().map_err(anyhow::Error::msg)?;
-        let bus: Arc<dyn EventBus> = Arc::new(LogBus::open(LogConfig {
-            dir: bus_dir,
-            partitions: config.bus.partitions,
-            segment_bytes: config.bus.segment_bytes,
-            retention_bytes: config.bus.retention_bytes,
-            retention: Duration::from_secs(config.bus.retention_hours * 3600),
-            queue_capacity: config.bus.queue_capacity,
-            max_batch_bytes: 32 << 20,
-        })?);
+        let bus = digame_infra::bus::open(&config).await?;
         let store = Arc::new(ParquetStore::open(&store_dir)?);
         let pipeline_status = Arc::new(PipelineStatus::default());
         let (shutdown, shutdown_rx) = watch::channel(false);

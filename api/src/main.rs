@@ -53,6 +53,10 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     data_dir: Option<PathBuf>,
+    /// Event bus: file:// (embedded) or kafka://host:port[,host:port…] [env DIGAME_BUS__URL].
+    #[arg(long)]
+    #[serde(skip)]
+    bus: Option<String>,
     /// Log format: text or json [env DIGAME_LOG_FORMAT].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -85,7 +89,15 @@ struct SimulateArgs {
 }
 
 fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
-    Config::load(args.config.as_deref(), args).map_err(|e| anyhow::anyhow!("configuration: {e}"))
+    let mut config = Config::load(args.config.as_deref(), args)
+        .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    if let Some(url) = &args.bus {
+        config.bus.url = url.clone();
+    }
+    config
+        .bus_backend()
+        .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    Ok(config)
 }
 
 #[tokio::main]

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use chrono::{Days, NaiveDate, Utc};
-use digame_testkit::{DigameProcess, eventually, utc_ms};
+use digame_testkit::{Bus, DigameProcess, eventually, utc_ms};
 use serde_json::{Value, json};
 
 const ACME_KEY: &str = "acme-key-0123456789abcdef";
@@ -85,11 +85,21 @@ fn values(w: &Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_day_for_two_tenants_end_to_end() {
+    a_day_for_two_tenants(Bus::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_for_two_tenants_end_to_end_on_kafka() {
+    a_day_for_two_tenants(Bus::kafka()).await;
+}
+
+async fn a_day_for_two_tenants(bus: Bus) {
     let data = tempfile::tempdir().unwrap();
-    let mut server = DigameProcess::start(
+    let mut server = DigameProcess::start_on(
         std::path::Path::new(env!("CARGO_BIN_EXE_digame")),
         data.path(),
         &env(),
+        &bus,
     )
     .await
     .unwrap();
@@ -398,10 +408,21 @@ async fn a_day_for_two_tenants_end_to_end() {
 /// retry of the last acknowledged request after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_after_ack_loses_nothing_and_counts_once() {
+    kill_9_after_ack(Bus::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_after_ack_loses_nothing_and_counts_once_on_kafka() {
+    kill_9_after_ack(Bus::kafka()).await;
+}
+
+async fn kill_9_after_ack(bus: Bus) {
     let data = tempfile::tempdir().unwrap();
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_digame"));
     let env = [("DIGAME_INGEST_KEYS", "acme-key-0123456789abcdef:acme")];
-    let mut server = DigameProcess::start(bin, data.path(), &env).await.unwrap();
+    let mut server = DigameProcess::start_on(bin, data.path(), &env, &bus)
+        .await
+        .unwrap();
     let d = Day(Utc::now()
         .date_naive()
         .checked_sub_days(Days::new(1))
@@ -445,7 +466,7 @@ async fn kill_9_after_ack_loses_nothing_and_counts_once() {
         .iter()
         .map(|u| json!({"user_id": u, "n": per_user as f64}))
         .collect();
-    let got = eventually(Duration::from_secs(20), || async {
+    let got = eventually(Duration::from_secs(40), || async {
         let rows = client
             .rows(
                 "SELECT user_id, sum(value) AS n FROM features \
@@ -456,7 +477,16 @@ async fn kill_9_after_ack_loses_nothing_and_counts_once() {
         Ok((rows == expected).then_some(rows))
     })
     .await;
-    assert!(got.is_ok(), "feature counts never reached {acked} events");
+    if got.is_err() {
+        let rows = client
+            .rows(
+                "SELECT user_id, sum(value) AS n FROM features \
+                 WHERE feature = 'event_count' AND granularity = 'day' AND dimension = '' \
+                 GROUP BY user_id ORDER BY user_id",
+            )
+            .await;
+        panic!("feature counts never reached {acked} events: {rows:?}");
+    }
     assert_eq!(
         client
             .rows("SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM events")

@@ -171,10 +171,21 @@ impl<'de> Deserialize<'de> for IngestKeys {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BusConfig {
-    /// `file://` (embedded log under `<data_dir>/bus`) or `file:///path`.
+    /// `file://` (embedded log under `<data_dir>/bus`), `file:///path`, or
+    /// `kafka://host:port[,host:port…]`.
     pub url: String,
-    /// Partitions per topic; fixed once the log exists.
+    /// Partitions per topic; fixed once the log (or Kafka topic) exists.
     pub partitions: u32,
+    /// Kafka: prefix of topic and consumer-group names.
+    pub topic_prefix: String,
+    /// Kafka: replication factor of the topics Digame creates.
+    pub replication: i32,
+    /// Kafka: how long a record may wait for the broker's acknowledgement, in ms.
+    pub delivery_timeout_ms: u64,
+    /// Kafka: extra librdkafka properties (security, tuning), e.g.
+    /// `{ "security.protocol" = "SASL_SSL" }`. Values of keys naming a password, secret
+    /// or key are never printed.
+    pub kafka: KafkaProperties,
     /// Size at which a log segment is sealed.
     pub segment_bytes: u64,
     /// Per-partition size above which old segments are deleted.
@@ -190,12 +201,43 @@ impl Default for BusConfig {
         BusConfig {
             url: "file://".into(),
             partitions: 8,
+            topic_prefix: "digame.".into(),
+            replication: 1,
+            delivery_timeout_ms: 30_000,
+            kafka: KafkaProperties::default(),
             segment_bytes: 64 << 20,
             retention_bytes: 8 << 30,
             retention_hours: 7 * 24,
             queue_capacity: 1024,
         }
     }
+}
+
+/// librdkafka properties; `Debug` redacts secrets.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct KafkaProperties(pub BTreeMap<String, String>);
+
+impl std::fmt::Debug for KafkaProperties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secret = |k: &str| ["password", "secret", "key"].iter().any(|s| k.contains(s));
+        f.debug_map()
+            .entries(
+                self.0
+                    .iter()
+                    .map(|(k, v)| (k, if secret(k) { "<redacted>" } else { v.as_str() })),
+            )
+            .finish()
+    }
+}
+
+/// The bus a configuration selects.
+#[derive(Clone, Debug, PartialEq)]
+pub enum BusBackend {
+    /// The embedded log in this directory.
+    Embedded(PathBuf),
+    /// Kafka at these bootstrap servers.
+    Kafka { brokers: String },
 }
 
 /// Stream-processor behaviour.
@@ -319,6 +361,27 @@ impl Config {
         local_dir(&self.bus.url, &self.data_dir, "bus")
     }
 
+    /// The bus selected by `bus.url`.
+    pub fn bus_backend(&self) -> Result<BusBackend, String> {
+        let Some(rest) = self.bus.url.strip_prefix("kafka://") else {
+            return self.bus_dir().map(BusBackend::Embedded);
+        };
+        let brokers = rest.trim_end_matches('/');
+        let valid = |b: &str| {
+            b.rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok())
+        };
+        if brokers.is_empty() || !brokers.split(',').all(valid) {
+            return Err(format!(
+                "bus URL `{}`: expected kafka://host:port[,host:port…]",
+                self.bus.url
+            ));
+        }
+        Ok(BusBackend::Kafka {
+            brokers: brokers.to_string(),
+        })
+    }
+
     /// Directory of the embedded store.
     pub fn store_dir(&self) -> Result<PathBuf, String> {
         local_dir(&self.store.url, &self.data_dir, "store")
@@ -330,8 +393,12 @@ fn local_dir(url: &str, data_dir: &Path, default_sub: &str) -> Result<PathBuf, S
         Some("") => Ok(data_dir.join(default_sub)),
         Some(path) => Ok(PathBuf::from(path)),
         None => Err(format!(
-            "unsupported backend URL `{url}`: this build supports `file://` (embedded); \
-             Kafka and ClickHouse backends come with their own URL schemes"
+            "unsupported backend URL `{url}`: use `file://` (embedded){}",
+            if default_sub == "bus" {
+                " or `kafka://host:port`"
+            } else {
+                ""
+            }
         )),
     }
 }
@@ -367,6 +434,43 @@ mod tests {
         assert_eq!(cfg.pipeline.allowed_lateness_secs, 60);
         assert_eq!(cfg.ingest.keys.tenant_of("0123456789abcdef"), Some("acme"));
         assert_eq!(cfg.bus_dir().unwrap(), PathBuf::from("/tmp/x/bus"));
+        assert_eq!(
+            cfg.bus_backend().unwrap(),
+            BusBackend::Embedded(PathBuf::from("/tmp/x/bus"))
+        );
+    }
+
+    #[test]
+    fn kafka_urls_and_secret_properties() {
+        let mut cfg = Config::default();
+        cfg.bus.url = "kafka://127.0.0.1:9092,broker-2:9093".into();
+        assert_eq!(
+            cfg.bus_backend().unwrap(),
+            BusBackend::Kafka {
+                brokers: "127.0.0.1:9092,broker-2:9093".into()
+            }
+        );
+        for bad in [
+            "kafka://",
+            "kafka://host",
+            "kafka://host:port",
+            "nats://x:1",
+        ] {
+            cfg.bus.url = bad.into();
+            let err = cfg.bus_backend().unwrap_err();
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+        cfg.bus
+            .kafka
+            .0
+            .insert("sasl.password".into(), "hunter2-secret".into());
+        cfg.bus
+            .kafka
+            .0
+            .insert("security.protocol".into(), "SASL_SSL".into());
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("SASL_SSL"), "{shown}");
     }
 
     #[test]

@@ -13,7 +13,7 @@
 use std::io::Read;
 
 use bytes::Bytes;
-use digame_infra::bus::{EventBus, Record, Topic};
+use digame_infra::bus::{BusError, EventBus, Record, Topic};
 use digame_infra::config::IngestConfig;
 use digame_infra::telemetry::metrics;
 use digame_schemas::validate::{TimePolicy, validate_event};
@@ -40,6 +40,18 @@ pub enum IngestError {
     Empty,
     #[error("the event bus is unavailable ({0}); nothing was accepted, retry later")]
     BusUnavailable(String),
+    #[error(
+        "{} of this request's events were not acknowledged by the event bus; the others are durable. Retry the ones listed in `not_acknowledged` (resending with the same event_id is safe)",
+        not_acknowledged.len()
+    )]
+    PartlyAccepted {
+        /// Durable events.
+        accepted: usize,
+        /// Events rejected by validation.
+        rejected: Vec<Rejection>,
+        /// Valid events the bus did not acknowledge.
+        not_acknowledged: Vec<Rejection>,
+    },
 }
 
 impl IngestError {
@@ -54,6 +66,7 @@ impl IngestError {
             IngestError::Malformed(_) => "malformed_body",
             IngestError::Empty => "empty_body",
             IngestError::BusUnavailable(_) => "bus_unavailable",
+            IngestError::PartlyAccepted { .. } => "partly_accepted",
         }
     }
 }
@@ -149,6 +162,8 @@ impl Collector {
         let policy = TimePolicy::new(now, cfg.horizon_days_for(tenant));
         let key_prefix_len = tenant.len() + 1;
         let mut records = Vec::with_capacity(items.len());
+        // Request index of each record, to name the ones the bus did not acknowledge.
+        let mut record_index = Vec::with_capacity(items.len());
         let mut rejected = Vec::new();
         let mut dead = Vec::new();
         for (index, text) in items {
@@ -164,6 +179,7 @@ impl Collector {
                         payload: Bytes::from(payload),
                         timestamp_ms: now.0,
                     });
+                    record_index.push(index);
                 }
                 Err(reason) => {
                     dead.push(dead_letter(tenant, index, text, &reason, now));
@@ -176,7 +192,28 @@ impl Collector {
             self.bus.publish(Topic::Events, records),
             self.bus.publish(Topic::DeadLetters, dead),
         );
-        published.map_err(|e| IngestError::BusUnavailable(e.to_string()))?;
+        match published {
+            Ok(_) => {}
+            Err(BusError::PartlyPublished { failed }) => {
+                let not_acknowledged: Vec<Rejection> = failed
+                    .into_iter()
+                    .map(|(i, reason)| Rejection {
+                        index: record_index[i],
+                        reason: format!("not acknowledged by the event bus: {reason}"),
+                    })
+                    .collect();
+                metrics()
+                    .ingest_events
+                    .with_label_values(&["not_acknowledged"])
+                    .inc_by(not_acknowledged.len() as u64);
+                return Err(IngestError::PartlyAccepted {
+                    accepted: accepted - not_acknowledged.len(),
+                    rejected,
+                    not_acknowledged,
+                });
+            }
+            Err(e) => return Err(IngestError::BusUnavailable(e.to_string())),
+        }
         if let Err(e) = dead_published {
             tracing::error!(tenant, error = %e, rejected = rejected.len(), "could not record rejected events in the dead-letter stream");
         }

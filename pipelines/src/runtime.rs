@@ -411,6 +411,11 @@ impl FeaturePipeline {
             };
             let now = now_ms();
             for rec in &batch {
+                // Already in the restored state (a bus may redeliver from an older
+                // committed offset than the checkpoint's).
+                if offsets.get(&rec.partition).is_some_and(|&o| rec.offset < o) {
+                    continue;
+                }
                 self.processor.process(&rec.payload, now);
                 offsets.insert(rec.partition, rec.offset + 1);
             }

@@ -28,6 +28,57 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port")
 }
 
+/// Which event bus a test runs on. Test bodies are written once and run per bus.
+#[derive(Clone, Debug)]
+pub enum Bus {
+    Embedded,
+    /// A real Kafka-protocol broker at this bootstrap address, with topics and consumer
+    /// groups under a prefix unique to the test.
+    Kafka {
+        bootstrap: String,
+        prefix: String,
+    },
+}
+
+impl Bus {
+    /// The broker `infra/scripts/test` started (`TEST_KAFKA_BOOTSTRAP`), with a fresh topic
+    /// prefix. Fails, never skips, when there is none.
+    pub fn kafka() -> Bus {
+        let bootstrap = std::env::var("TEST_KAFKA_BOOTSTRAP").unwrap_or_else(|_| {
+            panic!(
+                "TEST_KAFKA_BOOTSTRAP is not set: this test needs a Kafka-protocol broker. \
+                 Run the tests with infra/scripts/test (it starts one), or start one with \
+                 `infra/scripts/kafka start DIR` and export TEST_KAFKA_BOOTSTRAP=127.0.0.1:19092"
+            )
+        });
+        let prefix = format!("t{}.", uuid_like());
+        Bus::Kafka { bootstrap, prefix }
+    }
+
+    /// Environment that selects this bus in `digame serve`.
+    pub fn env(&self) -> Vec<(String, String)> {
+        match self {
+            Bus::Embedded => Vec::new(),
+            Bus::Kafka { bootstrap, prefix } => vec![
+                ("DIGAME_BUS__URL".into(), format!("kafka://{bootstrap}")),
+                ("DIGAME_BUS__TOPIC_PREFIX".into(), prefix.clone()),
+            ],
+        }
+    }
+}
+
+/// 16 hex digits from the clock and process id; unique enough for test names.
+fn uuid_like() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!(
+        "{:016x}",
+        (nanos as u64) ^ (u64::from(std::process::id()) << 40)
+    )
+}
+
 /// A running `digame serve`.
 pub struct DigameProcess {
     bin: PathBuf,
@@ -41,12 +92,23 @@ impl DigameProcess {
     /// Starts `bin serve` on a free port with `data_dir` and extra environment, and waits
     /// until `/healthz` answers.
     pub async fn start(bin: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_on(bin, data_dir, env, &Bus::Embedded).await
+    }
+
+    /// As [`DigameProcess::start`], on `bus`.
+    pub async fn start_on(
+        bin: &Path,
+        data_dir: &Path,
+        env: &[(&str, &str)],
+        bus: &Bus,
+    ) -> Result<Self> {
         let mut p = DigameProcess {
             bin: bin.to_path_buf(),
             data_dir: data_dir.to_path_buf(),
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
+                .chain(bus.env())
                 .collect(),
             port: free_port(),
             child: None,

@@ -10,6 +10,7 @@
 //! embedded log assigns every partition to its one consumer; a Kafka consumer's assignment
 //! changes on rebalance and the caller re-reads it after each poll.
 
+pub mod kafka;
 pub mod log;
 
 use std::collections::BTreeMap;
@@ -18,6 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use kafka::{KafkaBus, KafkaSettings};
 pub use log::{LogBus, LogConfig};
 
 /// Errors from the bus.
@@ -35,6 +37,10 @@ pub enum BusError {
     Unavailable(String),
     #[error("bus configuration error: {0}")]
     Config(String),
+    /// Some records of a publish were acknowledged and these (input index, reason) were
+    /// not; only Kafka reports this, the embedded log commits a publish whole.
+    #[error("{} records were not acknowledged by the bus (first: #{} {})", failed.len(), failed[0].0, failed[0].1)]
+    PartlyPublished { failed: Vec<(usize, String)> },
 }
 
 pub type Result<T, E = BusError> = std::result::Result<T, E>;
@@ -137,4 +143,32 @@ pub trait BusConsumer: Send {
 /// The partition of `key` among `partitions`: stable across processes and versions.
 pub fn partition_for(key: &[u8], partitions: u32) -> u32 {
     crc32fast::hash(key) % partitions.max(1)
+}
+
+/// Opens the bus `config` selects: the embedded log, or Kafka (creating missing topics).
+pub async fn open(config: &crate::config::Config) -> Result<std::sync::Arc<dyn EventBus>> {
+    use crate::config::BusBackend;
+    let bus = &config.bus;
+    match config.bus_backend().map_err(BusError::Config)? {
+        BusBackend::Embedded(dir) => Ok(std::sync::Arc::new(LogBus::open(LogConfig {
+            dir,
+            partitions: bus.partitions,
+            segment_bytes: bus.segment_bytes,
+            retention_bytes: bus.retention_bytes,
+            retention: Duration::from_secs(bus.retention_hours * 3600),
+            queue_capacity: bus.queue_capacity,
+            max_batch_bytes: 32 << 20,
+        })?)),
+        BusBackend::Kafka { brokers } => Ok(std::sync::Arc::new(
+            KafkaBus::connect(KafkaSettings {
+                brokers,
+                prefix: bus.topic_prefix.clone(),
+                partitions: bus.partitions,
+                replication: bus.replication,
+                delivery_timeout: Duration::from_millis(bus.delivery_timeout_ms),
+                extra: bus.kafka.0.clone(),
+            })
+            .await?,
+        )),
+    }
 }
