@@ -328,6 +328,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// Only the operational routes, for pipeline workers.
+pub fn ops_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .with_state(state)
+}
+
 /// A running server.
 pub struct Server {
     pub addr: SocketAddr,
@@ -337,11 +347,36 @@ pub struct Server {
     http: JoinHandle<()>,
 }
 
+/// What a process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Ingest, pipeline (unless `pipeline.enabled` is false), query: `digame serve`.
+    All,
+    /// A pipeline worker of the consumer group, serving only `/healthz`, `/readyz` and
+    /// `/metrics`: `digame pipeline`.
+    Pipeline,
+}
+
 impl Server {
-    /// Opens the embedded bus and store, starts the pipeline, dead-letter sink,
-    /// compaction, and the HTTP listener.
+    /// Opens the bus and store, starts the pipeline, dead-letter sink, compaction, and the
+    /// HTTP listener.
     pub async fn start(config: Config) -> anyhow::Result<Server> {
-        if config.ingest.keys.0.is_empty() {
+        Self::start_role(config, Role::All).await
+    }
+
+    /// As [`Server::start`], for `role`.
+    pub async fn start_role(mut config: Config, role: Role) -> anyhow::Result<Server> {
+        if role == Role::Pipeline {
+            if matches!(
+                config.bus_backend().map_err(anyhow::Error::msg)?,
+                digame_infra::config::BusBackend::Embedded(_)
+            ) {
+                anyhow::bail!(
+                    "`digame pipeline` runs workers on a shared bus; set --bus kafka://host:port (the embedded log belongs to its `digame serve` process)"
+                );
+            }
+            config.pipeline.enabled = true;
+        } else if config.ingest.keys.0.is_empty() {
             anyhow::bail!(
                 "no ingest keys configured; set DIGAME_INGEST_KEYS=key:tenant (keys of at least 16 characters)"
             );
@@ -415,7 +450,10 @@ impl Server {
         });
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
-        let app = router(state.clone());
+        let app = match role {
+            Role::All => router(state.clone()),
+            Role::Pipeline => ops_router(state.clone()),
+        };
         let mut rx = shutdown_rx.clone();
         let http = tokio::spawn(async move {
             let graceful = async move {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use digame_api::simulate::{SimulationSpec, generate};
-use digame_api::{Server, ensure_ingest_key};
+use digame_api::{Role, Server, ensure_ingest_key};
 use digame_infra::config::Config;
 use digame_infra::telemetry::init_logging;
 use futures::StreamExt;
@@ -30,6 +30,9 @@ struct Cli {
 enum Command {
     /// Run everything in one process on the embedded bus and store.
     Serve(ServeArgs),
+    /// Run a pipeline worker on a shared bus (Kafka); workers of one deployment form a
+    /// consumer group and split the partitions.
+    Pipeline(ServeArgs),
     /// Send realistic synthetic activity to a running server.
     Simulate(SimulateArgs),
     /// Print the JSON Schema of the wire event.
@@ -105,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::Pipeline(args) => pipeline(args).await,
         Command::Simulate(args) => simulate(args).await,
         Command::Schema => {
             println!(
@@ -136,8 +140,19 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         config.ingest.keys = keys;
     }
-    let server = Server::start(config).await?;
-    println!("digame listening on http://{}", server.addr);
+    run_until_signal(Server::start(config).await?, "digame listening on").await
+}
+
+async fn pipeline(args: ServeArgs) -> anyhow::Result<()> {
+    let config = load_config(&args)?;
+    init_logging(config.log_format, &config.log_level);
+    let server = Server::start_role(config, Role::Pipeline).await?;
+    run_until_signal(server, "digame pipeline worker; health on").await
+}
+
+/// Announces `server`, then drains and stops it on SIGINT or SIGTERM.
+async fn run_until_signal(server: Server, banner: &str) -> anyhow::Result<()> {
+    println!("{banner} http://{}", server.addr);
     let _ = std::io::stdout().flush();
     wait_for_signal().await;
     tracing::info!("shutdown requested; draining");

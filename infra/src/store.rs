@@ -172,6 +172,8 @@ pub trait StoreSink: Send + Sync + 'static {
 pub struct ParquetStore {
     root: PathBuf,
     seq: AtomicU64,
+    /// Random per-process id in file names.
+    writer: String,
     healthy: AtomicBool,
     last_error: Mutex<String>,
     /// Files replaced by compaction, deleted once their grace period has passed.
@@ -195,6 +197,7 @@ impl ParquetStore {
         Ok(ParquetStore {
             root,
             seq: AtomicU64::new(0),
+            writer: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
             healthy: AtomicBool::new(true),
             last_error: Mutex::new(String::new()),
             retired: Mutex::new(Vec::new()),
@@ -265,9 +268,12 @@ impl ParquetStore {
     ) -> Result<PathBuf> {
         let dir = self.partition_dir(table, tenant, date);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        // The writer id keeps names unique when several processes (pipeline workers)
+        // share one store directory.
         let name = format!(
-            "part-{:013}-{:08}.parquet",
+            "part-{:013}-{}-{:08}.parquet",
             EventTime::now().0,
+            self.writer,
             self.seq.fetch_add(1, Ordering::Relaxed)
         );
         let path = dir.join(&name);

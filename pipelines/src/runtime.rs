@@ -4,8 +4,15 @@
 //! Ordering of side effects per checkpoint, which is what makes replays harmless:
 //! 1. emit changed feature rows and write them, with the raw events and dead letters of
 //!    the same span, to the store (durable on return);
-//! 2. write the checkpoint (all person state + the bus offsets it covers) atomically;
+//! 2. write the checkpoint of each owned partition (the state of the people whose events
+//!    that partition carries + the partition offset it covers) atomically;
 //! 3. commit the offsets to the bus.
+//!
+//! State is kept per bus partition, so pipeline workers in one consumer group can split
+//! the partitions: when a rebalance hands a worker a partition, it restores that
+//! partition's checkpoint and replays from there; when it loses one, it drops that state.
+//! Checkpoints live in a directory every worker of the group can reach
+//! (`<data_dir>/pipeline/<group>/p<N>.bin`).
 //!
 //! A crash between any two steps replays events after the last checkpoint into the state
 //! restored from it; the outputs they produce carry the same keys and newer revisions, so
@@ -37,7 +44,7 @@ use crate::{Error, Result};
 pub const GROUP: &str = "features";
 /// Consumer group of the dead-letter sink.
 pub const DEAD_LETTER_GROUP: &str = "dead-letter-sink";
-const CHECKPOINT_VERSION: u32 = 2;
+const CHECKPOINT_VERSION: u32 = 3;
 
 /// Live status, read by `/readyz` and metrics.
 #[derive(Debug, Default)]
@@ -97,8 +104,8 @@ impl Processor {
         })
     }
 
-    /// Processes one bus payload.
-    pub fn process(&mut self, payload: &[u8], now_wall: i64) {
+    /// Processes one bus payload read from `partition`.
+    pub fn process(&mut self, partition: u32, payload: &[u8], now_wall: i64) {
         let ev = match serde_json::from_slice::<ActivityEvent>(payload) {
             Ok(ev) if ev.event_id.is_some() && !ev.tenant_id.is_empty() => ev,
             Ok(_) => {
@@ -128,10 +135,11 @@ impl Processor {
         self.key.push_str(&ev.user_id);
         let person = match self.people.get_mut(self.key.as_str()) {
             Some(p) => p,
-            None => self
-                .people
-                .entry(self.key.clone())
-                .or_insert_with(|| PersonState::new(&ev.tenant_id, &ev.user_id, &self.default_tz)),
+            None => self.people.entry(self.key.clone()).or_insert_with(|| {
+                let mut p = PersonState::new(&ev.tenant_id, &ev.user_id, &self.default_tz);
+                p.partition = partition;
+                p
+            }),
         };
         match person.admit(&ev, now_wall, &self.params) {
             Admission::Accepted => {
@@ -218,18 +226,22 @@ impl Processor {
     }
 }
 
+/// The checkpoint of one partition.
 #[derive(Serialize, Deserialize)]
-struct Checkpoint {
+struct Checkpoint<P> {
     version: u32,
-    offsets: BTreeMap<u32, u64>,
+    partition: u32,
+    /// Next offset to read.
+    offset: u64,
     last_revision: i64,
-    people: Vec<PersonState>,
+    people: Vec<P>,
 }
 
 /// Where and how often the runtime persists.
 #[derive(Clone, Debug)]
 pub struct RuntimeSettings {
-    pub checkpoint_path: PathBuf,
+    /// Directory of the per-partition checkpoints.
+    pub checkpoint_dir: PathBuf,
     pub flush_interval: Duration,
     pub checkpoint_interval: Duration,
     pub poll_batch: usize,
@@ -240,7 +252,7 @@ pub struct RuntimeSettings {
 impl RuntimeSettings {
     pub fn from_config(cfg: &PipelineConfig, data_dir: &std::path::Path) -> Self {
         RuntimeSettings {
-            checkpoint_path: data_dir.join("pipeline").join("checkpoint.bin"),
+            checkpoint_dir: data_dir.join("pipeline").join(GROUP),
             flush_interval: Duration::from_millis(cfg.flush_interval_ms.max(10)),
             checkpoint_interval: Duration::from_millis(cfg.checkpoint_interval_ms.max(10)),
             poll_batch: cfg.poll_batch.max(1),
@@ -263,59 +275,122 @@ fn now_ms() -> i64 {
 }
 
 impl FeaturePipeline {
-    fn load_checkpoint(&mut self) -> Result<BTreeMap<u32, u64>> {
-        let path = &self.settings.checkpoint_path;
-        let bytes = match std::fs::read(path) {
+    fn checkpoint_path(&self, partition: u32) -> PathBuf {
+        self.settings
+            .checkpoint_dir
+            .join(format!("p{partition}.bin"))
+    }
+
+    /// Restores the state of `partition`; returns the offset it covers.
+    fn load_checkpoint(&mut self, partition: u32) -> Result<Option<u64>> {
+        let path = self.checkpoint_path(partition);
+        let bytes = match std::fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::Io(format!("{}: {e}", path.display()))),
         };
-        let cp: Checkpoint = postcard::from_bytes(&bytes).map_err(|e| {
+        let cp: Checkpoint<PersonState> = postcard::from_bytes(&bytes).map_err(|e| {
             Error::Checkpoint(format!(
-                "{} cannot be read ({e}); move it away to rebuild state from the bus",
+                "{} cannot be read ({e}); move it away to rebuild this partition's state from the bus",
                 path.display()
             ))
         })?;
-        if cp.version != CHECKPOINT_VERSION {
+        if cp.version != CHECKPOINT_VERSION || cp.partition != partition {
             return Err(Error::Checkpoint(format!(
-                "{} has version {}, this build reads {CHECKPOINT_VERSION}",
+                "{} holds version {} of partition {}, this build reads version {CHECKPOINT_VERSION}; move it away to rebuild from the bus",
                 path.display(),
-                cp.version
+                cp.version,
+                cp.partition
             )));
         }
-        self.processor.last_revision = cp.last_revision;
-        self.processor.people = cp
-            .people
-            .into_iter()
-            .map(|p| (digame_schemas::partition_key(&p.tenant, &p.user), p))
-            .collect();
-        tracing::info!(people = self.processor.people.len(), offsets = ?cp.offsets, "restored pipeline checkpoint");
-        Ok(cp.offsets)
+        let p = &mut self.processor;
+        p.last_revision = p.last_revision.max(cp.last_revision);
+        let people = cp.people.len();
+        for person in cp.people {
+            p.people.insert(
+                digame_schemas::partition_key(&person.tenant, &person.user),
+                person,
+            );
+        }
+        tracing::info!(
+            partition,
+            people,
+            offset = cp.offset,
+            "restored partition state"
+        );
+        Ok(Some(cp.offset))
     }
 
-    fn save_checkpoint(&self, offsets: &BTreeMap<u32, u64>) -> Result<()> {
-        let cp = Checkpoint {
-            version: CHECKPOINT_VERSION,
-            offsets: offsets.clone(),
-            last_revision: self.processor.last_revision,
-            people: self.processor.people.values().cloned().collect(),
-        };
-        let bytes = postcard::to_allocvec(&cp).map_err(|e| Error::Checkpoint(e.to_string()))?;
-        let path = &self.settings.checkpoint_path;
-        let io = |e: std::io::Error| Error::Io(format!("{}: {e}", path.display()));
-        let dir = path.parent().expect("checkpoint path has a parent");
+    /// Writes the checkpoint of every partition in `offsets`, then syncs the directory.
+    fn save_checkpoints(&self, offsets: &BTreeMap<u32, u64>) -> Result<()> {
+        let dir = &self.settings.checkpoint_dir;
+        let io = |e: std::io::Error| Error::Io(format!("{}: {e}", dir.display()));
         std::fs::create_dir_all(dir).map_err(io)?;
-        let tmp = path.with_extension("tmp");
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            f.write_all(&bytes).map_err(io)?;
-            f.sync_all().map_err(io)?;
+        let mut by_partition: BTreeMap<u32, Vec<&PersonState>> = BTreeMap::new();
+        for person in self.processor.people.values() {
+            by_partition
+                .entry(person.partition)
+                .or_default()
+                .push(person);
         }
-        std::fs::rename(&tmp, path).map_err(io)?;
+        for (&partition, &offset) in offsets {
+            let cp = Checkpoint {
+                version: CHECKPOINT_VERSION,
+                partition,
+                offset,
+                last_revision: self.processor.last_revision,
+                people: by_partition.remove(&partition).unwrap_or_default(),
+            };
+            let bytes = postcard::to_allocvec(&cp).map_err(|e| Error::Checkpoint(e.to_string()))?;
+            let path = self.checkpoint_path(partition);
+            let tmp = path.with_extension("tmp");
+            {
+                use std::io::Write;
+                let mut f = std::fs::File::create(&tmp).map_err(io)?;
+                f.write_all(&bytes).map_err(io)?;
+                f.sync_all().map_err(io)?;
+            }
+            std::fs::rename(&tmp, &path).map_err(io)?;
+        }
         std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io)?;
+        Ok(())
+    }
+
+    /// Follows the consumer's assignment: restores partitions gained, drops the state of
+    /// partitions lost (their new owner restores it from their checkpoint).
+    async fn follow_assignment(
+        &mut self,
+        consumer: &mut Box<dyn BusConsumer>,
+        offsets: &mut BTreeMap<u32, u64>,
+    ) -> Result<()> {
+        let now: std::collections::BTreeSet<u32> = consumer.assignment().into_iter().collect();
+        let lost: Vec<u32> = offsets
+            .keys()
+            .filter(|p| !now.contains(p))
+            .copied()
+            .collect();
+        for p in &lost {
+            offsets.remove(p);
+        }
+        if !lost.is_empty() {
+            self.processor
+                .people
+                .retain(|_, person| !lost.contains(&person.partition));
+            tracing::info!(partitions = ?lost, "dropped state of partitions no longer owned");
+        }
+        for p in now {
+            if offsets.contains_key(&p) {
+                continue;
+            }
+            let offset = self.load_checkpoint(p)?.unwrap_or(0);
+            consumer
+                .seek(p, offset)
+                .await
+                .map_err(|e| Error::Bus(e.to_string()))?;
+            offsets.insert(p, offset);
+        }
         Ok(())
     }
 
@@ -368,7 +443,7 @@ impl FeaturePipeline {
     ) -> Result<()> {
         let started = Instant::now();
         self.flush(shutdown).await?;
-        self.save_checkpoint(offsets)?;
+        self.save_checkpoints(offsets)?;
         consumer
             .commit(offsets)
             .await
@@ -381,18 +456,13 @@ impl FeaturePipeline {
 
     /// Runs until `shutdown` turns true, then flushes and checkpoints once more.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
-        let mut offsets = self.load_checkpoint()?;
+        let mut offsets = BTreeMap::new();
         let mut consumer = self
             .bus
             .subscribe(Topic::Events, GROUP)
             .await
             .map_err(|e| Error::Bus(e.to_string()))?;
-        for (p, o) in &offsets {
-            consumer
-                .seek(*p, *o)
-                .await
-                .map_err(|e| Error::Bus(e.to_string()))?;
-        }
+        self.follow_assignment(&mut consumer, &mut offsets).await?;
         self.status.running.store(true, Ordering::Relaxed);
         let mut last_flush = Instant::now();
         let mut last_checkpoint = Instant::now();
@@ -409,14 +479,18 @@ impl FeaturePipeline {
                 r = consumer.poll(self.settings.poll_batch, wait) => r.map_err(|e| Error::Bus(e.to_string()))?,
                 _ = shutdown.changed() => Vec::new(),
             };
+            // A rebalance during the poll changes what this worker owns; restore gained
+            // partitions before processing their records.
+            self.follow_assignment(&mut consumer, &mut offsets).await?;
             let now = now_ms();
             for rec in &batch {
                 // Already in the restored state (a bus may redeliver from an older
                 // committed offset than the checkpoint's).
-                if offsets.get(&rec.partition).is_some_and(|&o| rec.offset < o) {
+                // Records of partitions no longer owned are left to their new owner.
+                if offsets.get(&rec.partition).is_none_or(|&o| rec.offset < o) {
                     continue;
                 }
-                self.processor.process(&rec.payload, now);
+                self.processor.process(rec.partition, &rec.payload, now);
                 offsets.insert(rec.partition, rec.offset + 1);
             }
             if !batch.is_empty() {

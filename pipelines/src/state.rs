@@ -115,6 +115,9 @@ pub struct PersonState {
     pub tenant: String,
     pub user: String,
     pub timezone: String,
+    /// The bus partition carrying this person's events; state is checkpointed and moved
+    /// between workers per partition.
+    pub partition: u32,
     newest_start: i64,
     watermark: i64,
     /// Wall clock (ms) of the last accepted event, for idle advance.
@@ -130,6 +133,7 @@ impl PersonState {
             tenant: tenant.into(),
             user: user.into(),
             timezone: timezone.into(),
+            partition: 0,
             newest_start: i64::MIN,
             watermark: i64::MIN,
             last_arrival: 0,

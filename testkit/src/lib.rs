@@ -82,6 +82,8 @@ fn uuid_like() -> String {
 /// A running `digame serve`.
 pub struct DigameProcess {
     bin: PathBuf,
+    /// `serve` or `pipeline`.
+    command: &'static str,
     data_dir: PathBuf,
     env: Vec<(String, String)>,
     port: u16,
@@ -102,8 +104,20 @@ impl DigameProcess {
         env: &[(&str, &str)],
         bus: &Bus,
     ) -> Result<Self> {
+        Self::start_command(bin, "serve", data_dir, env, bus).await
+    }
+
+    /// Starts `bin <command>` (`serve` or `pipeline`) on `bus`.
+    pub async fn start_command(
+        bin: &Path,
+        command: &'static str,
+        data_dir: &Path,
+        env: &[(&str, &str)],
+        bus: &Bus,
+    ) -> Result<Self> {
         let mut p = DigameProcess {
             bin: bin.to_path_buf(),
+            command,
             data_dir: data_dir.to_path_buf(),
             env: env
                 .iter()
@@ -119,7 +133,7 @@ impl DigameProcess {
 
     async fn spawn(&mut self) -> Result<()> {
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("serve")
+        cmd.arg(self.command)
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data-dir")
@@ -159,6 +173,19 @@ impl DigameProcess {
     }
 
     /// A client using `key` as its bearer credential.
+    /// The value of Prometheus sample `name` (with its labels, e.g.
+    /// `digame_pipeline_events_total{result="processed"}`), 0 when absent.
+    pub async fn metric(&self, name: &str) -> Result<f64> {
+        let text = reqwest::get(format!("{}/metrics", self.url()))
+            .await?
+            .text()
+            .await?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .sum())
+    }
+
     pub fn client(&self, key: &str) -> Client {
         Client {
             http: reqwest::Client::new(),

@@ -75,7 +75,7 @@ fn main() -> anyhow::Result<()> {
         let mut emitting = std::time::Duration::ZERO;
         for chunk in payloads.chunks(cli.emit_every.max(1)) {
             for payload in chunk {
-                p.process(payload, now);
+                p.process(0, payload, now);
             }
             // The runtime hands raw events to the store and rows to the sink here.
             p.pending_events.clear();
