@@ -8,7 +8,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use chrono::{Days, NaiveDate, Utc};
-use digame_testkit::{Bus, DigameProcess, eventually, utc_ms};
+use digame_testkit::{Bus, DigameProcess, EVENT_COUNTS_BY_USER, eventually, utc_ms};
 use serde_json::{Value, json};
 
 const ACME_KEY: &str = "acme-key-0123456789abcdef";
@@ -466,27 +466,10 @@ async fn kill_9_after_ack(bus: Bus) {
         .iter()
         .map(|u| json!({"user_id": u, "n": per_user as f64}))
         .collect();
-    let got = eventually(Duration::from_secs(40), || async {
-        let rows = client
-            .rows(
-                "SELECT user_id, sum(value) AS n FROM features \
-                 WHERE feature = 'event_count' AND granularity = 'day' AND dimension = '' \
-                 GROUP BY user_id ORDER BY user_id",
-            )
-            .await?;
-        Ok((rows == expected).then_some(rows))
-    })
-    .await;
-    if got.is_err() {
-        let rows = client
-            .rows(
-                "SELECT user_id, sum(value) AS n FROM features \
-                 WHERE feature = 'event_count' AND granularity = 'day' AND dimension = '' \
-                 GROUP BY user_id ORDER BY user_id",
-            )
-            .await;
-        panic!("feature counts never reached {acked} events: {rows:?}");
-    }
+    client
+        .await_rows(EVENT_COUNTS_BY_USER, &expected, Duration::from_secs(40))
+        .await
+        .unwrap();
     assert_eq!(
         client
             .rows("SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM events")

@@ -270,6 +270,13 @@ pub struct FeaturePipeline {
     pub status: Arc<PipelineStatus>,
 }
 
+/// A failed poll (broker unreachable, say) is waited out, not fatal: the consumer
+/// reconnects by itself.
+async fn bus_trouble(e: &digame_infra::bus::BusError) {
+    tracing::warn!(error = %e, "reading the bus failed; retrying in 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
 fn now_ms() -> i64 {
     EventTime::now().0
 }
@@ -444,10 +451,10 @@ impl FeaturePipeline {
         let started = Instant::now();
         self.flush(shutdown).await?;
         self.save_checkpoints(offsets)?;
-        consumer
-            .commit(offsets)
-            .await
-            .map_err(|e| Error::Bus(e.to_string()))?;
+        // The checkpoint is durable; a failed commit only means a longer replay later.
+        if let Err(e) = consumer.commit(offsets).await {
+            tracing::warn!(error = %e, "offset commit failed; will replay from the previous commit if restarted");
+        }
         metrics()
             .pipeline_checkpoint_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -476,7 +483,13 @@ impl FeaturePipeline {
                 .flush_interval
                 .saturating_sub(last_flush.elapsed());
             let batch = tokio::select! {
-                r = consumer.poll(self.settings.poll_batch, wait) => r.map_err(|e| Error::Bus(e.to_string()))?,
+                r = consumer.poll(self.settings.poll_batch, wait) => match r {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        bus_trouble(&e).await;
+                        Vec::new()
+                    }
+                },
                 _ = shutdown.changed() => Vec::new(),
             };
             // A rebalance during the poll changes what this worker owns; restore gained
@@ -541,7 +554,13 @@ pub async fn run_dead_letter_sink(
     let mut offsets = BTreeMap::new();
     loop {
         let batch = tokio::select! {
-            r = consumer.poll(10_000, Duration::from_millis(500)) => r.map_err(|e| Error::Bus(e.to_string()))?,
+            r = consumer.poll(10_000, Duration::from_millis(500)) => match r {
+                Ok(batch) => batch,
+                Err(e) => {
+                    bus_trouble(&e).await;
+                    Vec::new()
+                }
+            },
             _ = shutdown.changed() => Vec::new(),
         };
         if batch.is_empty() {
@@ -580,9 +599,8 @@ pub async fn run_dead_letter_sink(
                 }
             }
         }
-        consumer
-            .commit(&offsets)
-            .await
-            .map_err(|e| Error::Bus(e.to_string()))?;
+        if let Err(e) = consumer.commit(&offsets).await {
+            tracing::warn!(error = %e, "dead-letter offset commit failed; they may be stored again (idempotently)");
+        }
     }
 }

@@ -296,7 +296,28 @@ impl Client {
         }
         Ok(body["rows"].as_array().cloned().unwrap_or_default())
     }
+
+    /// Polls `sql` until it returns exactly `expected`; on timeout, fails with the rows
+    /// it returned last.
+    pub async fn await_rows(&self, sql: &str, expected: &[Value], timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let rows = self.rows(sql).await;
+            if matches!(&rows, Ok(r) if r == expected) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("`{sql}` never returned {expected:?}; last: {rows:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
+
+/// Per person, the sum of the daily `event_count` feature.
+pub const EVENT_COUNTS_BY_USER: &str = "SELECT user_id, sum(value) AS n FROM features \
+    WHERE feature = 'event_count' AND granularity = 'day' AND dimension = '' \
+    GROUP BY user_id ORDER BY user_id";
 
 /// Polls `probe` until it returns `Some`, or fails after `timeout` with the last value seen.
 pub async fn eventually<T, F, Fut>(timeout: Duration, mut probe: F) -> Result<T>

@@ -11,6 +11,11 @@
 //! Consumer: a member of a consumer group (cooperative-sticky assignment), auto-commit off;
 //! the caller commits offsets once what they cover is durable downstream. The assignment
 //! is tracked from rebalance callbacks and re-read by the caller after each poll.
+//!
+//! Broker outages: when librdkafka reports every broker down, publish fails at once (the
+//! API answers 503 with `Retry-After`) until a metadata probe, run every second while
+//! down, reaches a broker again. Records already handed to the producer are retried by
+//! it (idempotently) until their delivery timeout, so a short outage loses nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -73,10 +78,34 @@ fn unavailable(e: KafkaError) -> BusError {
     BusError::Unavailable(format!("kafka: {e}"))
 }
 
+/// Broker reachability, from librdkafka's error callback.
+#[derive(Default)]
+struct Health {
+    all_brokers_down: AtomicBool,
+    /// Ends the probe task.
+    closed: AtomicBool,
+}
+
+/// Client context of the producer: notices when no broker is reachable.
+struct HealthContext(Arc<Health>);
+
+impl ClientContext for HealthContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            if !self.0.all_brokers_down.swap(true, Ordering::Relaxed) {
+                tracing::warn!(%reason, "no Kafka broker reachable; ingest answers 503 until one is");
+            }
+        } else {
+            tracing::warn!(error = %error, %reason, "kafka client error");
+        }
+    }
+}
+
 /// The Kafka bus.
 pub struct KafkaBus {
     settings: KafkaSettings,
-    producer: FutureProducer,
+    producer: FutureProducer<HealthContext>,
+    health: Arc<Health>,
     partitions: Mutex<HashMap<Topic, u32>>,
     /// Set when the last publish failed for a reason other than bad input; cleared by
     /// the next success.
@@ -106,12 +135,15 @@ impl KafkaBus {
         for (k, v) in &settings.extra {
             pc.set(k, v);
         }
-        let producer: FutureProducer = pc
-            .create()
+        let health = Arc::new(Health::default());
+        let producer: FutureProducer<HealthContext> = pc
+            .create_with_context(HealthContext(health.clone()))
             .map_err(|e| BusError::Config(format!("kafka producer: {e}")))?;
+        tokio::spawn(probe_while_down(producer.clone(), health.clone()));
         let bus = KafkaBus {
             settings,
             producer,
+            health,
             partitions: Mutex::new(HashMap::new()),
             failing: Arc::new(Mutex::new(None)),
             closed: AtomicBool::new(false),
@@ -221,6 +253,12 @@ impl EventBus for KafkaBus {
         if self.closed.load(Ordering::Relaxed) {
             return Err(BusError::Unavailable("bus is closed".into()));
         }
+        if self.health.all_brokers_down.load(Ordering::Relaxed) {
+            return Err(BusError::Unavailable(format!(
+                "no Kafka broker reachable at {}",
+                self.settings.brokers
+            )));
+        }
         let name = self.settings.topic_name(topic);
         let mut pending = Vec::with_capacity(records.len());
         let mut failed: Vec<(usize, String)> = Vec::new();
@@ -313,6 +351,12 @@ impl EventBus for KafkaBus {
     }
 
     fn status(&self) -> BusStatus {
+        if self.health.all_brokers_down.load(Ordering::Relaxed) {
+            return BusStatus {
+                healthy: false,
+                detail: format!("kafka {}: no broker reachable", self.settings.brokers),
+            };
+        }
         match &*self.failing.lock().expect("failing lock") {
             None => BusStatus {
                 healthy: true,
@@ -327,8 +371,33 @@ impl EventBus for KafkaBus {
 
     async fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
+        self.health.closed.store(true, Ordering::Relaxed);
         let p = self.producer.clone();
         let _ = tokio::task::spawn_blocking(move || p.flush(Duration::from_secs(10))).await;
+    }
+}
+
+/// While every broker is down, probes for one each second; clears the flag when one
+/// answers. Ends with the bus.
+async fn probe_while_down(producer: FutureProducer<HealthContext>, h: Arc<Health>) {
+    while !h.closed.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if !h.all_brokers_down.load(Ordering::Relaxed) {
+            continue;
+        }
+        let p = producer.clone();
+        let reached = tokio::task::spawn_blocking(move || {
+            p.client()
+                .fetch_metadata(None, Duration::from_secs(1))
+                .map(|m| !m.brokers().is_empty())
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
+        if reached {
+            h.all_brokers_down.store(false, Ordering::Relaxed);
+            tracing::info!("a Kafka broker is reachable again");
+        }
     }
 }
 
