@@ -35,6 +35,9 @@ enum Command {
     Pipeline(ServeArgs),
     /// Send realistic synthetic activity to a running server.
     Simulate(SimulateArgs),
+    /// Create (when missing) or describe the Kafka topics of `--bus kafka://…`.
+    #[command(subcommand)]
+    Topics(TopicsAction),
     /// Print the JSON Schema of the wire event.
     Schema,
     /// Print the effective configuration (secrets redacted) and exit.
@@ -64,6 +67,15 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     log_format: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum TopicsAction {
+    /// Create the topics that do not exist yet (partitions, replication, retention from
+    /// the configuration), then describe them.
+    Create(ServeArgs),
+    /// Show each topic's partitions and retained records.
+    Describe(ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -109,6 +121,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Pipeline(args) => pipeline(args).await,
+        Command::Topics(action) => topics(action).await,
         Command::Simulate(args) => simulate(args).await,
         Command::Schema => {
             println!(
@@ -148,6 +161,33 @@ async fn pipeline(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(config.log_format, &config.log_level);
     let server = Server::start_role(config, Role::Pipeline).await?;
     run_until_signal(server, "digame pipeline worker; health on").await
+}
+
+async fn topics(action: TopicsAction) -> anyhow::Result<()> {
+    let (TopicsAction::Create(args) | TopicsAction::Describe(args)) = &action;
+    let config = load_config(args)?;
+    let digame_infra::config::BusBackend::Kafka { brokers } =
+        config.bus_backend().map_err(anyhow::Error::msg)?
+    else {
+        anyhow::bail!("`digame topics` manages Kafka topics; pass --bus kafka://host:port");
+    };
+    let bus = match action {
+        TopicsAction::Create(_) => {
+            let bus = digame_infra::bus::connect_kafka(&config, brokers).await?;
+            println!("topics present (created where missing):");
+            bus
+        }
+        TopicsAction::Describe(_) => {
+            digame_infra::bus::KafkaBus::new(digame_infra::bus::kafka_settings(&config, brokers))?
+        }
+    };
+    for t in bus.describe().await? {
+        println!(
+            "{:<32} partitions {:>3}   records {:>12}",
+            t.name, t.partitions, t.records
+        );
+    }
+    Ok(())
 }
 
 /// Announces `server`, then drains and stops it on SIGINT or SIGTERM.

@@ -6,8 +6,14 @@
 //! path: `digame_api::Server`), so its CPU time can be read from `/proc` apart from the
 //! load generator's. The figure per core is events per server CPU-second.
 //!
+//! With `--kafka HOST:PORT` the server publishes to Kafka instead, and the same payloads
+//! are then pushed by a plain rdkafka producer (same settings, same batching: 5,000 records
+//! awaited together, as one HTTP request is) for comparison; the ratio is the overhead of
+//! HTTP, validation and re-encoding.
+//!
 //! ```text
 //! cargo run --release -p digame-benchmarks --bin bench-ingest -- --seconds 10
+//! cargo run --release -p digame-benchmarks --bin bench-ingest -- --kafka 127.0.0.1:19092
 //! ```
 
 use std::io::BufRead;
@@ -47,6 +53,9 @@ struct Cli {
     /// Also run the feature pipeline in the server (as `digame serve` does).
     #[arg(long)]
     pipeline: bool,
+    /// Publish to this Kafka bootstrap address instead of the embedded log.
+    #[arg(long)]
+    kafka: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -58,18 +67,28 @@ enum Child {
         data_dir: std::path::PathBuf,
         #[arg(long)]
         pipeline: bool,
+        #[arg(long)]
+        bus: Option<String>,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.child {
-        Some(Child::ServeChild { data_dir, pipeline }) => serve_child(data_dir, pipeline),
+        Some(Child::ServeChild {
+            data_dir,
+            pipeline,
+            bus,
+        }) => serve_child(data_dir, pipeline, bus),
         None => run(cli),
     }
 }
 
-fn serve_child(data_dir: std::path::PathBuf, pipeline: bool) -> anyhow::Result<()> {
+fn serve_child(
+    data_dir: std::path::PathBuf,
+    pipeline: bool,
+    bus: Option<String>,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -82,6 +101,10 @@ fn serve_child(data_dir: std::path::PathBuf, pipeline: bool) -> anyhow::Result<(
         config.ingest.keys = digame_infra::config::IngestKeys::parse(&format!("{KEY}:bench"))
             .map_err(anyhow::Error::msg)?;
         config.pipeline.enabled = pipeline;
+        if let Some(url) = bus {
+            config.bus.url = url;
+            config.bus.topic_prefix = format!("bench{}.", std::process::id());
+        }
         let server = digame_api::Server::start(config).await?;
         println!("listening {}", server.addr);
         // Runs until the parent closes stdin.
@@ -105,6 +128,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .args(["serve-child", "--data-dir"])
         .arg(data.path())
         .args(cli.pipeline.then_some("--pipeline"))
+        .args(
+            cli.kafka
+                .iter()
+                .flat_map(|k| ["--bus".to_string(), format!("kafka://{k}")]),
+        )
         .env("RUST_LOG", "warn")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -130,7 +158,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let result = rt.block_on(load(&cli, &addr, bodies, pid));
+    let result = rt.block_on(load(&cli, &addr, bodies.clone(), pid));
     drop(child.stdin.take());
     let _ = child.wait();
     let r = result?;
@@ -141,7 +169,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let per_core = r.events as f64 / r.server_cpu.as_secs_f64().max(1e-9);
     let mut lat = r.latencies;
     println!(
-        "ingest: HTTP NDJSON -> embedded log bus (fsync before 2xx), pipeline {}",
+        "ingest: HTTP NDJSON -> {}, pipeline {}",
+        match &cli.kafka {
+            Some(k) => format!("Kafka at {k} (acks=all before 2xx)"),
+            None => "embedded log bus (fsync before 2xx)".into(),
+        },
         if cli.pipeline { "on" } else { "off" }
     );
     println!(
@@ -170,7 +202,110 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         quantile(&mut lat, 0.99).as_secs_f64() * 1e3,
         lat.len()
     );
+    if r.pipeline_events > 0.0 {
+        println!(
+            "  pipeline      {} events/s consumed and processed meanwhile",
+            thousands(r.pipeline_events / secs)
+        );
+    }
+    if let Some(bootstrap) = &cli.kafka {
+        // The same topic the server wrote to (created by it, with its partitions).
+        let topic = format!("bench{pid}.events");
+        let plain = rt.block_on(plain_producer(&cli, bootstrap, &topic, &bodies))?;
+        println!(
+            "  plain rdkafka {} events/s, same payloads and producer settings, {} in flight",
+            thousands(plain),
+            cli.connections
+        );
+        println!(
+            "  ratio         {:.2} (HTTP ingest / plain producer)",
+            eps / plain
+        );
+    }
     Ok(())
+}
+
+/// Key and payload of one record.
+type KeyedRecord = (Vec<u8>, bytes::Bytes);
+
+/// Events/s of a bare rdkafka producer sending the NDJSON lines of `bodies` as records
+/// (keyed tenant:user), `batch` at a time awaited together, `connections` batches in
+/// flight, for the same duration.
+async fn plain_producer(
+    cli: &Cli,
+    bootstrap: &str,
+    topic: &str,
+    bodies: &[bytes::Bytes],
+) -> anyhow::Result<f64> {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let topic = topic.to_string();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "5")
+        .set("batch.size", "1048576")
+        .set("queue.buffering.max.messages", "500000")
+        .set("partitioner", "murmur2_random")
+        .create()?;
+    // Records as the collector would publish them: one event each, keyed by person.
+    let batches: Arc<Vec<Vec<KeyedRecord>>> = Arc::new(
+        bodies
+            .iter()
+            .map(|body| {
+                body.split(|b| *b == b'\n')
+                    .filter(|l| !l.is_empty())
+                    .map(|line| {
+                        let v: serde_json::Value =
+                            serde_json::from_slice(line).expect("bench bodies are JSON");
+                        let key = format!("bench:{}", v["user_id"].as_str().unwrap_or(""));
+                        (key.into_bytes(), body.slice_ref(line))
+                    })
+                    .collect()
+            })
+            .collect(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..cli.connections {
+        let (producer, topic, batches) = (producer.clone(), topic.clone(), batches.clone());
+        let (stop, sent) = (stop.clone(), sent.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = c;
+            while !stop.load(Ordering::Relaxed) {
+                let batch = &batches[i % batches.len()];
+                i += 7;
+                let mut pending = Vec::with_capacity(batch.len());
+                for (key, payload) in batch {
+                    let rec = FutureRecord::to(&topic).key(key).payload(payload.as_ref());
+                    match producer.send_result(rec) {
+                        Ok(f) => pending.push(f),
+                        Err((e, _)) => anyhow::bail!("produce: {e}"),
+                    }
+                }
+                for f in futures::future::join_all(pending).await {
+                    match f {
+                        Ok(Ok(_)) => {}
+                        Ok(Err((e, _))) => anyhow::bail!("delivery failed: {e}"),
+                        Err(_) => anyhow::bail!("delivery canceled"),
+                    }
+                }
+                sent.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            }
+            Ok(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(cli.seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    for t in tasks {
+        t.await??;
+    }
+    Ok(sent.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64())
 }
 
 struct LoadResult {
@@ -179,6 +314,22 @@ struct LoadResult {
     server_cpu: Duration,
     client_cpu: Duration,
     latencies: Vec<Duration>,
+    /// Events the server's pipeline took during the measurement.
+    pipeline_events: f64,
+}
+
+/// Sum of the pipeline's event counters on the server's `/metrics`.
+async fn pipeline_events(http: &reqwest::Client, addr: &str) -> f64 {
+    let Ok(resp) = http.get(format!("http://{addr}/metrics")).send().await else {
+        return 0.0;
+    };
+    resp.text()
+        .await
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("digame_pipeline_events_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 async fn load(
@@ -227,12 +378,14 @@ async fn load(
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (server0, client0) = (process_cpu(pid)?, process_cpu(std::process::id())?);
+    let pipeline0 = pipeline_events(&http, addr).await;
     let started = Instant::now();
     measuring.store(true, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(cli.seconds)).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = started.elapsed();
     let (server1, client1) = (process_cpu(pid)?, process_cpu(std::process::id())?);
+    let pipeline1 = pipeline_events(&http, addr).await;
     stop.store(true, Ordering::Relaxed);
     let mut latencies = Vec::new();
     for t in tasks {
@@ -244,5 +397,6 @@ async fn load(
         server_cpu: server1 - server0,
         client_cpu: client1 - client0,
         latencies,
+        pipeline_events: pipeline1 - pipeline0,
     })
 }

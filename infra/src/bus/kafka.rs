@@ -101,6 +101,15 @@ impl ClientContext for HealthContext {
     }
 }
 
+/// What `digame topics describe` shows of one topic.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TopicInfo {
+    pub name: String,
+    pub partitions: u32,
+    /// Records retained (high minus low watermark, summed over partitions).
+    pub records: u64,
+}
+
 /// The Kafka bus.
 pub struct KafkaBus {
     settings: KafkaSettings,
@@ -116,6 +125,13 @@ pub struct KafkaBus {
 impl KafkaBus {
     /// Connects, creating the topics when they do not exist.
     pub async fn connect(settings: KafkaSettings) -> Result<Self> {
+        let bus = Self::new(settings)?;
+        bus.ensure_topics().await?;
+        Ok(bus)
+    }
+
+    /// A client that creates nothing (for describing).
+    pub fn new(settings: KafkaSettings) -> Result<Self> {
         let mut pc = settings.client_config();
         // Throughput: batches of up to 1 MiB per partition, sent after at most 5 ms;
         // durability: every in-sync replica acknowledges; ordering and no duplicates on
@@ -148,7 +164,6 @@ impl KafkaBus {
             failing: Arc::new(Mutex::new(None)),
             closed: AtomicBool::new(false),
         };
-        bus.ensure_topics().await?;
         Ok(bus)
     }
 
@@ -237,6 +252,34 @@ impl KafkaBus {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// Each Digame topic with its partition count and the records it holds.
+    pub async fn describe(&self) -> Result<Vec<TopicInfo>> {
+        let mut out = Vec::new();
+        for t in Topic::ALL {
+            let name = self.settings.topic_name(t);
+            let partitions = self.fetch_partitions(t).await?;
+            let (p, n) = (self.producer.clone(), name.clone());
+            let records = tokio::task::spawn_blocking(move || {
+                (0..partitions as i32)
+                    .map(|i| {
+                        p.client()
+                            .fetch_watermarks(&n, i, Duration::from_secs(5))
+                            .map(|(low, high)| (high - low).max(0) as u64)
+                    })
+                    .sum::<std::result::Result<u64, KafkaError>>()
+            })
+            .await
+            .map_err(|e| BusError::Unavailable(e.to_string()))?
+            .map_err(unavailable)?;
+            out.push(TopicInfo {
+                name,
+                partitions,
+                records,
+            });
+        }
+        Ok(out)
     }
 
     fn set_failing(&self, why: Option<String>) {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use kafka::{KafkaBus, KafkaSettings};
+pub use kafka::{KafkaBus, KafkaSettings, TopicInfo};
 pub use log::{LogBus, LogConfig};
 
 /// Errors from the bus.
@@ -159,16 +159,26 @@ pub async fn open(config: &crate::config::Config) -> Result<std::sync::Arc<dyn E
             queue_capacity: bus.queue_capacity,
             max_batch_bytes: 32 << 20,
         })?)),
-        BusBackend::Kafka { brokers } => Ok(std::sync::Arc::new(
-            KafkaBus::connect(KafkaSettings {
-                brokers,
-                prefix: bus.topic_prefix.clone(),
-                partitions: bus.partitions,
-                replication: bus.replication,
-                delivery_timeout: Duration::from_millis(bus.delivery_timeout_ms),
-                extra: bus.kafka.0.clone(),
-            })
-            .await?,
-        )),
+        BusBackend::Kafka { brokers } => {
+            Ok(std::sync::Arc::new(connect_kafka(config, brokers).await?))
+        }
+    }
+}
+
+/// Connects to the Kafka cluster of `config`, creating missing topics.
+pub async fn connect_kafka(config: &crate::config::Config, brokers: String) -> Result<KafkaBus> {
+    KafkaBus::connect(kafka_settings(config, brokers)).await
+}
+
+/// The Kafka settings of `config`.
+pub fn kafka_settings(config: &crate::config::Config, brokers: String) -> KafkaSettings {
+    let bus = &config.bus;
+    KafkaSettings {
+        brokers,
+        prefix: bus.topic_prefix.clone(),
+        partitions: bus.partitions,
+        replication: bus.replication,
+        delivery_timeout: Duration::from_millis(bus.delivery_timeout_ms),
+        extra: bus.kafka.0.clone(),
     }
 }
