@@ -164,7 +164,7 @@ pub struct StoreStatus {
 /// Where pipelines write. Returning `Ok` means every row is durable.
 #[async_trait]
 pub trait StoreSink: Send + Sync + 'static {
-    async fn write(&self, batch: StoreBatch) -> Result<()>;
+    async fn write(&self, batch: &StoreBatch) -> Result<()>;
     fn status(&self) -> StoreStatus;
 }
 
@@ -462,7 +462,7 @@ fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 #[async_trait]
 impl StoreSink for ParquetStore {
-    async fn write(&self, batch: StoreBatch) -> Result<()> {
+    async fn write(&self, batch: &StoreBatch) -> Result<()> {
         // Parquet encoding and fsync are blocking work; keep them off the async workers.
         // (Requires the multi-threaded runtime, which the server always uses.)
         let result: Result<()> = tokio::task::block_in_place(|| {
@@ -675,7 +675,7 @@ mod tests {
         store.set_grace(Duration::ZERO);
         for rev in 1..=3 {
             store
-                .write(StoreBatch {
+                .write(&StoreBatch {
                     features: vec![feature(rev as f64 * 10.0, rev)],
                     ..Default::default()
                 })

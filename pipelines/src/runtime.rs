@@ -27,7 +27,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use digame_infra::bus::{BusConsumer, EventBus, Topic};
+use bytes::Bytes;
+use digame_infra::bus::{BusConsumer, EventBus, Record, Topic};
 use digame_infra::config::PipelineConfig;
 use digame_infra::store::{StoreBatch, StoreSink};
 use digame_infra::telemetry::metrics;
@@ -270,6 +271,33 @@ pub struct FeaturePipeline {
     pub status: Arc<PipelineStatus>,
 }
 
+/// Runs `attempt` until it succeeds, backing off from 100 ms to 10 s; gives up only when
+/// shutdown is requested, returning the last error.
+async fn retrying<F, Fut>(
+    what: &str,
+    shutdown: &watch::Receiver<bool>,
+    mut attempt: F,
+) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "{what} failed; retrying");
+                if *shutdown.borrow() {
+                    return Err(e);
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
 /// A failed poll (broker unreachable, say) is waited out, not fatal: the consumer
 /// reconnects by itself.
 async fn bus_trouble(e: &digame_infra::bus::BusError) {
@@ -413,33 +441,37 @@ impl FeaturePipeline {
         if batch.is_empty() {
             return Ok(());
         }
-        let mut backoff = Duration::from_millis(100);
-        let mut batch = Some(batch);
-        loop {
-            let attempt = batch.take().expect("batch present");
-            // Keep a copy only for a retry; the common path moves the rows.
-            let retry_copy = StoreBatch {
-                events: attempt.events.clone(),
-                features: attempt.features.clone(),
-                dead_letters: attempt.dead_letters.clone(),
-            };
-            match self.store.write(attempt).await {
-                Ok(()) => {
-                    self.status.store_failing.store(false, Ordering::Relaxed);
-                    return Ok(());
-                }
-                Err(e) => {
-                    self.status.store_failing.store(true, Ordering::Relaxed);
-                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "store write failed; retrying");
-                    if *shutdown.borrow() {
-                        return Err(Error::Store(e.to_string()));
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                    batch = Some(retry_copy);
-                }
-            }
+        let status = self.status.clone();
+        let store = self.store.clone();
+        retrying("store write", shutdown, || async {
+            let r = store.write(&batch).await;
+            status.store_failing.store(r.is_err(), Ordering::Relaxed);
+            r.map_err(|e| Error::Store(e.to_string()))
+        })
+        .await?;
+        // The derived stream, for consumers outside Digame; after the store so that a
+        // row on the topic is always also queryable.
+        if !batch.features.is_empty() {
+            let now = now_ms();
+            let records: Vec<Record> = batch
+                .features
+                .iter()
+                .map(|row| Record {
+                    key: Bytes::from(digame_schemas::partition_key(&row.tenant_id, &row.user_id)),
+                    payload: Bytes::from(serde_json::to_vec(row).expect("rows serialize")),
+                    timestamp_ms: now,
+                })
+                .collect();
+            let bus = self.bus.clone();
+            retrying("feature topic publish", shutdown, || async {
+                bus.publish(Topic::Features, records.clone())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| Error::Bus(e.to_string()))
+            })
+            .await?;
         }
+        Ok(())
     }
 
     async fn checkpoint(
@@ -579,26 +611,17 @@ pub async fn run_dead_letter_sink(
                 }
             }
         }
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match store
-                .write(StoreBatch {
-                    dead_letters: rows.clone(),
-                    ..Default::default()
-                })
+        let batch = StoreBatch {
+            dead_letters: rows,
+            ..Default::default()
+        };
+        retrying("dead-letter store write", &shutdown, || async {
+            store
+                .write(&batch)
                 .await
-            {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "dead-letter store write failed; retrying");
-                    if *shutdown.borrow() {
-                        return Err(Error::Store(e.to_string()));
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-            }
-        }
+                .map_err(|e| Error::Store(e.to_string()))
+        })
+        .await?;
         if let Err(e) = consumer.commit(&offsets).await {
             tracing::warn!(error = %e, "dead-letter offset commit failed; they may be stored again (idempotently)");
         }

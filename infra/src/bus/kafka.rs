@@ -182,9 +182,10 @@ impl KafkaBus {
             .iter()
             .map(|t| self.settings.topic_name(*t))
             .collect();
+        // Raw events are replayable for a week; the rest is kept a month.
         let retention = |t: Topic| match t {
-            Topic::Events => "604800000",       // 7 days
-            Topic::DeadLetters => "2592000000", // 30 days
+            Topic::Events => "604800000",
+            _ => "2592000000",
         };
         let new: Vec<NewTopic<'_>> = Topic::ALL
             .iter()

@@ -52,15 +52,31 @@ pub enum Topic {
     Events,
     /// Rejected and too-late events with their reasons (JSON [`digame_schemas::DeadLetter`]).
     DeadLetters,
+    /// Derived: every emitted feature row (JSON [`digame_schemas::FeatureRow`], key
+    /// `tenant:user`); a reader keeps the highest `revision` per row key.
+    Features,
+    /// Derived: anomalies (filled by the detectors).
+    Anomalies,
+    /// Derived: predictions (filled by model scoring).
+    Predictions,
 }
 
 impl Topic {
-    pub const ALL: [Topic; 2] = [Topic::Events, Topic::DeadLetters];
+    pub const ALL: [Topic; 5] = [
+        Topic::Events,
+        Topic::DeadLetters,
+        Topic::Features,
+        Topic::Anomalies,
+        Topic::Predictions,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Topic::Events => "events",
             Topic::DeadLetters => "dead-letters",
+            Topic::Features => "features",
+            Topic::Anomalies => "anomalies",
+            Topic::Predictions => "predictions",
         }
     }
 }
