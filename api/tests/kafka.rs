@@ -1,6 +1,7 @@
-//! Pipeline workers as a Kafka consumer group, against the real broker the test script
-//! starts: two workers sharing the partitions produce exactly the feature rows that one
-//! worker on the embedded bus produces from the same events.
+//! Digame on Kafka, against the real broker (tansu) the test script starts: pipeline
+//! workers as a consumer group, a broker restart, and an independent client (Python
+//! kafka-python) publishing raw events and reading derived topics. Expected values come
+//! from the same events run through the embedded bus.
 
 use std::path::Path;
 use std::time::Duration;
@@ -67,24 +68,27 @@ async fn settled(server: &DigameProcess, total: usize) -> Vec<Value> {
     client.rows(ROWS).await.unwrap()
 }
 
+const ENV: [(&str, &str); 2] = [
+    ("DIGAME_INGEST_KEYS", "acme-key-0123456789abcdef:acme"),
+    ("DIGAME_PIPELINE__ALLOWED_LATENESS_SECS", "3600"),
+];
+
+/// The feature rows one process on the embedded bus computes from `events`.
+async fn reference_rows(events: &[Value]) -> Vec<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    let one = DigameProcess::start(bin(), dir.path(), &ENV).await.unwrap();
+    let (status, _) = one.client(KEY).post_events(events).await.unwrap();
+    assert_eq!(status, 200);
+    let rows = settled(&one, events.len()).await;
+    assert!(rows.len() > USERS * 10, "{} rows", rows.len());
+    rows
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_workers_in_a_group_produce_the_rows_of_one() {
     let events = events();
-    let env = [
-        ("DIGAME_INGEST_KEYS", "acme-key-0123456789abcdef:acme"),
-        ("DIGAME_PIPELINE__ALLOWED_LATENESS_SECS", "3600"),
-    ];
-
-    // Reference: one process on the embedded bus.
-    let one_dir = tempfile::tempdir().unwrap();
-    let one = DigameProcess::start(bin(), one_dir.path(), &env)
-        .await
-        .unwrap();
-    let (status, _) = one.client(KEY).post_events(&events).await.unwrap();
-    assert_eq!(status, 200);
-    let reference = settled(&one, events.len()).await;
-    drop(one);
-    assert!(reference.len() > USERS * 10, "{} rows", reference.len());
+    let env = ENV;
+    let reference = reference_rows(&events).await;
 
     // Two workers on Kafka sharing one store: `serve` (ingest + a worker) and a
     // `pipeline` worker; the group splits the 8 partitions between them.
@@ -236,4 +240,129 @@ async fn broker_restart_loses_nothing_acknowledged() {
             .unwrap(),
         vec![json!({"d": total})]
     );
+}
+
+/// The Python interpreter of the virtualenv with kafka-python that the test script makes.
+fn python() -> String {
+    std::env::var("TEST_PYTHON").unwrap_or_else(|_| {
+        panic!(
+            "TEST_PYTHON is not set: this test runs kafka-python as an independent client. \
+             Run the tests with infra/scripts/test, which creates the virtualenv."
+        )
+    })
+}
+
+/// Runs `tests/interop/kafka_client.py` with `args`, feeding `stdin`; its stdout.
+fn kafka_client(args: &[&str], stdin: &[u8]) -> String {
+    use std::io::Write;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop/kafka_client.py");
+    let mut child = std::process::Command::new(python())
+        .arg(script)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start kafka_client.py");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "kafka_client.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Events published straight to the raw topic by kafka-python in the documented wire
+/// format give the features HTTP ingest gives, and kafka-python reads them back from the
+/// derived features topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_independent_client_publishes_raw_events_and_reads_features() {
+    let events = events();
+    let reference = reference_rows(&events).await;
+
+    let bus = Bus::kafka();
+    let Bus::Kafka { bootstrap, prefix } = &bus else {
+        unreachable!()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let serve = DigameProcess::start_on(bin(), dir.path(), &ENV, &bus)
+        .await
+        .unwrap();
+
+    // The wire format of the README: key tenant:user, value the canonical event with
+    // tenant_id and event_id.
+    let mut input = Vec::new();
+    for e in &events {
+        let mut value = e.clone();
+        value["tenant_id"] = json!("acme");
+        let key = format!("acme:{}", e["user_id"].as_str().unwrap());
+        input.extend_from_slice(json!({"key": key, "value": value}).to_string().as_bytes());
+        input.push(b'\n');
+    }
+    let raw_topic = format!("{prefix}events");
+    let sent = kafka_client(&["publish", bootstrap, &raw_topic], &input);
+    assert_eq!(sent.trim(), events.len().to_string());
+
+    let rows = settled(&serve, events.len()).await;
+    assert_eq!(rows, reference);
+
+    // Read the derived topic back; keep each row key's highest revision.
+    let features_topic = format!("{prefix}features");
+    let text = kafka_client(&["consume", bootstrap, &features_topic, "3"], b"");
+    let mut latest: std::collections::BTreeMap<String, (i64, Value)> = Default::default();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let row: Value = serde_json::from_str(line).unwrap();
+        let key = format!(
+            "{}|{}|{}|{}|{}|{}",
+            row["user_id"],
+            row["granularity"],
+            row["window_start"],
+            row["feature"],
+            row["dimension"],
+            row["feature_version"]
+        );
+        let revision = row["revision"].as_i64().unwrap();
+        if latest.get(&key).is_none_or(|(r, _)| revision > *r) {
+            latest.insert(key, (revision, row));
+        }
+    }
+    // Same shape and order as the SQL rows; timestamps compared to the second.
+    let second = |v: &Value| {
+        v.as_str()
+            .unwrap_or_default()
+            .chars()
+            .take(19)
+            .collect::<String>()
+    };
+    let mut from_topic: Vec<Value> = latest
+        .into_values()
+        .map(|(_, r)| {
+            json!({"user_id": r["user_id"], "granularity": r["granularity"],
+                   "window_start": second(&r["window_start"]), "feature": r["feature"],
+                   "dimension": r["dimension"], "value": r["value"]})
+        })
+        .collect();
+    let key = |v: &Value| {
+        (
+            v["user_id"].to_string(),
+            v["granularity"].to_string(),
+            v["window_start"].to_string(),
+            v["feature"].to_string(),
+            v["dimension"].to_string(),
+        )
+    };
+    from_topic.sort_by_key(key);
+    let mut from_sql: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r["window_start"] = json!(second(&r["window_start"]));
+            r
+        })
+        .collect();
+    from_sql.sort_by_key(key);
+    assert_eq!(from_topic.len(), from_sql.len());
+    assert_eq!(from_topic, from_sql);
 }
