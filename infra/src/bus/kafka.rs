@@ -34,7 +34,7 @@ use rdkafka::consumer::{
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 
 use super::{
     BusConsumer, BusError, BusStatus, Delivered, EventBus, Position, Record, Result, Topic,
@@ -354,9 +354,11 @@ impl EventBus for KafkaBus {
     async fn subscribe(&self, topic: Topic, group: &str) -> Result<Box<dyn BusConsumer>> {
         let name = self.settings.topic_name(topic);
         let assignment = Arc::new(Mutex::new(BTreeSet::new()));
+        let high = Arc::new(Mutex::new(HashMap::new()));
         let context = GroupContext {
             topic: name.clone(),
             assignment: assignment.clone(),
+            high: high.clone(),
         };
         let mut cc = self.settings.client_config();
         cc.set("group.id", format!("{}{group}", self.settings.prefix))
@@ -365,7 +367,12 @@ impl EventBus for KafkaBus {
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000");
+            .set("heartbeat.interval.ms", "1000")
+            // High watermarks for the lag gauge, from fetch responses. Asking the broker
+            // (ListOffsets) instead would queue behind a long-polling fetch on the same
+            // connection, and a timed-out request makes librdkafka drop the connection,
+            // fetch included: consumption stalls.
+            .set("statistics.interval.ms", "1000");
         for (k, v) in &self.settings.extra {
             cc.set(k, v);
         }
@@ -379,8 +386,7 @@ impl EventBus for KafkaBus {
             assignment,
             skip_below: HashMap::new(),
             positions: HashMap::new(),
-            high: HashMap::new(),
-            high_read_at: None,
+            high,
             committed: BTreeMap::new(),
         }))
     }
@@ -445,13 +451,28 @@ async fn probe_while_down(producer: FutureProducer<HealthContext>, h: Arc<Health
     }
 }
 
-/// Tracks the partitions this member owns from rebalance callbacks.
+/// Tracks the partitions this member owns from rebalance callbacks, and their high
+/// watermarks from statistics.
 struct GroupContext {
     topic: String,
     assignment: Arc<Mutex<BTreeSet<u32>>>,
+    high: Arc<Mutex<HashMap<u32, u64>>>,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        let mut high = self.high.lock().expect("high watermarks lock");
+        for p in topic.partitions.values() {
+            // Unknown until the first fetch response (-1001); the internal partition -1.
+            if p.partition >= 0 && p.hi_offset >= 0 {
+                high.insert(p.partition as u32, p.hi_offset as u64);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -482,38 +503,9 @@ struct KafkaConsumer {
     skip_below: HashMap<u32, u64>,
     /// Next offset to read per partition, from what was polled.
     positions: HashMap<u32, u64>,
-    /// High watermarks, refreshed at most once a second, for `lag`.
-    high: HashMap<u32, u64>,
-    high_read_at: Option<Instant>,
+    /// High watermarks from librdkafka's statistics, for `lag`.
+    high: Arc<Mutex<HashMap<u32, u64>>>,
     committed: BTreeMap<u32, u64>,
-}
-
-impl KafkaConsumer {
-    async fn refresh_high_watermarks(&mut self) {
-        if self
-            .high_read_at
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-        {
-            return;
-        }
-        self.high_read_at = Some(Instant::now());
-        let parts = self.assignment();
-        let (c, topic) = (self.consumer.clone(), self.topic.clone());
-        let read = tokio::task::spawn_blocking(move || {
-            parts
-                .into_iter()
-                .filter_map(|p| {
-                    c.fetch_watermarks(&topic, p as i32, Duration::from_secs(1))
-                        .ok()
-                        .map(|(_, high)| (p, high.max(0) as u64))
-                })
-                .collect::<Vec<_>>()
-        })
-        .await;
-        if let Ok(read) = read {
-            self.high.extend(read);
-        }
-    }
 }
 
 #[async_trait]
@@ -552,7 +544,6 @@ impl BusConsumer for KafkaConsumer {
             // Take whatever is already fetched, without waiting for more.
             next = self.consumer.recv().now_or_never();
         }
-        self.refresh_high_watermarks().await;
         Ok(out)
     }
 
@@ -614,9 +605,14 @@ impl BusConsumer for KafkaConsumer {
     }
 
     fn lag(&self) -> u64 {
-        self.high
+        let owned = self.assignment();
+        let high = self.high.lock().expect("high watermarks lock");
+        owned
             .iter()
-            .map(|(p, high)| high.saturating_sub(self.positions.get(p).copied().unwrap_or(0)))
+            .filter_map(|p| {
+                let read = self.positions.get(p).or(self.committed.get(p));
+                Some(high.get(p)?.saturating_sub(read.copied().unwrap_or(0)))
+            })
             .sum()
     }
 }
