@@ -28,7 +28,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use digame_infra::bus::EventBus;
+use digame_infra::config::StoreBackend;
 use digame_infra::config::{Config, IngestKeys};
+use digame_infra::store::clickhouse::{ClickHouseSettings, ClickHouseStore};
 use digame_infra::store::{ParquetStore, StoreSink};
 use digame_infra::telemetry::metrics;
 use digame_ingest::{Collector, IngestError};
@@ -50,7 +52,7 @@ pub struct AppState {
     pub collector: Collector,
     pub query: QueryEngine,
     pub bus: Arc<dyn EventBus>,
-    pub store: Arc<ParquetStore>,
+    pub store: Arc<dyn StoreSink>,
     pub pipeline: Arc<PipelineStatus>,
     pub max_ready_lag: u64,
     /// False on ingest-only nodes.
@@ -357,6 +359,42 @@ pub enum Role {
     Pipeline,
 }
 
+/// The store a configuration selects: the sink pipelines write to, the engine queries
+/// read through, and the Parquet store when it is the embedded one (for compaction).
+pub struct OpenedStore {
+    pub sink: Arc<dyn StoreSink>,
+    pub query: QueryEngine,
+    pub parquet: Option<Arc<ParquetStore>>,
+}
+
+/// Opens the store of `config` (applying ClickHouse migrations when configured to).
+pub async fn open_store(config: &Config) -> anyhow::Result<OpenedStore> {
+    match config.store_backend().map_err(anyhow::Error::msg)? {
+        StoreBackend::Embedded(dir) => {
+            let parquet = Arc::new(ParquetStore::open(&dir)?);
+            Ok(OpenedStore {
+                sink: parquet.clone(),
+                query: QueryEngine::new(&dir, config.query.clone()),
+                parquet: Some(parquet),
+            })
+        }
+        StoreBackend::ClickHouse { url, database } => {
+            let settings = ClickHouseSettings {
+                url,
+                database,
+                config: config.store.clickhouse.clone(),
+            };
+            let store = ClickHouseStore::open(settings).await?;
+            let query = QueryEngine::clickhouse(store.client().clone(), config.query.clone());
+            Ok(OpenedStore {
+                sink: Arc::new(store),
+                query,
+                parquet: None,
+            })
+        }
+    }
+}
+
 impl Server {
     /// Opens the bus and store, starts the pipeline, dead-letter sink, compaction, and the
     /// HTTP listener.
@@ -381,15 +419,15 @@ impl Server {
                 "no ingest keys configured; set DIGAME_INGEST_KEYS=key:tenant (keys of at least 16 characters)"
             );
         }
-        let store_dir = config.store_dir().map_err(anyhow::Error::msg)?;
         let bus = digame_infra::bus::open(&config).await?;
-        let store = Arc::new(ParquetStore::open(&store_dir)?);
+        let opened = open_store(&config).await?;
+        let store = opened.sink.clone();
         let pipeline_status = Arc::new(PipelineStatus::default());
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let pipeline = FeaturePipeline {
             bus: bus.clone(),
-            store: store.clone() as Arc<dyn StoreSink>,
+            store: store.clone(),
             processor: Processor::new(&config.pipeline)?,
             settings: RuntimeSettings::from_config(&config.pipeline, &config.data_dir),
             status: pipeline_status.clone(),
@@ -415,25 +453,28 @@ impl Server {
                 }
             }),
         ));
-        let (s, mut rx) = (store.clone(), shutdown_rx.clone());
-        let min_files = config.store.compaction_min_files;
-        let every = Duration::from_secs(config.store.compaction_interval_secs.max(1));
-        tasks.push((
-            "compaction",
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(every) => {}
-                        _ = rx.changed() => return,
+        // ClickHouse merges by itself; the embedded store is compacted here.
+        if let Some(parquet) = opened.parquet.clone() {
+            let mut rx = shutdown_rx.clone();
+            let min_files = config.store.compaction_min_files;
+            let every = Duration::from_secs(config.store.compaction_interval_secs.max(1));
+            tasks.push((
+                "compaction",
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = tokio::time::sleep(every) => {}
+                            _ = rx.changed() => return,
+                        }
+                        match parquet.compact(min_files).await {
+                            Ok(0) => {}
+                            Ok(n) => tracing::info!(partitions = n, "compacted store partitions"),
+                            Err(e) => tracing::warn!(error = %e, "compaction failed"),
+                        }
                     }
-                    match s.compact(min_files).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(partitions = n, "compacted store partitions"),
-                        Err(e) => tracing::warn!(error = %e, "compaction failed"),
-                    }
-                }
-            }),
-        ));
+                }),
+            ));
+        }
 
         let state = Arc::new(AppState {
             keys: config.ingest.keys.clone(),
@@ -441,7 +482,7 @@ impl Server {
                 bus: bus.clone(),
                 config: config.ingest.clone(),
             },
-            query: QueryEngine::new(&store_dir, config.query.clone()),
+            query: opened.query,
             bus,
             store,
             pipeline: pipeline_status,

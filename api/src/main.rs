@@ -38,6 +38,9 @@ enum Command {
     /// Create (when missing) or describe the Kafka topics of `--bus kafka://…`.
     #[command(subcommand)]
     Topics(TopicsAction),
+    /// Apply the pending schema migrations of the `--store clickhouse://…` database
+    /// (re-running is a no-op), print what was applied, and exit.
+    Migrate(ServeArgs),
     /// Print the JSON Schema of the wire event.
     Schema,
     /// Print the effective configuration (secrets redacted) and exit.
@@ -63,6 +66,11 @@ struct ServeArgs {
     #[arg(long)]
     #[serde(skip)]
     bus: Option<String>,
+    /// Store: file:// (embedded Parquet) or clickhouse://host:port/database (HTTP port)
+    /// [env DIGAME_STORE__URL].
+    #[arg(long)]
+    #[serde(skip)]
+    store: Option<String>,
     /// Log format: text or json [env DIGAME_LOG_FORMAT].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -109,8 +117,14 @@ fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     if let Some(url) = &args.bus {
         config.bus.url = url.clone();
     }
+    if let Some(url) = &args.store {
+        config.store.url = url.clone();
+    }
     config
         .bus_backend()
+        .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+    config
+        .store_backend()
         .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
     Ok(config)
 }
@@ -122,6 +136,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(args).await,
         Command::Pipeline(args) => pipeline(args).await,
         Command::Topics(action) => topics(action).await,
+        Command::Migrate(args) => migrate(args).await,
         Command::Simulate(args) => simulate(args).await,
         Command::Schema => {
             println!(
@@ -187,6 +202,30 @@ async fn topics(action: TopicsAction) -> anyhow::Result<()> {
             t.name, t.partitions, t.records
         );
     }
+    Ok(())
+}
+
+async fn migrate(args: ServeArgs) -> anyhow::Result<()> {
+    let config = load_config(&args)?;
+    init_logging(config.log_format, &config.log_level);
+    let digame_infra::config::StoreBackend::ClickHouse { url, database } =
+        config.store_backend().map_err(anyhow::Error::msg)?
+    else {
+        println!(
+            "the embedded store needs no migrations (pass --store clickhouse://… to migrate ClickHouse)"
+        );
+        return Ok(());
+    };
+    let settings = digame_infra::store::clickhouse::ClickHouseSettings {
+        url,
+        database,
+        config: config.store.clickhouse.clone(),
+    };
+    let report = digame_infra::store::clickhouse::migrate(&settings).await?;
+    println!(
+        "ClickHouse {}/{}: applied {:?}, already applied {:?}",
+        settings.url, settings.database, report.applied, report.unchanged
+    );
     Ok(())
 }
 

@@ -8,7 +8,9 @@ use std::io::Write;
 use std::time::Duration;
 
 use chrono::{Days, NaiveDate, Utc};
-use digame_testkit::{Bus, DigameProcess, EVENT_COUNTS_BY_USER, eventually, utc_ms};
+use digame_testkit::{
+    Bus, DigameProcess, EVENT_COUNTS_BY_USER, TestClickHouse, eventually, utc_ms,
+};
 use serde_json::{Value, json};
 
 const ACME_KEY: &str = "acme-key-0123456789abcdef";
@@ -85,20 +87,29 @@ fn values(w: &Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_day_for_two_tenants_end_to_end() {
-    a_day_for_two_tenants(Bus::Embedded).await;
+    a_day_for_two_tenants(Bus::Embedded, None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_day_for_two_tenants_end_to_end_on_kafka() {
-    a_day_for_two_tenants(Bus::kafka()).await;
+    a_day_for_two_tenants(Bus::kafka(), None).await;
 }
 
-async fn a_day_for_two_tenants(bus: Bus) {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_for_two_tenants_end_to_end_on_clickhouse() {
+    a_day_for_two_tenants(Bus::Embedded, Some(TestClickHouse::from_env())).await;
+}
+
+/// The same day, the same assertions, per bus and per store (`None`: embedded Parquet).
+async fn a_day_for_two_tenants(bus: Bus, store: Option<TestClickHouse>) {
     let data = tempfile::tempdir().unwrap();
+    let store_env = store.as_ref().map(TestClickHouse::env).unwrap_or_default();
+    let mut env: Vec<(&str, &str)> = env();
+    env.extend(store_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     let mut server = DigameProcess::start_on(
         std::path::Path::new(env!("CARGO_BIN_EXE_digame")),
         data.path(),
-        &env(),
+        &env,
         &bus,
     )
     .await

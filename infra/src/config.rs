@@ -291,12 +291,15 @@ impl Default for PipelineConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
-    /// `file://` (Parquet under `<data_dir>/store`) or `file:///path`.
+    /// `file://` (Parquet under `<data_dir>/store`), `file:///path`, or
+    /// `clickhouse://host:port/database` (the HTTP interface).
     pub url: String,
     /// A partition with at least this many files is compacted.
     pub compaction_min_files: usize,
     /// Seconds between compaction passes.
     pub compaction_interval_secs: u64,
+    /// ClickHouse settings, used when `url` is `clickhouse://`.
+    pub clickhouse: ClickHouseConfig,
 }
 
 impl Default for StoreConfig {
@@ -305,8 +308,75 @@ impl Default for StoreConfig {
             url: "file://".into(),
             compaction_min_files: 8,
             compaction_interval_secs: 30,
+            clickhouse: ClickHouseConfig::default(),
         }
     }
+}
+
+/// How Digame talks to ClickHouse.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseConfig {
+    pub user: String,
+    /// Never printed. Prefer `DIGAME_STORE__CLICKHOUSE__PASSWORD` to a file.
+    pub password: String,
+    /// Cluster mode: the cluster name of the servers' `remote_servers`; tables become
+    /// `Replicated*` local tables with `Distributed` tables over them.
+    pub cluster: Option<String>,
+    /// Apply pending migrations at start-up (otherwise `digame migrate` does).
+    pub migrate_on_start: bool,
+    /// Most rows in one INSERT.
+    pub batch_rows: usize,
+    /// Most encoded bytes in one INSERT (approximate, measured on the rows' JSON form).
+    pub batch_bytes: usize,
+    /// INSERTs in flight at once.
+    pub max_concurrent_inserts: usize,
+    /// Attempts of an INSERT that fails for a transient reason before the write fails
+    /// (the pipeline then retries the whole write later).
+    pub insert_attempts: u32,
+    /// Longest an INSERT or query may take, in seconds.
+    pub timeout_secs: u64,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        ClickHouseConfig {
+            user: "default".into(),
+            password: String::new(),
+            cluster: None,
+            migrate_on_start: true,
+            batch_rows: 100_000,
+            batch_bytes: 64 << 20,
+            max_concurrent_inserts: 4,
+            insert_attempts: 5,
+            timeout_secs: 30,
+        }
+    }
+}
+
+impl std::fmt::Debug for ClickHouseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClickHouseConfig")
+            .field("user", &self.user)
+            .field("password", &"<redacted>")
+            .field("cluster", &self.cluster)
+            .field("migrate_on_start", &self.migrate_on_start)
+            .field("batch_rows", &self.batch_rows)
+            .field("batch_bytes", &self.batch_bytes)
+            .field("max_concurrent_inserts", &self.max_concurrent_inserts)
+            .field("insert_attempts", &self.insert_attempts)
+            .field("timeout_secs", &self.timeout_secs)
+            .finish()
+    }
+}
+
+/// The store a configuration selects.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StoreBackend {
+    /// The embedded Parquet store in this directory.
+    Embedded(PathBuf),
+    /// ClickHouse's HTTP interface at `http://host:port`, this database.
+    ClickHouse { url: String, database: String },
 }
 
 /// Query limits.
@@ -386,6 +456,34 @@ impl Config {
     pub fn store_dir(&self) -> Result<PathBuf, String> {
         local_dir(&self.store.url, &self.data_dir, "store")
     }
+
+    /// The store selected by `store.url`.
+    pub fn store_backend(&self) -> Result<StoreBackend, String> {
+        let Some(rest) = self.store.url.strip_prefix("clickhouse://") else {
+            return self.store_dir().map(StoreBackend::Embedded);
+        };
+        let bad = || {
+            format!(
+                "store URL `{}`: expected clickhouse://host:port/database (the HTTP port, e.g. 8123)",
+                self.store.url
+            )
+        };
+        let (addr, database) = rest.split_once('/').ok_or_else(bad)?;
+        let port_ok = addr
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        let db_ok = !database.is_empty()
+            && database
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !port_ok || !db_ok || addr.contains('@') {
+            return Err(bad());
+        }
+        Ok(StoreBackend::ClickHouse {
+            url: format!("http://{addr}"),
+            database: database.to_string(),
+        })
+    }
 }
 
 fn local_dir(url: &str, data_dir: &Path, default_sub: &str) -> Result<PathBuf, String> {
@@ -397,7 +495,7 @@ fn local_dir(url: &str, data_dir: &Path, default_sub: &str) -> Result<PathBuf, S
             if default_sub == "bus" {
                 " or `kafka://host:port`"
             } else {
-                ""
+                " or `clickhouse://host:port/database`"
             }
         )),
     }
@@ -471,6 +569,33 @@ mod tests {
         let shown = format!("{cfg:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("SASL_SSL"), "{shown}");
+    }
+
+    #[test]
+    fn clickhouse_urls_and_password() {
+        let mut cfg = Config::default();
+        cfg.store.url = "clickhouse://127.0.0.1:8123/digame".into();
+        assert_eq!(
+            cfg.store_backend().unwrap(),
+            StoreBackend::ClickHouse {
+                url: "http://127.0.0.1:8123".into(),
+                database: "digame".into()
+            }
+        );
+        for bad in [
+            "clickhouse://host:8123",
+            "clickhouse://host/db",
+            "clickhouse://u:p@host:8123/db",
+            "clickhouse://host:8123/db;drop",
+            "postgres://host:1/db",
+        ] {
+            cfg.store.url = bad.into();
+            let err = cfg.store_backend().unwrap_err();
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+        cfg.store.clickhouse.password = "hunter2-secret".into();
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
     }
 
     #[test]

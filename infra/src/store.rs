@@ -1,6 +1,7 @@
 //! The store seam and the embedded Parquet store.
 //!
-//! [`StoreSink`] is what pipelines write through; ClickHouse will implement it later. The
+//! [`StoreSink`] is what pipelines write through; [`clickhouse::ClickHouseStore`] is the
+//! scale implementation. The
 //! embedded [`ParquetStore`] writes one Parquet file per (table, tenant, date) partition per
 //! flush under `<root>/<table>/tenant_id=<t>/date=<YYYY-MM-DD>/`, hive style, so DataFusion
 //! prunes by tenant and date from the path alone.
@@ -37,6 +38,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::telemetry::metrics;
+
+pub mod clickhouse;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -30,6 +30,7 @@ pub struct Metrics {
     pub store_rows_written: IntCounterVec,
     pub store_files_written: IntCounterVec,
     pub store_compactions: IntCounterVec,
+    pub store_insert_bisections: IntCounterVec,
     pub query_requests: IntCounterVec,
     pub query_seconds: HistogramVec,
 }
@@ -168,6 +169,12 @@ impl Metrics {
                 &r,
                 "digame_store_compactions_total",
                 "Partitions compacted by table",
+                &["table"],
+            ),
+            store_insert_bisections: counter_vec(
+                &r,
+                "digame_store_insert_bisections_total",
+                "ClickHouse batches split in two to isolate rows the server refused, by table",
                 &["table"],
             ),
             query_requests: counter_vec(

@@ -7,6 +7,11 @@
 //! directories are not even listed. Views also apply upsert semantics (one row per key,
 //! highest revision), so replays and late updates never show twice.
 //!
+//! On the ClickHouse store the features endpoint runs one query with the tenant, person,
+//! granularity and time range bound as typed parameters (the `clickhouse` crate escapes
+//! each bound value; ClickHouse 18.16 has no server-side parameters), reading the tables
+//! `FINAL` so replaced rows never show.
+//!
 //! `POST /v1/sql` accepts only queries: DDL, DML and other statements are refused by
 //! DataFusion's SQL options before planning completes. Results are capped in rows and time.
 
@@ -91,17 +96,45 @@ pub struct FeatureSeries {
     pub windows: Vec<FeatureWindow>,
 }
 
-/// Read access to the embedded store.
+pub mod clickhouse_sql;
+
+/// Where the engine reads.
+enum Backend {
+    /// Parquet files under this directory, through DataFusion.
+    Embedded(std::path::PathBuf),
+    /// ClickHouse (client bound to the database).
+    ClickHouse(Box<clickhouse::Client>),
+}
+
+/// Read access to the store.
 pub struct QueryEngine {
-    root: std::path::PathBuf,
+    backend: Backend,
     config: QueryConfig,
 }
 
 impl QueryEngine {
+    /// Over the embedded store under `store_root`.
     pub fn new(store_root: impl Into<std::path::PathBuf>, config: QueryConfig) -> Self {
         QueryEngine {
-            root: store_root.into(),
+            backend: Backend::Embedded(store_root.into()),
             config,
+        }
+    }
+
+    /// Over ClickHouse; `client` is bound to Digame's database.
+    pub fn clickhouse(client: clickhouse::Client, config: QueryConfig) -> Self {
+        QueryEngine {
+            backend: Backend::ClickHouse(Box::new(client)),
+            config,
+        }
+    }
+
+    fn root(&self) -> Result<&std::path::Path> {
+        match &self.backend {
+            Backend::Embedded(root) => Ok(root),
+            Backend::ClickHouse(_) => Err(QueryError::Internal(
+                "the ClickHouse backend has no Parquet directory".into(),
+            )),
         }
     }
 
@@ -120,7 +153,7 @@ impl QueryEngine {
     }
 
     fn tenant_view(&self, table: Table, tenant: &str) -> Result<Arc<dyn TableProvider>> {
-        let dir = self.root.join(table.name());
+        let dir = self.root()?.join(table.name());
         std::fs::create_dir_all(&dir).map_err(internal)?;
         let url = ListingTableUrl::parse(format!("{}/", dir.display())).map_err(internal)?;
         let partition_cols = PARTITION_COLUMNS
@@ -193,16 +226,16 @@ impl QueryEngine {
 
     /// Runs read-only SQL over the tenant's views.
     pub async fn sql(&self, tenant: &str, sql: &str) -> Result<SqlResult> {
+        if let Backend::ClickHouse(client) = &self.backend {
+            digame_schemas::validate::validate_tenant_id(tenant).map_err(QueryError::Invalid)?;
+            let (max, secs) = (self.config.max_rows, self.config.timeout_secs);
+            return self
+                .run("sql", clickhouse_sql::sql(client, tenant, sql, max, secs))
+                .await;
+        }
         self.run("sql", async {
             let ctx = self.tenant_context(tenant)?;
-            let options = SQLOptions::new()
-                .with_allow_ddl(false)
-                .with_allow_dml(false)
-                .with_allow_statements(false);
-            let df = ctx
-                .sql_with_options(sql, options)
-                .await
-                .map_err(|e| QueryError::Invalid(clean_error(&e.to_string())))?;
+            let df = plan_query(&ctx, sql).await?;
             let max = self.config.max_rows;
             let batches = df
                 .limit(0, Some(max + 1))
@@ -248,6 +281,21 @@ impl QueryEngine {
             return Err(QueryError::Invalid(format!(
                 "`to` ({to}) must be after `from` ({from})"
             )));
+        }
+        if let Backend::ClickHouse(client) = &self.backend {
+            return self
+                .run("features", async {
+                    let cells =
+                        clickhouse_features(client, tenant, user, from, to, granularity).await?;
+                    Ok(FeatureSeries {
+                        user_id: user.to_string(),
+                        granularity,
+                        from,
+                        to,
+                        windows: shape_cells(cells),
+                    })
+                })
+                .await;
         }
         self.run("features", async {
             let ctx = self.tenant_context(tenant)?;
@@ -298,6 +346,17 @@ impl QueryEngine {
     }
 }
 
+/// Plans `sql` in `ctx`, refusing anything but a query (DDL, DML, `SET`, …).
+async fn plan_query(ctx: &SessionContext, sql: &str) -> Result<datafusion::dataframe::DataFrame> {
+    let options = SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
+    ctx.sql_with_options(sql, options)
+        .await
+        .map_err(|e| QueryError::Invalid(clean_error(&e.to_string())))
+}
+
 /// DataFusion errors carry a prefix naming the engine phase; users need the message.
 fn clean_error(text: &str) -> String {
     let text = text
@@ -323,8 +382,20 @@ fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T> {
         .ok_or_else(|| internal(format!("column {name} missing or of unexpected type")))
 }
 
+/// One feature value of one window, whichever backend read it.
+#[derive(Debug, PartialEq)]
+struct FeatureCell {
+    window_start: EventTime,
+    window_end: EventTime,
+    timezone: String,
+    feature: String,
+    dimension: String,
+    value: f64,
+    is_final: bool,
+}
+
 fn shape_windows(batches: &[RecordBatch]) -> Result<Vec<FeatureWindow>> {
-    let mut out: Vec<FeatureWindow> = Vec::new();
+    let mut cells = Vec::new();
     for b in batches {
         let start = column::<TimestampMillisecondArray>(b, "window_start")?;
         let end = column::<TimestampMillisecondArray>(b, "window_end")?;
@@ -334,33 +405,106 @@ fn shape_windows(batches: &[RecordBatch]) -> Result<Vec<FeatureWindow>> {
         let value = column::<Float64Array>(b, "value")?;
         let fin = column::<BooleanArray>(b, "is_final")?;
         for i in 0..b.num_rows() {
-            let ws = EventTime(start.value(i));
-            if out.last().is_none_or(|w| w.window_start != ws) {
-                out.push(FeatureWindow {
-                    window_start: ws,
-                    window_end: EventTime(end.value(i)),
-                    timezone: tz.value(i).to_string(),
-                    is_final: true,
-                    features: Map::new(),
-                    breakdowns: Map::new(),
-                });
-            }
-            let w = out.last_mut().expect("just pushed");
-            w.is_final &= fin.value(i);
-            let v = Value::from(value.value(i));
-            if dim.value(i).is_empty() {
-                w.features.insert(feature.value(i).to_string(), v);
-            } else {
-                w.breakdowns
-                    .entry(feature.value(i).to_string())
-                    .or_insert_with(|| Value::Object(Map::new()))
-                    .as_object_mut()
-                    .expect("breakdowns are objects")
-                    .insert(dim.value(i).to_string(), v);
-            }
+            cells.push(FeatureCell {
+                window_start: EventTime(start.value(i)),
+                window_end: EventTime(end.value(i)),
+                timezone: tz.value(i).to_string(),
+                feature: feature.value(i).to_string(),
+                dimension: dim.value(i).to_string(),
+                value: value.value(i),
+                is_final: fin.value(i),
+            });
         }
     }
-    Ok(out)
+    Ok(shape_cells(cells))
+}
+
+/// Groups cells, sorted by window start, into windows of totals and breakdowns.
+fn shape_cells(cells: Vec<FeatureCell>) -> Vec<FeatureWindow> {
+    let mut out: Vec<FeatureWindow> = Vec::new();
+    for c in cells {
+        if out.last().is_none_or(|w| w.window_start != c.window_start) {
+            out.push(FeatureWindow {
+                window_start: c.window_start,
+                window_end: c.window_end,
+                timezone: c.timezone,
+                is_final: true,
+                features: Map::new(),
+                breakdowns: Map::new(),
+            });
+        }
+        let w = out.last_mut().expect("just pushed");
+        w.is_final &= c.is_final;
+        let v = Value::from(c.value);
+        if c.dimension.is_empty() {
+            w.features.insert(c.feature, v);
+        } else {
+            w.breakdowns
+                .entry(c.feature)
+                .or_insert_with(|| Value::Object(Map::new()))
+                .as_object_mut()
+                .expect("breakdowns are objects")
+                .insert(c.dimension, v);
+        }
+    }
+    out
+}
+
+/// A person's feature cells from ClickHouse, latest revision per key, sorted like the
+/// embedded backend sorts them.
+async fn clickhouse_features(
+    client: &clickhouse::Client,
+    tenant: &str,
+    user: &str,
+    from: EventTime,
+    to: EventTime,
+    granularity: Granularity,
+) -> Result<Vec<FeatureCell>> {
+    #[derive(clickhouse::Row, serde::Deserialize)]
+    struct Cell {
+        window_start: u32,
+        window_start_ms: u16,
+        window_end: u32,
+        window_end_ms: u16,
+        timezone: String,
+        feature: String,
+        dimension: String,
+        value: f64,
+        is_final: u8,
+    }
+    let ms = |s: u32, m: u16| EventTime(i64::from(s) * 1000 + i64::from(m));
+    // Whole seconds around [from, to); the exact bounds are applied below.
+    let from_s = from.0.div_euclid(1000).clamp(0, i64::from(u32::MAX));
+    let to_s = (to.0 + 999).div_euclid(1000).clamp(0, i64::from(u32::MAX));
+    let rows: Vec<Cell> = client
+        .query(
+            "SELECT window_start, window_start_ms, window_end, window_end_ms, timezone, \
+             feature, dimension, value, is_final FROM features FINAL \
+             WHERE tenant_id = ? AND user_id = ? AND granularity = ? \
+             AND window_start >= toDateTime(?, 'UTC') AND window_start <= toDateTime(?, 'UTC') \
+             ORDER BY window_start, window_start_ms, feature, dimension",
+        )
+        .bind(tenant)
+        .bind(user)
+        .bind(granularity.as_str())
+        .bind(from_s as u32)
+        .bind(to_s as u32)
+        .fetch_all()
+        .await
+        .map_err(|e| internal(format!("clickhouse: {e}")))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| FeatureCell {
+            window_start: ms(r.window_start, r.window_start_ms),
+            window_end: ms(r.window_end, r.window_end_ms),
+            timezone: r.timezone,
+            feature: r.feature,
+            dimension: r.dimension,
+            value: r.value,
+            is_final: r.is_final != 0,
+        })
+        .filter(|c| c.window_start >= from && c.window_start < to)
+        .collect())
 }
 
 fn batches_to_json(batches: &[RecordBatch]) -> Result<Vec<Map<String, Value>>> {

@@ -5,13 +5,16 @@
 //! definition.
 
 pub mod arrow;
+pub mod clickhouse;
 pub mod event;
 pub mod records;
 pub mod time;
 pub mod validate;
 
 pub use event::{ActivityEvent, Attributes, EventKind, SCHEMA_VERSION, partition_key};
-pub use records::{DeadLetter, FEATURE_VERSION, FeatureRow, Granularity};
+pub use records::{
+    AnomalyRow, DeadLetter, FEATURE_VERSION, FeatureRow, Granularity, PredictionRow,
+};
 pub use time::EventTime;
 
 /// The published JSON Schema of the wire event (served at `GET /v1/schema`).

@@ -87,6 +87,49 @@ pub struct DeadLetter {
     pub payload: String,
 }
 
+/// A detector's finding about one person's feature in one window. Key: (`tenant_id`,
+/// `user_id`, `detector`, `feature`, `window_start`); the highest `revision` wins.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AnomalyRow {
+    pub tenant_id: String,
+    pub user_id: String,
+    /// Detector name and version, e.g. `robust_z@1`.
+    pub detector: String,
+    pub feature: String,
+    pub window_start: EventTime,
+    pub window_end: EventTime,
+    /// The observed value.
+    pub value: f64,
+    /// What the detector expected.
+    pub expected: f64,
+    /// Detector-specific score; higher is more unusual.
+    pub score: f64,
+    /// Whether the score crossed the detector's threshold.
+    pub is_anomaly: bool,
+    pub detected_at: EventTime,
+    pub revision: i64,
+}
+
+/// A model's prediction for one person over a future window. Key: (`tenant_id`,
+/// `user_id`, `model`, `target`, `horizon_start`); the highest `revision` wins.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PredictionRow {
+    pub tenant_id: String,
+    pub user_id: String,
+    /// Model name and version.
+    pub model: String,
+    /// What is predicted, e.g. a feature name.
+    pub target: String,
+    pub horizon_start: EventTime,
+    pub horizon_end: EventTime,
+    pub value: f64,
+    /// Lower and upper bounds of the prediction interval.
+    pub lower: f64,
+    pub upper: f64,
+    pub predicted_at: EventTime,
+    pub revision: i64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

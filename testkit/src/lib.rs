@@ -67,6 +67,56 @@ impl Bus {
     }
 }
 
+/// The ClickHouse server `infra/scripts/test` started (`TEST_CLICKHOUSE_URL`,
+/// `TEST_CLICKHOUSE_PASSWORD`), with a database name unique to the test.
+#[derive(Clone, Debug)]
+pub struct TestClickHouse {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    pub password: String,
+    pub database: String,
+}
+
+impl TestClickHouse {
+    /// Fails, never skips, when no server is configured.
+    pub fn from_env() -> TestClickHouse {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!(
+                    "{name} is not set: this test needs a ClickHouse server. Run the tests with \
+                     infra/scripts/test (it starts one), or start one with \
+                     `infra/scripts/clickhouse start DIR` and export TEST_CLICKHOUSE_URL and \
+                     TEST_CLICKHOUSE_PASSWORD (from DIR/password)"
+                )
+            })
+        };
+        TestClickHouse {
+            url: var("TEST_CLICKHOUSE_URL"),
+            password: var("TEST_CLICKHOUSE_PASSWORD"),
+            database: format!("t{}", uuid_like()),
+        }
+    }
+
+    /// `host:port` of the HTTP interface.
+    pub fn addr(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
+
+    /// Environment that selects this server and database as the store of `digame`.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "DIGAME_STORE__URL".into(),
+                format!("clickhouse://{}/{}", self.addr(), self.database),
+            ),
+            (
+                "DIGAME_STORE__CLICKHOUSE__PASSWORD".into(),
+                self.password.clone(),
+            ),
+        ]
+    }
+}
+
 /// 16 hex digits from the clock and process id; unique enough for test names.
 fn uuid_like() -> String {
     let nanos = std::time::SystemTime::now()
