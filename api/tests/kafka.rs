@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use chrono::{Days, Utc};
-use digame_testkit::{Bus, DigameProcess, EVENT_COUNTS_BY_USER, eventually, utc_ms};
+use digame_testkit::{Bus, DigameProcess, EVENT_COUNTS_BY_USER, ScriptServer, eventually, utc_ms};
 use serde_json::{Value, json};
 
 const KEY: &str = "acme-key-0123456789abcdef";
@@ -117,37 +117,6 @@ async fn two_workers_in_a_group_produce_the_rows_of_one() {
     assert_eq!(two, reference);
 }
 
-/// The project's broker script, to run a broker of this test's own.
-fn kafka_script() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../infra/scripts/kafka")
-}
-
-fn broker(action: &str, dir: &Path, port: u16) {
-    let out = std::process::Command::new(kafka_script())
-        .arg(action)
-        .arg(dir)
-        .arg(port.to_string())
-        .output()
-        .expect("run infra/scripts/kafka");
-    assert!(
-        out.status.success(),
-        "kafka {action}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Stops the broker of this test even when an assertion fails.
-struct BrokerGuard<'a>(&'a Path);
-
-impl Drop for BrokerGuard<'_> {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(kafka_script())
-            .arg("stop")
-            .arg(self.0)
-            .status();
-    }
-}
-
 /// A broker restart while events flow: ingest answers 503 with Retry-After while no
 /// broker is reachable, a client retrying those requests gets every event in, nothing
 /// acknowledged is lost or counted twice, and processing resumes by itself.
@@ -160,8 +129,7 @@ async fn broker_restart_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let broker_dir = dir.path().join("kafka");
     let port = digame_testkit::free_port();
-    broker("start", &broker_dir, port);
-    let _guard = BrokerGuard(&broker_dir);
+    let broker = ScriptServer::start("kafka", &broker_dir, port);
     let bus = Bus::Kafka {
         bootstrap: format!("127.0.0.1:{port}"),
         prefix,
@@ -206,7 +174,7 @@ async fn broker_restart_loses_nothing_acknowledged() {
     let deadline = std::time::Instant::now() + Duration::from_secs(180);
     for r in 0..requests {
         if r == 5 {
-            broker("stop", &broker_dir, port);
+            broker.run("stop");
         }
         loop {
             assert!(
@@ -227,7 +195,7 @@ async fn broker_restart_loses_nothing_acknowledged() {
                 saw_not_ready = status == 503 && ready["bus"]["ok"] == false;
             }
             if unavailable == 5 {
-                broker("start", &broker_dir, port);
+                broker.run("start");
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
         }

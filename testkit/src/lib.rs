@@ -117,6 +117,55 @@ impl TestClickHouse {
     }
 }
 
+/// A server of a test's own, run by one of the project's scripts (`infra/scripts/kafka`,
+/// `infra/scripts/clickhouse`) with its data in `dir`; stopped (by pid) when dropped, even
+/// when an assertion fails.
+pub struct ScriptServer {
+    script: PathBuf,
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl ScriptServer {
+    /// Starts `infra/scripts/<name> start DIR PORT`.
+    pub fn start(name: &str, dir: &Path, port: u16) -> ScriptServer {
+        let s = ScriptServer {
+            script: Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../infra/scripts")
+                .join(name),
+            dir: dir.to_path_buf(),
+            port,
+        };
+        s.run("start");
+        s
+    }
+
+    /// Runs `start` or `stop` again (to restart the server mid-test).
+    pub fn run(&self, action: &str) {
+        let out = std::process::Command::new(&self.script)
+            .arg(action)
+            .arg(&self.dir)
+            .arg(self.port.to_string())
+            .output()
+            .unwrap_or_else(|e| panic!("run {}: {e}", self.script.display()));
+        assert!(
+            out.status.success(),
+            "{} {action}: {}",
+            self.script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for ScriptServer {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.script)
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
 /// 16 hex digits from the clock and process id; unique enough for test names.
 fn uuid_like() -> String {
     let nanos = std::time::SystemTime::now()
