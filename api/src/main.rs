@@ -41,6 +41,12 @@ enum Command {
     /// Apply the pending schema migrations of the `--store clickhouse://…` database
     /// (re-running is a no-op), print what was applied, and exit.
     Migrate(ServeArgs),
+    /// Delete every row of one person from the ClickHouse store (a privacy request) and
+    /// print what was removed per table.
+    DeletePerson(DeletePersonArgs),
+    /// Delete a tenant's rows older than `--keep-days` from the ClickHouse store and print
+    /// what was removed per table.
+    Retention(RetentionArgs),
     /// Print the JSON Schema of the wire event.
     Schema,
     /// Print the effective configuration (secrets redacted) and exit.
@@ -84,6 +90,30 @@ enum TopicsAction {
     Create(ServeArgs),
     /// Show each topic's partitions and retained records.
     Describe(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct DeletePersonArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// The person's tenant.
+    #[arg(long)]
+    tenant: String,
+    /// The person's pseudonymous id.
+    #[arg(long)]
+    user: String,
+}
+
+#[derive(clap::Args)]
+struct RetentionArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// The tenant whose old data goes.
+    #[arg(long)]
+    tenant: String,
+    /// Days of data kept; older rows are deleted.
+    #[arg(long)]
+    keep_days: u32,
 }
 
 #[derive(clap::Args)]
@@ -137,6 +167,17 @@ async fn main() -> anyhow::Result<()> {
         Command::Pipeline(args) => pipeline(args).await,
         Command::Topics(action) => topics(action).await,
         Command::Migrate(args) => migrate(args).await,
+        Command::DeletePerson(args) => {
+            let what = digame_infra::store::clickhouse::Deletion::Person(&args.user);
+            delete(&args.serve, &args.tenant, what).await
+        }
+        Command::Retention(args) => {
+            let cutoff = digame_schemas::EventTime(
+                digame_schemas::EventTime::now().0 - i64::from(args.keep_days) * 86_400_000,
+            );
+            let what = digame_infra::store::clickhouse::Deletion::Before(cutoff);
+            delete(&args.serve, &args.tenant, what).await
+        }
         Command::Simulate(args) => simulate(args).await,
         Command::Schema => {
             println!(
@@ -205,27 +246,57 @@ async fn topics(action: TopicsAction) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn migrate(args: ServeArgs) -> anyhow::Result<()> {
-    let config = load_config(&args)?;
+/// The ClickHouse settings of `--store`, or `None` for the embedded store.
+fn clickhouse_settings(
+    args: &ServeArgs,
+) -> anyhow::Result<Option<digame_infra::store::clickhouse::ClickHouseSettings>> {
+    let config = load_config(args)?;
     init_logging(config.log_format, &config.log_level);
     let digame_infra::config::StoreBackend::ClickHouse { url, database } =
         config.store_backend().map_err(anyhow::Error::msg)?
     else {
+        return Ok(None);
+    };
+    Ok(Some(digame_infra::store::clickhouse::ClickHouseSettings {
+        url,
+        database,
+        config: config.store.clickhouse.clone(),
+    }))
+}
+
+async fn migrate(args: ServeArgs) -> anyhow::Result<()> {
+    let Some(settings) = clickhouse_settings(&args)? else {
         println!(
             "the embedded store needs no migrations (pass --store clickhouse://… to migrate ClickHouse)"
         );
         return Ok(());
-    };
-    let settings = digame_infra::store::clickhouse::ClickHouseSettings {
-        url,
-        database,
-        config: config.store.clickhouse.clone(),
     };
     let report = digame_infra::store::clickhouse::migrate(&settings).await?;
     println!(
         "ClickHouse {}/{}: applied {:?}, already applied {:?}",
         settings.url, settings.database, report.applied, report.unchanged
     );
+    Ok(())
+}
+
+async fn delete(
+    args: &ServeArgs,
+    tenant: &str,
+    what: digame_infra::store::clickhouse::Deletion<'_>,
+) -> anyhow::Result<()> {
+    let Some(settings) = clickhouse_settings(args)? else {
+        anyhow::bail!(
+            "deletion and retention work on the ClickHouse store in this build; pass --store clickhouse://host:port/database"
+        );
+    };
+    let report = digame_infra::store::clickhouse::delete(
+        &settings.client(),
+        tenant,
+        &what,
+        std::time::Duration::from_secs(300),
+    )
+    .await?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
 }
 

@@ -351,6 +351,84 @@ async fn clickhouse_client_reads_the_rows_the_sink_wrote() {
     drop_database(&s).await;
 }
 
+#[tokio::test]
+async fn deleting_a_person_and_applying_retention_report_what_went() {
+    use digame_infra::store::clickhouse::{Deletion, delete};
+    let ch = TestClickHouse::from_env();
+    let s = settings(&ch);
+    let store = ClickHouseStore::open(s.clone()).await.unwrap();
+    let mut late = feature("u1", "active_seconds", 5.0, 3);
+    late.window_start = t(24 * 60);
+    late.window_end = t(25 * 60);
+    let mut other_tenant = feature("u1", "active_seconds", 7.0, 3);
+    other_tenant.tenant_id = "globex".into();
+    let batch = StoreBatch {
+        // u1: 2 events, 3 feature keys (one written twice, replaced); u2: 1 and 1.
+        events: vec![event("u1", 1, 0), event("u1", 2, 5), event("u2", 3, 0)],
+        features: vec![
+            feature("u1", "active_seconds", 600.0, 1),
+            feature("u1", "active_seconds", 660.0, 2),
+            feature("u1", "context_switches", 3.0, 1),
+            late,
+            feature("u2", "active_seconds", 60.0, 1),
+            other_tenant,
+        ],
+        dead_letters: Vec::new(),
+    };
+    store.write(&batch).await.unwrap();
+    let client = s.client();
+    let wait = std::time::Duration::from_secs(60);
+
+    let report = delete(&client, "acme", &Deletion::Person("u1"), wait)
+        .await
+        .unwrap();
+    let want = |e: u64, f: u64| {
+        [
+            ("anomalies", 0),
+            ("dead_letters", 0),
+            ("events", e),
+            ("features", f),
+            ("predictions", 0),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    assert_eq!(report.rows, want(2, 3));
+    let left: Vec<(String, String)> = client
+        .query("SELECT tenant_id, user_id FROM features FINAL ORDER BY tenant_id, user_id")
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(
+        left,
+        [
+            ("acme".to_string(), "u2".to_string()),
+            ("globex".into(), "u1".into())
+        ]
+    );
+    let events: u64 = client
+        .query("SELECT count() FROM events WHERE user_id = 'u1'")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(events, 0);
+
+    // Retention: acme's rows before 09:30 go (u2's event at 09:00 and feature window at
+    // 09:00); globex keeps its row.
+    let report = delete(&client, "acme", &Deletion::Before(t(30)), wait)
+        .await
+        .unwrap();
+    assert_eq!(report.rows, want(1, 1));
+    let left: u64 = client
+        .query("SELECT count() FROM features FINAL")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(left, 1);
+    drop_database(&s).await;
+}
+
 #[test]
 fn every_table_has_a_spec() {
     for name in [

@@ -323,6 +323,97 @@ pub fn spec(name: &str) -> Option<TableSpec> {
 }
 
 // ---------------------------------------------------------------------------------------
+// Deletion and retention
+
+/// Rows removed per table by a deletion.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DeletionReport {
+    /// Logical rows (one per key) removed, by table.
+    pub rows: std::collections::BTreeMap<String, u64>,
+}
+
+/// What to delete of one tenant.
+#[derive(Clone, Debug)]
+pub enum Deletion<'a> {
+    /// Every row of one person (a privacy request).
+    Person(&'a str),
+    /// Every row whose time is before this instant (retention).
+    Before(EventTime),
+}
+
+/// Deletes rows of `tenant` from every table and waits until ClickHouse has applied the
+/// deletions (they are mutations, asynchronous on the server). Values are bound, never
+/// spliced into SQL. The `events_hourly` rollup keeps only hashed distinct-count states
+/// and is not rewritten.
+pub async fn delete(
+    client: &Client,
+    tenant: &str,
+    what: &Deletion<'_>,
+    wait: Duration,
+) -> Result<DeletionReport> {
+    digame_schemas::validate::validate_tenant_id(tenant).map_err(StoreError::Query)?;
+    let mut report = DeletionReport::default();
+    for spec in tables() {
+        let (condition, value) = match what {
+            Deletion::Person(user) => ("`user_id` = ?".to_string(), (*user).to_string()),
+            Deletion::Before(t) => (
+                format!("`{}` < toDateTime(?, 'UTC')", spec.partition_time),
+                t.0.div_euclid(1000).max(0).to_string(),
+            ),
+        };
+        let fin = match spec.engine {
+            Engine::MergeTree => "",
+            Engine::Replacing { .. } => " FINAL",
+        };
+        let bind = |q: clickhouse::query::Query| match what {
+            Deletion::Person(_) => q.bind(tenant).bind(value.as_str()),
+            Deletion::Before(_) => q.bind(tenant).bind(value.parse::<u64>().unwrap_or(0)),
+        };
+        let count: u64 = bind(client.query(&format!(
+            "SELECT count() FROM `{}`{fin} WHERE `tenant_id` = ? AND {condition}",
+            spec.name
+        )))
+        .fetch_one()
+        .await
+        .map_err(query_err)?;
+        report.rows.insert(spec.name.to_string(), count);
+        if count == 0 {
+            continue;
+        }
+        bind(client.query(&format!(
+            "ALTER TABLE `{}` DELETE WHERE `tenant_id` = ? AND {condition}",
+            spec.name
+        )))
+        .execute()
+        .await
+        .map_err(query_err)?;
+    }
+    // Wait for the mutations to finish, so the report describes data that is gone.
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let pending: u64 = client
+            .query(
+                "SELECT count() FROM system.mutations WHERE database = currentDatabase() \
+                 AND is_done = 0",
+            )
+            .fetch_one()
+            .await
+            .map_err(query_err)?;
+        if pending == 0 {
+            return Ok(report);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(StoreError::Query(format!(
+                "ClickHouse is still applying {pending} deletions after {} s; they continue \
+                 on the server (see system.mutations)",
+                wait.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Rows as ClickHouse holds them (field order = column order of the derived schema; a test
 // checks it).
 
