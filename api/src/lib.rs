@@ -25,13 +25,13 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use digame_infra::bus::EventBus;
 use digame_infra::config::StoreBackend;
 use digame_infra::config::{Config, IngestKeys};
 use digame_infra::store::clickhouse::{ClickHouseSettings, ClickHouseStore};
-use digame_infra::store::{ParquetStore, StoreSink};
+use digame_infra::store::{Deletion, DeletionReport, ParquetStore, StoreError, StoreSink};
 use digame_infra::telemetry::metrics;
 use digame_ingest::{Collector, IngestError};
 use digame_pipelines::runtime::run_dead_letter_sink;
@@ -49,6 +49,7 @@ const MAX_SQL_BODY: usize = 64 << 10;
 /// Shared state of the HTTP handlers.
 pub struct AppState {
     pub keys: IngestKeys,
+    pub admin_keys: IngestKeys,
     pub collector: Collector,
     pub query: QueryEngine,
     pub bus: Arc<dyn EventBus>,
@@ -67,6 +68,7 @@ pub enum ApiError {
     Query(QueryError),
     BadRequest(String),
     NotFound(String),
+    Store(StoreError),
 }
 
 impl IntoResponse for ApiError {
@@ -75,6 +77,17 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, "unauthorized", m.clone()),
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m.clone()),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m.clone()),
+            ApiError::Store(StoreError::Unsupported(m)) => {
+                (StatusCode::NOT_IMPLEMENTED, "not_supported", m.clone())
+            }
+            ApiError::Store(e) => {
+                tracing::error!(error = %e, "store operation failed");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    format!("the store could not complete the operation: {e}"),
+                )
+            }
             ApiError::Ingest(e) => {
                 let status = match e {
                     IngestError::BodyTooLarge { .. }
@@ -132,6 +145,26 @@ impl IntoResponse for ApiError {
 /// The caller's tenant, from `Authorization: Bearer <key>`.
 pub struct Tenant(pub String);
 
+/// The tenant of the `Authorization: Bearer <key>` header among `keys`.
+fn bearer_tenant(parts: &Parts, keys: &IngestKeys, kind: &str) -> Result<String, ApiError> {
+    let header = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::Unauthorized(format!(
+                "missing Authorization header; send `Authorization: Bearer <{kind} key>`"
+            ))
+        })?;
+    let key = header
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .ok_or_else(|| ApiError::Unauthorized("Authorization must use the Bearer scheme".into()))?;
+    keys.tenant_of(key)
+        .map(str::to_string)
+        .ok_or_else(|| ApiError::Unauthorized(format!("unknown or revoked {kind} key")))
+}
+
 impl FromRequestParts<Arc<AppState>> for Tenant {
     type Rejection = ApiError;
 
@@ -139,28 +172,63 @@ impl FromRequestParts<Arc<AppState>> for Tenant {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, Self::Rejection> {
-        let header = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|h| h.to_str().ok())
-            .ok_or_else(|| {
-                ApiError::Unauthorized(
-                    "missing Authorization header; send `Authorization: Bearer <ingest key>`"
-                        .into(),
-                )
-            })?;
-        let key = header
-            .strip_prefix("Bearer ")
-            .map(str::trim)
-            .ok_or_else(|| {
-                ApiError::Unauthorized("Authorization must use the Bearer scheme".into())
-            })?;
-        state
-            .keys
-            .tenant_of(key)
-            .map(|t| Tenant(t.to_string()))
-            .ok_or_else(|| ApiError::Unauthorized("unknown or revoked key".into()))
+        bearer_tenant(parts, &state.keys, "ingest").map(Tenant)
     }
+}
+
+/// The tenant an admin key (`admin.keys`) administers.
+pub struct AdminTenant(pub String);
+
+impl FromRequestParts<Arc<AppState>> for AdminTenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        bearer_tenant(parts, &state.admin_keys, "admin").map(AdminTenant)
+    }
+}
+
+/// `DELETE /v1/users/{user}/data`: every row of one person of the admin's tenant.
+async fn delete_person_data(
+    State(state): State<Arc<AppState>>,
+    tenant: AdminTenant,
+    Path(user): Path<String>,
+) -> Result<Json<DeletionReport>, ApiError> {
+    let report = state
+        .store
+        .delete(&tenant.0, &Deletion::Person(&user))
+        .await
+        .map_err(ApiError::Store)?;
+    tracing::info!(tenant = %tenant.0, rows = ?report.rows, "deleted a person's data");
+    Ok(Json(report))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetentionRequest {
+    /// Days of data kept; older rows are deleted.
+    keep_days: u32,
+}
+
+/// `POST /v1/retention`: deletes the admin's tenant's rows older than `keep_days`.
+async fn post_retention(
+    State(state): State<Arc<AppState>>,
+    tenant: AdminTenant,
+    body: Result<Json<RetentionRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<DeletionReport>, ApiError> {
+    let Json(req) = body.map_err(|e| {
+        ApiError::BadRequest(format!("{}; send {{\"keep_days\": N}}", e.body_text()))
+    })?;
+    let cutoff = EventTime(EventTime::now().0 - i64::from(req.keep_days) * 86_400_000);
+    let report = state
+        .store
+        .delete(&tenant.0, &Deletion::Before(cutoff))
+        .await
+        .map_err(ApiError::Store)?;
+    tracing::info!(tenant = %tenant.0, rows = ?report.rows, "applied retention");
+    Ok(Json(report))
 }
 
 async fn post_events(
@@ -322,6 +390,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/schema", get(get_schema))
         .route("/v1/users/{user}/features", get(get_features))
         .route("/v1/sql", post(post_sql))
+        .route("/v1/users/{user}/data", delete(delete_person_data))
+        .route("/v1/retention", post(post_retention))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -478,6 +548,7 @@ impl Server {
 
         let state = Arc::new(AppState {
             keys: config.ingest.keys.clone(),
+            admin_keys: config.admin.keys.clone(),
             collector: Collector {
                 bus: bus.clone(),
                 config: config.ingest.clone(),

@@ -168,14 +168,14 @@ async fn main() -> anyhow::Result<()> {
         Command::Topics(action) => topics(action).await,
         Command::Migrate(args) => migrate(args).await,
         Command::DeletePerson(args) => {
-            let what = digame_infra::store::clickhouse::Deletion::Person(&args.user);
+            let what = digame_infra::store::Deletion::Person(&args.user);
             delete(&args.serve, &args.tenant, what).await
         }
         Command::Retention(args) => {
             let cutoff = digame_schemas::EventTime(
                 digame_schemas::EventTime::now().0 - i64::from(args.keep_days) * 86_400_000,
             );
-            let what = digame_infra::store::clickhouse::Deletion::Before(cutoff);
+            let what = digame_infra::store::Deletion::Before(cutoff);
             delete(&args.serve, &args.tenant, what).await
         }
         Command::Simulate(args) => simulate(args).await,
@@ -282,7 +282,7 @@ async fn migrate(args: ServeArgs) -> anyhow::Result<()> {
 async fn delete(
     args: &ServeArgs,
     tenant: &str,
-    what: digame_infra::store::clickhouse::Deletion<'_>,
+    what: digame_infra::store::Deletion<'_>,
 ) -> anyhow::Result<()> {
     let Some(settings) = clickhouse_settings(args)? else {
         anyhow::bail!(

@@ -1,5 +1,6 @@
 //! Digame on ClickHouse, against a server of the test's own started by the project's
-//! script: a ClickHouse restart while events flow loses nothing that was acknowledged.
+//! script: a ClickHouse restart while events flow loses nothing that was acknowledged;
+//! deleting a person's data and applying retention over the admin API.
 
 use std::path::Path;
 use std::time::Duration;
@@ -106,4 +107,116 @@ async fn clickhouse_restart_while_events_flow_loses_nothing() {
     );
     let (status, ready) = client.get("/readyz").await.unwrap();
     assert_eq!(status, 200, "{ready}");
+}
+
+/// One focused 10-minute block of `user` at 10:00 yesterday: presence, focus and a commit.
+fn block(user: &str, n: u64) -> Vec<Value> {
+    let day = Utc::now()
+        .date_naive()
+        .checked_sub_days(Days::new(1))
+        .unwrap();
+    let at = utc_ms(day, 10, 0);
+    let id = |k: u64| format!("0195a6a4-0000-7000-8000-{:012x}", n * 10 + k);
+    vec![
+        json!({"event_id": id(1), "user_id": user, "source": "aw", "kind": "afk",
+               "timestamp": at, "duration_ms": 600_000, "attributes": {"status": "not-afk"}}),
+        json!({"event_id": id(2), "user_id": user, "source": "aw", "kind": "window_focus",
+               "timestamp": at, "duration_ms": 600_000, "attributes": {"app": "Code"}}),
+        json!({"event_id": id(3), "user_id": user, "source": "git", "kind": "commit",
+               "timestamp": at + 60_000, "attributes": {"project": "p"}}),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_delete_a_person_and_apply_retention_in_their_tenant_only() {
+    let ch = TestClickHouse::from_env();
+    let data = tempfile::tempdir().unwrap();
+    let mut env: Vec<(&str, &str)> = vec![
+        (
+            "DIGAME_INGEST_KEYS",
+            "acme-key-0123456789abcdef:acme,globex-key-0123456789abcdef:globex",
+        ),
+        (
+            "DIGAME_ADMIN_KEYS",
+            "acme-admin-0123456789abcdef:acme,globex-admin-0123456789abcdef:globex",
+        ),
+    ];
+    let store_env = ch.env();
+    env.extend(store_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    let digame = DigameProcess::start_on(
+        Path::new(env!("CARGO_BIN_EXE_digame")),
+        data.path(),
+        &env,
+        &Bus::Embedded,
+    )
+    .await
+    .unwrap();
+    let acme = digame.client(KEY);
+    let globex = digame.client("globex-key-0123456789abcdef");
+    for (client, user, n) in [
+        (&acme, "alice", 1),
+        (&acme, "bob", 2),
+        (&globex, "alice", 3),
+    ] {
+        let (status, body) = client.post_events(&block(user, n)).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let count = "SELECT user_id, count(*) AS n FROM events GROUP BY user_id ORDER BY user_id";
+    acme.await_rows(
+        count,
+        &[
+            json!({"user_id": "alice", "n": 3}),
+            json!({"user_id": "bob", "n": 3}),
+        ],
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let features = "SELECT user_id, count(*) AS n FROM features GROUP BY user_id ORDER BY user_id";
+    let before = acme.rows(features).await.unwrap();
+    let alice_features = before[0]["n"].as_u64().unwrap();
+    assert!(alice_features > 0, "{before:?}");
+
+    // Ingest keys are not admin keys; admins act in their own tenant only.
+    let (status, _) = acme.delete("/v1/users/alice/data").await.unwrap();
+    assert_eq!(status, 401);
+    let globex_admin = digame.client("globex-admin-0123456789abcdef");
+    let acme_admin = digame.client("acme-admin-0123456789abcdef");
+    let (status, report) = acme_admin.delete("/v1/users/alice/data").await.unwrap();
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["rows"]["events"], 3, "{report}");
+    assert_eq!(report["rows"]["features"], alice_features, "{report}");
+    assert_eq!(report["rows"]["dead_letters"], 0, "{report}");
+    assert_eq!(
+        acme.rows(count).await.unwrap(),
+        [json!({"user_id": "bob", "n": 3})]
+    );
+    assert_eq!(acme.rows(features).await.unwrap(), [before[1].clone()]);
+    // globex's alice is another person.
+    assert_eq!(
+        globex.rows(count).await.unwrap(),
+        [json!({"user_id": "alice", "n": 3})]
+    );
+
+    // Retention keeping 0 days removes the rest of acme's data, none of globex's.
+    let (status, body) = acme_admin
+        .post_json("/v1/retention", &json!({"keep": 1}))
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    let (status, report) = acme_admin
+        .post_json("/v1/retention", &json!({"keep_days": 0}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["rows"]["events"], 3, "{report}");
+    assert_eq!(report["rows"]["features"], before[1]["n"], "{report}");
+    assert_eq!(acme.rows(count).await.unwrap(), Vec::<Value>::new());
+    assert_eq!(
+        globex.rows(count).await.unwrap(),
+        [json!({"user_id": "alice", "n": 3})]
+    );
+    let (status, report) = globex_admin.delete("/v1/users/bob/data").await.unwrap();
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["rows"]["events"], 0, "{report}");
 }

@@ -34,6 +34,16 @@ pub struct Config {
     pub pipeline: PipelineConfig,
     pub store: StoreConfig,
     pub query: QueryConfig,
+    pub admin: AdminConfig,
+}
+
+/// Tenant administration over the API (deleting a person's data, applying retention).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Admin keys, `key:tenant` pairs like ingest keys (`DIGAME_ADMIN_KEYS`). Kept apart
+    /// from ingest keys, which collectors hold. Empty: the admin routes refuse every call.
+    pub keys: IngestKeys,
 }
 
 impl Default for Config {
@@ -48,6 +58,7 @@ impl Default for Config {
             pipeline: PipelineConfig::default(),
             store: StoreConfig::default(),
             query: QueryConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -414,6 +425,7 @@ impl Config {
                 let key = key.as_str().to_ascii_lowercase();
                 match key.as_str() {
                     "ingest_keys" => "ingest.keys".into(),
+                    "admin_keys" => "admin.keys".into(),
                     _ => key.replace("__", ".").into(),
                 }
             }))

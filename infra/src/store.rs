@@ -56,6 +56,8 @@ pub enum StoreError {
     },
     #[error("store query error: {0}")]
     Query(String),
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -164,11 +166,34 @@ pub struct StoreStatus {
     pub detail: String,
 }
 
+/// Rows removed per table by a deletion.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DeletionReport {
+    /// Logical rows (one per key) removed, by table.
+    pub rows: BTreeMap<String, u64>,
+}
+
+/// What to delete of one tenant.
+#[derive(Clone, Debug)]
+pub enum Deletion<'a> {
+    /// Every row of one person (a privacy request).
+    Person(&'a str),
+    /// Every row whose time is before this instant (retention).
+    Before(EventTime),
+}
+
 /// Where pipelines write. Returning `Ok` means every row is durable.
 #[async_trait]
 pub trait StoreSink: Send + Sync + 'static {
     async fn write(&self, batch: &StoreBatch) -> Result<()>;
     fn status(&self) -> StoreStatus;
+    /// Deletes rows of `tenant` from every table and reports how many went.
+    async fn delete(&self, tenant: &str, what: &Deletion<'_>) -> Result<DeletionReport> {
+        let _ = (tenant, what);
+        Err(StoreError::Unsupported(
+            "deleting data is available on the ClickHouse store in this build".into(),
+        ))
+    }
 }
 
 /// The embedded Parquet store.

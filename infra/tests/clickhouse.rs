@@ -353,7 +353,8 @@ async fn clickhouse_client_reads_the_rows_the_sink_wrote() {
 
 #[tokio::test]
 async fn deleting_a_person_and_applying_retention_report_what_went() {
-    use digame_infra::store::clickhouse::{Deletion, delete};
+    use digame_infra::store::Deletion;
+    use digame_infra::store::clickhouse::delete;
     let ch = TestClickHouse::from_env();
     let s = settings(&ch);
     let store = ClickHouseStore::open(s.clone()).await.unwrap();

@@ -376,6 +376,29 @@ impl Client {
         Self::reply(r).await
     }
 
+    /// `DELETE` a path under the base URL.
+    pub async fn delete(&self, path: &str) -> Result<Reply> {
+        let r = self
+            .http
+            .delete(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .send()
+            .await?;
+        Self::reply(r).await
+    }
+
+    /// `POST` a JSON body to a path under the base URL.
+    pub async fn post_json(&self, path: &str, body: &Value) -> Result<Reply> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.key)
+            .json(body)
+            .send()
+            .await?;
+        Self::reply(r).await
+    }
+
     /// `GET` a path (with query string) under the base URL.
     pub async fn get(&self, path_and_query: &str) -> Result<Reply> {
         let r = self

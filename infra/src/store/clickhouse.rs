@@ -30,7 +30,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
-use super::{Result, StoreBatch, StoreError, StoreSink, StoreStatus, Table};
+use super::{
+    Deletion, DeletionReport, Result, StoreBatch, StoreError, StoreSink, StoreStatus, Table,
+};
 use crate::config::ClickHouseConfig;
 use crate::telemetry::metrics;
 
@@ -324,22 +326,6 @@ pub fn spec(name: &str) -> Option<TableSpec> {
 
 // ---------------------------------------------------------------------------------------
 // Deletion and retention
-
-/// Rows removed per table by a deletion.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct DeletionReport {
-    /// Logical rows (one per key) removed, by table.
-    pub rows: std::collections::BTreeMap<String, u64>,
-}
-
-/// What to delete of one tenant.
-#[derive(Clone, Debug)]
-pub enum Deletion<'a> {
-    /// Every row of one person (a privacy request).
-    Person(&'a str),
-    /// Every row whose time is before this instant (retention).
-    Before(EventTime),
-}
 
 /// Deletes rows of `tenant` from every table and waits until ClickHouse has applied the
 /// deletions (they are mutations, asynchronous on the server). Values are bound, never
@@ -887,6 +873,10 @@ impl StoreSink for ClickHouseStore {
             )));
         }
         Ok(())
+    }
+
+    async fn delete(&self, tenant: &str, what: &Deletion<'_>) -> Result<DeletionReport> {
+        delete(&self.client, tenant, what, Duration::from_secs(300)).await
     }
 
     fn status(&self) -> StoreStatus {
