@@ -171,6 +171,8 @@ pub struct StoreStatus {
 pub struct DeletionReport {
     /// Logical rows (one per key) removed, by table.
     pub rows: BTreeMap<String, u64>,
+    /// Months (`YYYYMM`) of rollups recomputed without the deleted rows.
+    pub rollup_months_rebuilt: Vec<u32>,
 }
 
 /// What to delete of one tenant.

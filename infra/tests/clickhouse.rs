@@ -396,6 +396,17 @@ async fn deleting_a_person_and_applying_retention_report_what_went() {
         .collect::<std::collections::BTreeMap<_, _>>()
     };
     assert_eq!(report.rows, want(2, 3));
+    assert_eq!(report.rollup_months_rebuilt, [202603]);
+    // The rollup no longer counts u1: one event, one person.
+    let counted: Vec<(u64, u64)> = client
+        .query(
+            "SELECT uniqExactMerge(events), uniqExactMerge(people) FROM events_hourly \
+             WHERE tenant_id = 'acme'",
+        )
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(counted, [(1, 1)]);
     let left: Vec<(String, String)> = client
         .query("SELECT tenant_id, user_id FROM features FINAL ORDER BY tenant_id, user_id")
         .fetch_all()

@@ -327,10 +327,34 @@ pub fn spec(name: &str) -> Option<TableSpec> {
 // ---------------------------------------------------------------------------------------
 // Deletion and retention
 
-/// Deletes rows of `tenant` from every table and waits until ClickHouse has applied the
-/// deletions (they are mutations, asynchronous on the server). Values are bound, never
-/// spliced into SQL. The `events_hourly` rollup keeps only hashed distinct-count states
-/// and is not rewritten.
+/// `tenant_id = ? AND <what>` on a table whose time column is `time`, with its values
+/// bound to `q`.
+fn scoped(
+    client: &Client,
+    sql: &str,
+    time: &str,
+    tenant: &str,
+    what: &Deletion<'_>,
+) -> clickhouse::query::Query {
+    match what {
+        Deletion::Person(user) => client
+            .query(&sql.replace("{cond}", "`tenant_id` = ? AND `user_id` = ?"))
+            .bind(tenant)
+            .bind(*user),
+        Deletion::Before(t) => client
+            .query(&sql.replace(
+                "{cond}",
+                &format!("`tenant_id` = ? AND `{time}` < toDateTime(?, 'UTC')"),
+            ))
+            .bind(tenant)
+            .bind(t.0.div_euclid(1000).clamp(0, i64::from(u32::MAX)) as u32),
+    }
+}
+
+/// Deletes rows of `tenant` from every table, waits until ClickHouse has applied the
+/// deletions (they are mutations, asynchronous on the server), then rebuilds the months of
+/// the `events_hourly` rollup that held the deleted events, so no trace of them stays in
+/// its states. Values are bound, never spliced into SQL.
 pub async fn delete(
     client: &Client,
     tenant: &str,
@@ -339,26 +363,28 @@ pub async fn delete(
 ) -> Result<DeletionReport> {
     digame_schemas::validate::validate_tenant_id(tenant).map_err(StoreError::Query)?;
     let mut report = DeletionReport::default();
+    let months: Vec<u32> = scoped(
+        client,
+        "SELECT DISTINCT toYYYYMM(`timestamp`) FROM `events` WHERE {cond}",
+        "timestamp",
+        tenant,
+        what,
+    )
+    .fetch_all()
+    .await
+    .map_err(query_err)?;
     for spec in tables() {
-        let (condition, value) = match what {
-            Deletion::Person(user) => ("`user_id` = ?".to_string(), (*user).to_string()),
-            Deletion::Before(t) => (
-                format!("`{}` < toDateTime(?, 'UTC')", spec.partition_time),
-                t.0.div_euclid(1000).max(0).to_string(),
-            ),
-        };
         let fin = match spec.engine {
             Engine::MergeTree => "",
             Engine::Replacing { .. } => " FINAL",
         };
-        let bind = |q: clickhouse::query::Query| match what {
-            Deletion::Person(_) => q.bind(tenant).bind(value.as_str()),
-            Deletion::Before(_) => q.bind(tenant).bind(value.parse::<u64>().unwrap_or(0)),
-        };
-        let count: u64 = bind(client.query(&format!(
-            "SELECT count() FROM `{}`{fin} WHERE `tenant_id` = ? AND {condition}",
-            spec.name
-        )))
+        let count: u64 = scoped(
+            client,
+            &format!("SELECT count() FROM `{}`{fin} WHERE {{cond}}", spec.name),
+            spec.partition_time,
+            tenant,
+            what,
+        )
         .fetch_one()
         .await
         .map_err(query_err)?;
@@ -366,15 +392,45 @@ pub async fn delete(
         if count == 0 {
             continue;
         }
-        bind(client.query(&format!(
-            "ALTER TABLE `{}` DELETE WHERE `tenant_id` = ? AND {condition}",
-            spec.name
-        )))
+        scoped(
+            client,
+            &format!("ALTER TABLE `{}` DELETE WHERE {{cond}}", spec.name),
+            spec.partition_time,
+            tenant,
+            what,
+        )
         .execute()
         .await
         .map_err(query_err)?;
     }
-    // Wait for the mutations to finish, so the report describes data that is gone.
+    wait_for_mutations(client, wait).await?;
+    for month in months {
+        // Distinct-count states deduplicate, so events arriving meanwhile (through the
+        // view and through this re-aggregation) still count once.
+        client
+            .query("ALTER TABLE `events_hourly` DROP PARTITION ?")
+            .bind(month)
+            .execute()
+            .await
+            .map_err(query_err)?;
+        client
+            .query(
+                "INSERT INTO `events_hourly` SELECT `tenant_id`, toStartOfHour(`timestamp`) AS `hour`, \
+                 `kind`, `source`, uniqExactState(`event_id`), uniqExactState(`user_id`) \
+                 FROM `events` WHERE toYYYYMM(`timestamp`) = ? \
+                 GROUP BY `tenant_id`, `hour`, `kind`, `source`",
+            )
+            .bind(month)
+            .execute()
+            .await
+            .map_err(query_err)?;
+        report.rollup_months_rebuilt.push(month);
+    }
+    Ok(report)
+}
+
+/// Waits until no mutation of the current database is pending.
+async fn wait_for_mutations(client: &Client, wait: Duration) -> Result<()> {
     let deadline = std::time::Instant::now() + wait;
     loop {
         let pending: u64 = client
@@ -386,7 +442,7 @@ pub async fn delete(
             .await
             .map_err(query_err)?;
         if pending == 0 {
-            return Ok(report);
+            return Ok(());
         }
         if std::time::Instant::now() > deadline {
             return Err(StoreError::Query(format!(
