@@ -50,6 +50,8 @@ const MAX_SQL_BODY: usize = 64 << 10;
 pub struct AppState {
     pub keys: IngestKeys,
     pub admin_keys: IngestKeys,
+    /// Days each tenant keeps, for `POST /v1/retention` without a number.
+    pub retention_days: std::collections::BTreeMap<String, u32>,
     pub collector: Collector,
     pub query: QueryEngine,
     pub bus: Arc<dyn EventBus>,
@@ -208,8 +210,9 @@ async fn delete_person_data(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RetentionRequest {
-    /// Days of data kept; older rows are deleted.
-    keep_days: u32,
+    /// Days of data kept; older rows are deleted. Default: the tenant's
+    /// `store.retention_days`.
+    keep_days: Option<u32>,
 }
 
 /// `POST /v1/retention`: deletes the admin's tenant's rows older than `keep_days`.
@@ -221,7 +224,16 @@ async fn post_retention(
     let Json(req) = body.map_err(|e| {
         ApiError::BadRequest(format!("{}; send {{\"keep_days\": N}}", e.body_text()))
     })?;
-    let cutoff = EventTime(EventTime::now().0 - i64::from(req.keep_days) * 86_400_000);
+    let days = req
+        .keep_days
+        .or_else(|| state.retention_days.get(&tenant.0).copied())
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "no retention configured for tenant `{}`; send {{\"keep_days\": N}} or set store.retention_days",
+                tenant.0
+            ))
+        })?;
+    let cutoff = EventTime(EventTime::now().0 - i64::from(days) * 86_400_000);
     let report = state
         .store
         .delete(&tenant.0, &Deletion::Before(cutoff))
@@ -549,6 +561,7 @@ impl Server {
         let state = Arc::new(AppState {
             keys: config.ingest.keys.clone(),
             admin_keys: config.admin.keys.clone(),
+            retention_days: config.store.retention_days.clone(),
             collector: Collector {
                 bus: bus.clone(),
                 config: config.ingest.clone(),

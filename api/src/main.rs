@@ -111,9 +111,10 @@ struct RetentionArgs {
     /// The tenant whose old data goes.
     #[arg(long)]
     tenant: String,
-    /// Days of data kept; older rows are deleted.
+    /// Days of data kept; older rows are deleted [default: the tenant's
+    /// `store.retention_days`].
     #[arg(long)]
-    keep_days: u32,
+    keep_days: Option<u32>,
 }
 
 #[derive(clap::Args)]
@@ -172,8 +173,10 @@ async fn main() -> anyhow::Result<()> {
             delete(&args.serve, &args.tenant, what).await
         }
         Command::Retention(args) => {
+            let config = load_config(&args.serve)?;
+            let days = retention_days(&config, &args.tenant, args.keep_days)?;
             let cutoff = digame_schemas::EventTime(
-                digame_schemas::EventTime::now().0 - i64::from(args.keep_days) * 86_400_000,
+                digame_schemas::EventTime::now().0 - i64::from(days) * 86_400_000,
             );
             let what = digame_infra::store::Deletion::Before(cutoff);
             delete(&args.serve, &args.tenant, what).await
@@ -244,6 +247,17 @@ async fn topics(action: TopicsAction) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Days `tenant` keeps: `explicit`, else its configured retention.
+fn retention_days(config: &Config, tenant: &str, explicit: Option<u32>) -> anyhow::Result<u32> {
+    explicit
+        .or_else(|| config.store.retention_days.get(tenant).copied())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no retention configured for tenant `{tenant}`; pass --keep-days N or set store.retention_days.{tenant}"
+            )
+        })
 }
 
 /// The ClickHouse settings of `--store`, or `None` for the embedded store.

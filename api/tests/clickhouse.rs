@@ -140,6 +140,7 @@ async fn admins_delete_a_person_and_apply_retention_in_their_tenant_only() {
             "DIGAME_ADMIN_KEYS",
             "acme-admin-0123456789abcdef:acme,globex-admin-0123456789abcdef:globex",
         ),
+        ("DIGAME_STORE__RETENTION_DAYS__GLOBEX", "0"),
     ];
     let store_env = ch.env();
     env.extend(store_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -204,6 +205,18 @@ async fn admins_delete_a_person_and_apply_retention_in_their_tenant_only() {
         .await
         .unwrap();
     assert_eq!(status, 400, "{body}");
+    // globex configures 0 days (set below in the environment) but acme configures none.
+    let (status, body) = acme_admin
+        .post_json("/v1/retention", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no retention configured")
+    );
     let (status, report) = acme_admin
         .post_json("/v1/retention", &json!({"keep_days": 0}))
         .await
@@ -219,4 +232,11 @@ async fn admins_delete_a_person_and_apply_retention_in_their_tenant_only() {
     let (status, report) = globex_admin.delete("/v1/users/bob/data").await.unwrap();
     assert_eq!(status, 200, "{report}");
     assert_eq!(report["rows"]["events"], 0, "{report}");
+    // globex's configured retention (0 days) applies without a number.
+    let (status, report) = globex_admin
+        .post_json("/v1/retention", &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["rows"]["events"], 3, "{report}");
 }

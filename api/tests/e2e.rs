@@ -331,7 +331,7 @@ async fn a_day_for_two_tenants(bus: Bus, store: Option<TestClickHouse>) {
         let rows = acme
             .rows("SELECT stage, reason_code, request_index FROM dead_letters ORDER BY stage, request_index")
             .await?;
-        Ok((rows.len() >= 5).then_some(rows))
+        Ok((rows.len() >= 6).then_some(rows))
     })
     .await
     .unwrap();

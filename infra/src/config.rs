@@ -311,6 +311,9 @@ pub struct StoreConfig {
     pub compaction_interval_secs: u64,
     /// ClickHouse settings, used when `url` is `clickhouse://`.
     pub clickhouse: ClickHouseConfig,
+    /// Days of data each tenant keeps (`[store.retention_days] acme = 365`), applied by
+    /// `digame retention` and `POST /v1/retention` when they are not given a number.
+    pub retention_days: BTreeMap<String, u32>,
 }
 
 impl Default for StoreConfig {
@@ -320,6 +323,7 @@ impl Default for StoreConfig {
             compaction_min_files: 8,
             compaction_interval_secs: 30,
             clickhouse: ClickHouseConfig::default(),
+            retention_days: BTreeMap::new(),
         }
     }
 }
