@@ -679,6 +679,7 @@ mod tests {
             dimension: String::new(),
             value,
             feature_version: 1,
+            params_version: 0,
             is_final: false,
             revision,
         }

@@ -49,6 +49,7 @@ fn feature(user: &str, feature: &str, value: f64, revision: i64) -> FeatureRow {
         dimension: String::new(),
         value,
         feature_version: 1,
+        params_version: 0,
         is_final: false,
         revision,
     }

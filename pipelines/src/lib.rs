@@ -1,8 +1,9 @@
 //! The stream processor: event-time windows in each person's time zone, watermarks with
 //! allowed lateness, keyed per-person state, checkpoints, and the feature operators.
 
-pub mod categories;
+pub mod directory;
 pub mod features;
+pub mod rules;
 pub mod runtime;
 pub mod state;
 pub mod window;

@@ -36,16 +36,16 @@ use digame_schemas::{ActivityEvent, DeadLetter, EventTime, FeatureRow};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::directory::Directory;
 use crate::features::FeatureParams;
 use crate::state::{Admission, PersonState, StateParams};
-use crate::window::parse_tz;
 use crate::{Error, Result};
 
 /// Consumer group of the feature pipeline.
 pub const GROUP: &str = "features";
 /// Consumer group of the dead-letter sink.
 pub const DEAD_LETTER_GROUP: &str = "dead-letter-sink";
-const CHECKPOINT_VERSION: u32 = 3;
+const CHECKPOINT_VERSION: u32 = 4;
 
 /// Live status, read by `/readyz` and metrics.
 #[derive(Debug, Default)]
@@ -61,7 +61,8 @@ pub struct PipelineStatus {
 pub struct Processor {
     people: HashMap<String, PersonState>,
     params: StateParams,
-    default_tz: String,
+    /// Tenant settings and person profiles.
+    pub directory: Directory,
     last_revision: i64,
     /// Accepted raw events awaiting the store.
     pub pending_events: Vec<ActivityEvent>,
@@ -84,7 +85,7 @@ const UNDECODABLE: usize = 3;
 
 impl Processor {
     pub fn new(cfg: &PipelineConfig) -> Result<Self> {
-        parse_tz(&cfg.default_timezone).map_err(Error::Config)?;
+        let directory = Directory::new(&cfg.default_timezone).map_err(Error::Config)?;
         Ok(Processor {
             people: HashMap::new(),
             params: StateParams {
@@ -95,7 +96,7 @@ impl Processor {
                     flood_ms: cfg.presence_flood_ms as i64,
                 },
             },
-            default_tz: cfg.default_timezone.clone(),
+            directory,
             last_revision: 0,
             pending_events: Vec::new(),
             pending_dead: Vec::new(),
@@ -134,14 +135,18 @@ impl Processor {
         self.key.push_str(&ev.tenant_id);
         self.key.push(':');
         self.key.push_str(&ev.user_id);
+        let directory = &mut self.directory;
         let person = match self.people.get_mut(self.key.as_str()) {
             Some(p) => p,
             None => self.people.entry(self.key.clone()).or_insert_with(|| {
-                let mut p = PersonState::new(&ev.tenant_id, &ev.user_id, &self.default_tz);
+                let params = directory.params(&ev.tenant_id, &ev.user_id);
+                let mut p =
+                    PersonState::new(&ev.tenant_id, &ev.user_id, params, directory.generation());
                 p.partition = partition;
                 p
             }),
         };
+        refresh_params(directory, person);
         match person.admit(&ev, now_wall, &self.params) {
             Admission::Accepted => {
                 self.outcomes[PROCESSED] += 1;
@@ -206,6 +211,7 @@ impl Processor {
             *last
         };
         for person in self.people.values_mut() {
+            refresh_params(&mut self.directory, person);
             person.emit(now_wall, &self.params, &mut next, &mut rows);
         }
         self.people.retain(|_, p| !p.is_idle());
@@ -224,6 +230,24 @@ impl Processor {
 
     pub fn people(&self) -> usize {
         self.people.len()
+    }
+
+    /// Bytes of all people's state as checkpointed (open days with their activities,
+    /// summaries, rolling sums, week totals, emitted values).
+    pub fn state_bytes(&self) -> usize {
+        self.people
+            .values()
+            .map(|p| postcard::to_allocvec(p).map(|b| b.len()).unwrap_or(0))
+            .sum()
+    }
+}
+
+/// Installs a person's current parameters when the directory changed since they were
+/// taken (or the person was restored from a checkpoint, which holds none).
+fn refresh_params(directory: &mut Directory, person: &mut PersonState) {
+    if person.generation() != directory.generation() {
+        let params = directory.params(&person.tenant, &person.user);
+        person.set_params(params, directory.generation());
     }
 }
 

@@ -10,15 +10,41 @@
 //! Emission is by difference: after new events, the touched days are recomputed and only
 //! values that changed are emitted, each with a fresh revision; final windows are emitted
 //! once more with `is_final = true`.
+//!
+//! Beyond open days the state keeps what rolling and weekly features need, updated
+//! incrementally from each computed day's [`DaySummary`] (subtract the day's previous
+//! summary, add the new one), never recomputed from raw events:
+//! - F11 network and F12's weekly 1:1 minutes over the 28 local days ending at each open
+//!   day: one running sum for the window ending at the newest day, corrected by the few
+//!   days between an older open day and the newest;
+//! - week totals (local Monday to Monday) for F13's week, F14 and the week data-quality
+//!   flags, kept for 15 weeks, with week rows emitted like day rows;
+//! - day summaries for 35 days (interactions only as long as a window can need them).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
-use chrono_tz::Tz;
 use digame_schemas::{ActivityEvent, EventTime, FEATURE_VERSION, FeatureRow, Granularity};
 use serde::{Deserialize, Serialize};
 
-use crate::features::{Activity, FeatureParams, WindowValues, compute_day};
-use crate::window::{days_overlapping, hours_of_day, parse_tz};
+use crate::features::{
+    Activity, DayContext, DaySummary, Feature, FeatureParams, WindowValues, compute_day,
+    is_external,
+};
+use crate::rules::PersonParams;
+use crate::window::{days_overlapping, hours_of_day, week_window, work_intervals};
+
+const DAY_MS: i64 = 86_400_000;
+/// A day `d` is in the 28-day window ending at day `n` when `n − d` is under this (local
+/// days are 23–25 h long, so the half day absorbs DST).
+const ROLLING_WINDOW_MS: i64 = 27 * DAY_MS + DAY_MS / 2;
+/// Day summaries kept (beyond the rolling window, for older open days' corrections).
+const HISTORY_MS: i64 = 35 * DAY_MS;
+/// Week totals kept: F14 looks 4 weeks back, the inactive-week flag 12.
+const WEEKS_KEPT: i64 = 15;
+/// Interaction units of one meaningful interaction (F11: 1 email, meeting or call = 3
+/// units, a chat message = 1).
+const MEANINGFUL: u32 = 3;
 
 /// Runtime settings the state needs.
 #[derive(Clone, Copy, Debug)]
@@ -109,6 +135,58 @@ impl EmittedWindow {
     }
 }
 
+/// Running week totals, from day summaries.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+struct WeekTotals {
+    active_ms: i64,
+    productive_ms: i64,
+    after_hours_ms: i64,
+    collaboration_ms: i64,
+    meeting_ms: i64,
+    deep_work_ms: i64,
+    coding_ms: i64,
+    active_days: i64,
+}
+
+impl WeekTotals {
+    fn add(&mut self, s: &DaySummary, sign: i64) {
+        self.active_ms += sign * s.active_ms;
+        self.productive_ms += sign * s.productive_ms;
+        self.after_hours_ms += sign * s.after_hours_ms;
+        self.collaboration_ms += sign * s.collaboration_ms;
+        self.meeting_ms += sign * s.meeting_ms;
+        self.deep_work_ms += sign * s.deep_work_ms;
+        self.coding_ms += sign * s.coding_ms;
+        self.active_days += sign * i64::from(u8::from(s.active_day));
+    }
+
+    /// Average productive time per active day against the goal (F13), when there was an
+    /// active day.
+    fn utilization(&self, goal_ms: i64) -> Option<f64> {
+        (self.active_days > 0 && goal_ms > 0)
+            .then(|| self.productive_ms as f64 / self.active_days as f64 / goal_ms as f64)
+    }
+
+    /// F14's weekly condition: over-utilised, or more than an hour after hours.
+    fn strained(&self, goal_ms: i64) -> bool {
+        self.utilization(goal_ms).is_some_and(|u| u > 1.3) || self.after_hours_ms > 3_600_000
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct WeekState {
+    end: i64,
+    totals: WeekTotals,
+    dirty: bool,
+    emitted: EmittedWindow,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct DayRecord {
+    week: i64,
+    summary: DaySummary,
+}
+
 /// State of one person.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PersonState {
@@ -125,34 +203,80 @@ pub struct PersonState {
     /// Event ids seen in open windows, with their start, for duplicate filtering.
     seen: HashMap<u128, i64>,
     days: BTreeMap<i64, DayState>,
+    /// Summaries of computed days, by day start.
+    history: BTreeMap<i64, DayRecord>,
+    /// F11 interaction units per person over the 28 days ending at `rolling_newest`.
+    rolling: HashMap<String, u32>,
+    /// F12 one-on-one time over the same days.
+    rolling_one_on_one_ms: i64,
+    rolling_newest: i64,
+    weeks: BTreeMap<i64, WeekState>,
+    /// Compiled parameters; restored from the directory after a checkpoint load.
+    #[serde(skip)]
+    params: Option<Arc<PersonParams>>,
+    #[serde(skip)]
+    generation: u64,
 }
 
 impl PersonState {
-    pub fn new(tenant: &str, user: &str, timezone: &str) -> Self {
+    pub fn new(tenant: &str, user: &str, params: Arc<PersonParams>, generation: u64) -> Self {
         PersonState {
             tenant: tenant.into(),
             user: user.into(),
-            timezone: timezone.into(),
+            timezone: params.timezone.clone(),
             partition: 0,
             newest_start: i64::MIN,
             watermark: i64::MIN,
             last_arrival: 0,
             seen: HashMap::new(),
             days: BTreeMap::new(),
+            history: BTreeMap::new(),
+            rolling: HashMap::new(),
+            rolling_one_on_one_ms: 0,
+            rolling_newest: i64::MIN,
+            weeks: BTreeMap::new(),
+            params: Some(params),
+            generation,
         }
     }
 
-    fn tz(&self) -> Tz {
-        parse_tz(&self.timezone).unwrap_or(chrono_tz::UTC)
+    /// The directory generation the parameters were taken at (0 after a restore).
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Installs (changed) parameters. Open days are recomputed with them at the next emit;
+    /// a changed time zone applies to days opened from now on.
+    pub fn set_params(&mut self, params: Arc<PersonParams>, generation: u64) {
+        let changed = self
+            .params
+            .as_ref()
+            .is_none_or(|p| p.version != params.version);
+        if changed {
+            if self.days.is_empty() {
+                self.timezone = params.timezone.clone();
+            }
+            for day in self.days.values_mut() {
+                day.dirty = true;
+            }
+        }
+        self.params = Some(params);
+        self.generation = generation;
+    }
+
+    fn params(&self) -> Arc<PersonParams> {
+        self.params
+            .clone()
+            .expect("parameters are installed before events are admitted")
     }
 
     pub fn watermark(&self) -> i64 {
         self.watermark
     }
 
-    /// Whether nothing is held (every day closed).
+    /// Whether nothing is held: every day closed and the history aged out.
     pub fn is_idle(&self) -> bool {
-        self.days.is_empty()
+        self.days.is_empty() && self.history.is_empty() && self.weeks.is_empty()
     }
 
     /// Admits one event.
@@ -173,24 +297,42 @@ impl PersonState {
         self.watermark = self.watermark.max(self.newest_start - p.lateness_ms);
 
         let end = ev.end().0;
-        let others = ev
+        let participants: Vec<String> = ev
             .attributes
             .participants
             .iter()
             .filter(|p| **p != ev.user_id)
             .collect::<BTreeSet<_>>()
-            .len() as u32;
+            .into_iter()
+            .cloned()
+            .collect();
+        let a = &ev.attributes;
         let act = Activity {
             start,
             end,
             kind: ev.kind,
-            app: ev.attributes.app.clone(),
-            title: ev.attributes.title.clone(),
-            status: ev.attributes.status.clone(),
-            others,
+            app: a.app.clone(),
+            title: a.title.clone(),
+            url: a.url.clone(),
+            project: a.project.clone(),
+            status: a.status.clone(),
+            participants,
         };
-        let tz = self.tz();
-        for (day_start, day_end) in days_overlapping(tz, start, end.max(start + 1)) {
+        let params = self.params();
+        // Editor heartbeats also reach the days within the keystroke timeout, so a coding
+        // span across local midnight is credited to both days.
+        let reach = if ev.kind == digame_schemas::EventKind::IdeHeartbeat {
+            params.keystroke_timeout_ms
+        } else {
+            0
+        };
+        let tz = params.tz;
+        let from = start - reach;
+        let to = end.max(start + 1) + reach;
+        for (day_start, day_end) in days_overlapping(tz, from, to) {
+            if day_end <= self.watermark {
+                continue;
+            }
             let day = self.days.entry(day_start).or_default();
             day.end = day_end;
             day.acts.push(act.clone());
@@ -210,6 +352,167 @@ impl PersonState {
         self.watermark
     }
 
+    /// Replaces the summary of a computed day, updating the rolling sums and week totals
+    /// by difference.
+    fn record_day(&mut self, day_start: i64, week: (i64, i64), summary: DaySummary) {
+        if day_start > self.rolling_newest {
+            // The window moves forward: days falling out of it leave the sums.
+            let old = self.rolling_newest;
+            let leaving: Vec<i64> = self
+                .history
+                .range(..=old)
+                .map(|(d, _)| *d)
+                .filter(|d| old - d < ROLLING_WINDOW_MS && day_start - d >= ROLLING_WINDOW_MS)
+                .collect();
+            for d in leaving {
+                let rec = &self.history[&d];
+                add_interactions(&mut self.rolling, &rec.summary.interactions, -1);
+                self.rolling_one_on_one_ms -= rec.summary.one_on_one_ms;
+            }
+            self.rolling_newest = day_start;
+        }
+        let in_window = self.rolling_newest - day_start < ROLLING_WINDOW_MS;
+        if let Some(old) = self.history.remove(&day_start) {
+            if in_window {
+                add_interactions(&mut self.rolling, &old.summary.interactions, -1);
+                self.rolling_one_on_one_ms -= old.summary.one_on_one_ms;
+            }
+            if let Some(w) = self.weeks.get_mut(&old.week) {
+                w.totals.add(&old.summary, -1);
+                w.dirty = true;
+            }
+        }
+        if in_window {
+            add_interactions(&mut self.rolling, &summary.interactions, 1);
+            self.rolling_one_on_one_ms += summary.one_on_one_ms;
+        }
+        let w = self.weeks.entry(week.0).or_default();
+        w.end = week.1;
+        w.totals.add(&summary, 1);
+        w.dirty = true;
+        self.history.insert(
+            day_start,
+            DayRecord {
+                week: week.0,
+                summary,
+            },
+        );
+    }
+
+    /// F11 and F12 over the 28 days ending at `day_start` (an open, recorded day).
+    fn rolling_at(&self, day_start: i64) -> (HashMap<&str, i64>, i64) {
+        let mut units: HashMap<&str, i64> = self
+            .rolling
+            .iter()
+            .map(|(k, v)| (k.as_str(), i64::from(*v)))
+            .collect();
+        let mut one_on_one = self.rolling_one_on_one_ms;
+        // Days after `day_start` are in the newest window but not in this one; days that
+        // left the newest window may still be in this one.
+        for (&d, rec) in self.history.iter() {
+            let in_newest = d <= self.rolling_newest && self.rolling_newest - d < ROLLING_WINDOW_MS;
+            let in_this = d <= day_start && day_start - d < ROLLING_WINDOW_MS;
+            let sign = match (in_newest, in_this) {
+                (true, false) => -1,
+                (false, true) => 1,
+                _ => continue,
+            };
+            for (k, v) in &rec.summary.interactions {
+                *units.entry(k.as_str()).or_insert(0) += sign * i64::from(*v);
+            }
+            one_on_one += sign * rec.summary.one_on_one_ms;
+        }
+        (units, one_on_one)
+    }
+
+    /// Adds the rolling features of an open day to its values.
+    fn rolling_values(&self, day_start: i64, params: &PersonParams, values: &mut WindowValues) {
+        let (internal, external, one_on_one) = if day_start == self.rolling_newest {
+            let (i, e) = count_network(
+                self.rolling
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), i64::from(*v))),
+            );
+            (i, e, self.rolling_one_on_one_ms)
+        } else {
+            let (units, one_on_one) = self.rolling_at(day_start);
+            let (i, e) = count_network(units.into_iter());
+            (i, e, one_on_one)
+        };
+        values.insert((Feature::NetworkSize, ""), (internal + external) as f64);
+        values.insert((Feature::NetworkSize, "internal"), internal as f64);
+        values.insert((Feature::NetworkSize, "external"), external as f64);
+        if params.manager.is_some() {
+            // Monthly (28-day) total ÷ 4 weeks.
+            let per_week = one_on_one as f64 / 60_000.0 / 4.0;
+            values.insert((Feature::ManagerOneOnOneMinutesPerWeek, ""), per_week);
+            values.insert(
+                (Feature::ManagerOneOnOneLow, ""),
+                f64::from(u8::from(per_week < 15.0)),
+            );
+        }
+    }
+
+    /// The week features of the week starting at `start`.
+    fn week_values(&self, start: i64, params: &PersonParams) -> WindowValues<'static> {
+        let w = &self.weeks[&start].totals;
+        let secs = |ms: i64| ms as f64 / 1000.0;
+        let flag = |b: bool| f64::from(u8::from(b));
+        let mut v: WindowValues<'static> = BTreeMap::new();
+        v.insert((Feature::ActiveDay, ""), w.active_days as f64);
+        v.insert((Feature::ActiveSeconds, ""), secs(w.active_ms));
+        v.insert(
+            (Feature::AfterHoursActiveSeconds, ""),
+            secs(w.after_hours_ms),
+        );
+        v.insert((Feature::CodingSeconds, ""), secs(w.coding_ms));
+        v.insert(
+            (Feature::CollaborationSeconds, ""),
+            secs(w.collaboration_ms),
+        );
+        v.insert((Feature::DeepWorkSeconds, ""), secs(w.deep_work_ms));
+        v.insert((Feature::MeetingSeconds, ""), secs(w.meeting_ms));
+        v.insert((Feature::ProductiveSeconds, ""), secs(w.productive_ms));
+        v.insert(
+            (Feature::NonKnowledgeWorkerWeek, ""),
+            flag(w.collaboration_ms < 5 * 3_600_000),
+        );
+        if let Some(u) = w.utilization(params.productive_goal_ms) {
+            v.insert(
+                (Feature::ProductiveHoursPerActiveDay, ""),
+                w.productive_ms as f64 / w.active_days as f64 / 3_600_000.0,
+            );
+            v.insert((Feature::OverUtilized, ""), flag(u > 1.3));
+            v.insert((Feature::UnderUtilized, ""), flag(u < 0.7));
+        }
+        // F14: strained in at least 3 of the last 4 weeks (this one included).
+        let strained = self
+            .weeks
+            .range(start - 3 * 7 * DAY_MS - DAY_MS..=start)
+            .filter(|(_, w)| w.totals.strained(params.productive_goal_ms))
+            .count();
+        v.insert((Feature::BurnoutRisk, ""), flag(strained >= 3));
+        // Inactive week: active time more than 2 SD below the mean of up to 12 earlier
+        // weeks (at least 4 needed).
+        let earlier: Vec<f64> = self
+            .weeks
+            .range(..start)
+            .rev()
+            .take(12)
+            .map(|(_, w)| w.totals.active_ms as f64)
+            .collect();
+        let inactive = if earlier.len() >= 4 {
+            let n = earlier.len() as f64;
+            let mean = earlier.iter().sum::<f64>() / n;
+            let var = earlier.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
+            (w.active_ms as f64) < mean - 2.0 * var.sqrt()
+        } else {
+            false
+        };
+        v.insert((Feature::InactiveWeek, ""), flag(inactive));
+        v
+    }
+
     /// Emits changed and newly final rows; drops closed days. `revision` yields a fresh,
     /// increasing revision per call.
     pub fn emit(
@@ -220,9 +523,18 @@ impl PersonState {
         out: &mut Vec<FeatureRow>,
     ) {
         let wm = self.advance_idle(now_wall, p);
-        let tz = self.tz();
+        let params = self.params();
+        let tz = params.tz;
+        // A recomputed day changes the rolling values of the open days after it.
+        if let Some(first_dirty) = self.days.iter().find(|(_, d)| d.dirty).map(|(k, _)| *k) {
+            for (_, d) in self.days.range_mut(first_dirty..) {
+                d.dirty = true;
+            }
+        }
         let mut closed = Vec::new();
-        for (&day_start, day) in self.days.iter_mut() {
+        let starts: Vec<i64> = self.days.keys().copied().collect();
+        for day_start in starts {
+            let day = &self.days[&day_start];
             let newly_final = day.windows.values().any(|w| !w.is_final && w.end <= wm)
                 || (day.end <= wm
                     && !day
@@ -232,21 +544,41 @@ impl PersonState {
             if !day.dirty && !newly_final {
                 continue;
             }
-            let hours = hours_of_day(tz, (day_start, day.end));
-            let features = compute_day(&day.acts, (day_start, day.end), &hours, &p.features);
+            let day_end = day.end;
+            let hours = hours_of_day(tz, (day_start, day_end));
+            let (work, workday) = work_intervals(
+                tz,
+                (day_start, day_end),
+                &params.work_days,
+                params.work_start_min,
+                params.work_end_min,
+            );
+            let ctx = DayContext {
+                day: (day_start, day_end),
+                hours,
+                work,
+                workday,
+                params: &params,
+            };
+            let mut day = self.days.remove(&day_start).expect("listed above");
+            let mut features = compute_day(&day.acts, &ctx, &p.features);
+            let week = week_window(tz, day_start);
+            self.record_day(day_start, week, std::mem::take(&mut features.summary));
+            self.rolling_values(day_start, &params, &mut features.day);
             let rev = revision();
             let windows = features
                 .hours
                 .iter()
                 .map(|(start, values)| {
-                    let end = hours
+                    let end = ctx
+                        .hours
                         .iter()
                         .find(|h| h.0 == *start)
                         .map(|h| h.1)
                         .unwrap_or(start + 3_600_000);
                     (Granularity::Hour, *start, end, values)
                 })
-                .chain([(Granularity::Day, day_start, day.end, &features.day)]);
+                .chain([(Granularity::Day, day_start, day_end, &features.day)]);
             for (g, ws, we, values) in windows {
                 let is_final = we <= wm;
                 let emitted = day.windows.entry((g, ws)).or_default();
@@ -254,36 +586,145 @@ impl PersonState {
                 let first_final = is_final && !emitted.is_final;
                 emitted.is_final |= is_final;
                 emitted.diff(values, first_final, |feature, dimension, value| {
-                    out.push(FeatureRow {
-                        tenant_id: self.tenant.clone(),
-                        user_id: self.user.clone(),
-                        granularity: g,
-                        window_start: EventTime(ws),
-                        window_end: EventTime(we),
-                        timezone: self.timezone.clone(),
-                        feature: feature.to_string(),
-                        dimension: dimension.to_string(),
-                        value,
-                        feature_version: FEATURE_VERSION,
-                        is_final,
-                        revision: rev,
-                    });
+                    out.push(
+                        self.row(g, ws, we, feature, dimension, value, is_final, rev, &params),
+                    );
                 });
             }
             day.dirty = false;
             if day.end <= wm {
                 closed.push(day_start);
             }
+            self.days.insert(day_start, day);
         }
         for day_start in closed {
             self.days.remove(&day_start);
         }
+        self.emit_weeks(wm, &params, &mut revision, out);
+        self.prune(wm);
         if !self.days.is_empty() || !self.seen.is_empty() {
             let oldest_open = self.days.keys().next().copied().unwrap_or(i64::MAX);
             let horizon = oldest_open.min(wm);
             self.seen.retain(|_, start| *start >= horizon);
         }
     }
+
+    fn emit_weeks(
+        &mut self,
+        wm: i64,
+        params: &PersonParams,
+        revision: &mut impl FnMut() -> i64,
+        out: &mut Vec<FeatureRow>,
+    ) {
+        let due: Vec<i64> = self
+            .weeks
+            .iter()
+            .filter(|(_, w)| w.dirty || (w.end <= wm && !w.emitted.is_final))
+            .map(|(s, _)| *s)
+            .collect();
+        for start in due {
+            let values = self.week_values(start, params);
+            let rev = revision();
+            let mut w = self.weeks.remove(&start).expect("listed above");
+            let is_final = w.end <= wm;
+            let first_final = is_final && !w.emitted.is_final;
+            w.emitted.is_final |= is_final;
+            w.emitted.end = w.end;
+            let end = w.end;
+            w.emitted
+                .diff(&values, first_final, |feature, dimension, value| {
+                    out.push(self.row(
+                        Granularity::Week,
+                        start,
+                        end,
+                        feature,
+                        dimension,
+                        value,
+                        is_final,
+                        rev,
+                        params,
+                    ));
+                });
+            w.dirty = false;
+            if w.emitted.is_final {
+                // Only the totals are needed from here on.
+                w.emitted.values.clear();
+            }
+            self.weeks.insert(start, w);
+        }
+    }
+
+    /// Ages out day summaries and week totals no feature can need any more.
+    fn prune(&mut self, wm: i64) {
+        let newest = self.rolling_newest.max(wm);
+        let keep_from = newest - HISTORY_MS;
+        let old: Vec<i64> = self.history.range(..keep_from).map(|(d, _)| *d).collect();
+        for d in old {
+            // Out of every window by now (HISTORY_MS > ROLLING_WINDOW_MS).
+            self.history.remove(&d);
+        }
+        let week_horizon = newest - WEEKS_KEPT * 7 * DAY_MS;
+        self.weeks
+            .retain(|s, w| *s >= week_horizon || !w.emitted.is_final || w.dirty);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn row(
+        &self,
+        g: Granularity,
+        ws: i64,
+        we: i64,
+        feature: &str,
+        dimension: &str,
+        value: f64,
+        is_final: bool,
+        revision: i64,
+        params: &PersonParams,
+    ) -> FeatureRow {
+        FeatureRow {
+            tenant_id: self.tenant.clone(),
+            user_id: self.user.clone(),
+            granularity: g,
+            window_start: EventTime(ws),
+            window_end: EventTime(we),
+            timezone: self.timezone.clone(),
+            feature: feature.to_string(),
+            dimension: dimension.to_string(),
+            value,
+            feature_version: FEATURE_VERSION,
+            params_version: params.version,
+            is_final,
+            revision,
+        }
+    }
+}
+
+fn add_interactions(into: &mut HashMap<String, u32>, from: &[(String, u32)], sign: i64) {
+    for (k, v) in from {
+        if sign > 0 {
+            *into.entry(k.clone()).or_insert(0) += v;
+        } else if let Some(x) = into.get_mut(k) {
+            *x = x.saturating_sub(*v);
+            if *x == 0 {
+                into.remove(k);
+            }
+        }
+    }
+}
+
+/// Internal and external people with at least two meaningful interactions.
+fn count_network<'a>(units: impl Iterator<Item = (&'a str, i64)>) -> (usize, usize) {
+    let (mut internal, mut external) = (0, 0);
+    for (k, v) in units {
+        if v >= i64::from(2 * MEANINGFUL) {
+            if is_external(k) {
+                external += 1;
+            } else {
+                internal += 1;
+            }
+        }
+    }
+    (internal, external)
 }
 
 #[cfg(test)]
@@ -324,7 +765,12 @@ mod tests {
     #[test]
     fn duplicates_count_once_and_late_events_are_refused() {
         let p = params();
-        let mut s = PersonState::new("t", "u", "UTC");
+        let mut s = PersonState::new(
+            "t",
+            "u",
+            Arc::new(PersonParams::defaults("UTC").unwrap()),
+            1,
+        );
         let mut rev = 0;
         let mut next = || {
             rev += 1;
@@ -386,7 +832,12 @@ mod tests {
             idle_advance_ms: 60 * MIN,
             ..params()
         };
-        let mut s = PersonState::new("t", "u", "UTC");
+        let mut s = PersonState::new(
+            "t",
+            "u",
+            Arc::new(PersonParams::defaults("UTC").unwrap()),
+            1,
+        );
         s.admit(&event(1, D + 23 * 60 * MIN, "message"), 1_000, &p);
         let mut rows = Vec::new();
         let mut rev = 0;
@@ -410,6 +861,10 @@ mod tests {
             value(&rows, Granularity::Day, "event_count"),
             Some((1.0, true))
         );
+        assert!(s.days.is_empty());
+        // The day's summary stays for rolling features until it ages out.
+        assert!(!s.is_idle());
+        s.emit(1_000 + 110 * 24 * 60 * MIN, &p, || 100, &mut rows);
         assert!(s.is_idle());
     }
 }

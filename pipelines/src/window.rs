@@ -5,7 +5,7 @@
 //! and a repeated local hour (DST end) yields two distinct hour windows. When a zone skips
 //! midnight, the day starts at the first instant that exists.
 
-use chrono::{Days, NaiveDate, NaiveTime, TimeZone, Timelike};
+use chrono::{Datelike, Days, NaiveDate, NaiveTime, TimeZone, Timelike};
 use chrono_tz::Tz;
 
 /// Milliseconds in an hour.
@@ -38,17 +38,62 @@ pub fn hour_window(tz: Tz, t: i64) -> (i64, i64) {
 
 /// First instant of local date `date`.
 pub fn local_midnight(tz: Tz, date: NaiveDate) -> i64 {
-    let mut time = NaiveTime::MIN;
+    local_instant(tz, date, NaiveTime::MIN)
+}
+
+/// The instant the local clock shows `time` on `date`; when that time does not exist (a
+/// DST gap), the first instant after the gap; when it exists twice, the earlier.
+pub fn local_instant(tz: Tz, date: NaiveDate, mut time: NaiveTime) -> i64 {
     // Gaps are at most a couple of hours (usually one, starting exactly at midnight).
     for _ in 0..(4 * 3) {
         if let Some(dt) = tz.from_local_datetime(&date.and_time(time)).earliest() {
             return dt.timestamp_millis();
         }
-        // Midnight does not exist on this date: try later in 15-minute steps.
+        // The time does not exist on this date (a DST gap): try later in 15-minute steps.
         time += chrono::Duration::minutes(15);
     }
     tz.from_utc_datetime(&date.and_time(NaiveTime::MIN))
         .timestamp_millis()
+}
+
+/// The local date of instant `t`.
+pub fn local_date(tz: Tz, t: i64) -> NaiveDate {
+    local(tz, t).date_naive()
+}
+
+/// Working-hours intervals of the local day `day` for a schedule (weekdays Monday first,
+/// minutes after local midnight), and whether the day is a working day.
+pub fn work_intervals(
+    tz: Tz,
+    day: (i64, i64),
+    work_days: &[bool; 7],
+    start_min: u32,
+    end_min: u32,
+) -> (Vec<(i64, i64)>, bool) {
+    let date = local_date(tz, day.0);
+    if !work_days[date.weekday().num_days_from_monday() as usize] {
+        return (Vec::new(), false);
+    }
+    let at = |min: u32| {
+        if min >= 24 * 60 {
+            day.1
+        } else {
+            let time = NaiveTime::from_hms_opt(min / 60, min % 60, 0).expect("minutes < 1440");
+            local_instant(tz, date, time).clamp(day.0, day.1)
+        }
+    };
+    let (s, e) = (at(start_min), at(end_min));
+    (if e > s { vec![(s, e)] } else { Vec::new() }, true)
+}
+
+/// The local week (Monday 00:00 to the next Monday 00:00) containing `t`.
+pub fn week_window(tz: Tz, t: i64) -> (i64, i64) {
+    let date = local_date(tz, t);
+    let monday = date - Days::new(u64::from(date.weekday().num_days_from_monday()));
+    (
+        local_midnight(tz, monday),
+        local_midnight(tz, monday + Days::new(7)),
+    )
 }
 
 /// The local day containing `t`.

@@ -548,6 +548,7 @@ mod tests {
             dimension: dim.into(),
             value,
             feature_version: 1,
+            params_version: 0,
             is_final: revision > 1,
             revision,
         }

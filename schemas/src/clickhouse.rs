@@ -88,6 +88,11 @@ pub fn tables() -> Vec<TableSpec> {
     ]
 }
 
+/// Columns added to a table after the migration that created it: (table, column, the
+/// migration that adds it). Earlier migrations are derived without them, so their text and
+/// checksums never change when a record gains a field.
+pub const ADDED_COLUMNS: &[(&str, &str, u32)] = &[("features", "params_version", 4)];
+
 /// The table engine family of a table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Engine {
@@ -119,6 +124,51 @@ pub struct ChColumn {
 }
 
 impl TableSpec {
+    /// The table as it stood after migration `version`: columns added later are left out.
+    pub fn as_of(&self, version: u32) -> TableSpec {
+        let mut spec = self.clone();
+        spec.layout.columns.retain(|c| {
+            !ADDED_COLUMNS
+                .iter()
+                .any(|(t, col, v)| *t == self.name && *col == c.name && *v > version)
+        });
+        spec
+    }
+
+    /// `ALTER TABLE … ADD COLUMN` for a column of [`ADDED_COLUMNS`], placed where the
+    /// layout has it (for a cluster: the local and the distributed table).
+    pub fn add_column_sql(
+        &self,
+        database: &str,
+        column: &str,
+        cluster: Option<&ClusterSpec>,
+    ) -> Vec<String> {
+        let columns = self.columns();
+        let Some(i) = columns.iter().position(|c| c.name == column) else {
+            return Vec::new();
+        };
+        let after = i
+            .checked_sub(1)
+            .map(|j| format!(" AFTER `{}`", columns[j].name))
+            .unwrap_or_default();
+        let alter = |table: &str, on_cluster: &str| {
+            format!(
+                "ALTER TABLE `{database}`.`{table}`{on_cluster} ADD COLUMN `{column}` {}{after}",
+                columns[i].ch_type
+            )
+        };
+        match cluster {
+            None => vec![alter(self.name, "")],
+            Some(c) => {
+                let on = format!(" ON CLUSTER `{}`", c.name);
+                vec![
+                    alter(&format!("{}_local", self.name), &on),
+                    alter(self.name, &on),
+                ]
+            }
+        }
+    }
+
     /// The physical columns, in order.
     pub fn columns(&self) -> Vec<ChColumn> {
         let mut out = Vec::new();
@@ -289,8 +339,34 @@ mod tests {
         assert_eq!(find("is_final"), "UInt8");
         assert_eq!(find("value"), "Float64");
         assert_eq!(find("granularity"), "String");
-        // FeatureRow has 12 fields, two of them timestamps.
-        assert_eq!(cols.len(), 14);
+        assert_eq!(find("params_version"), "UInt64");
+        // FeatureRow has 13 fields, two of them timestamps.
+        assert_eq!(cols.len(), 15);
+    }
+
+    #[test]
+    fn added_columns_are_left_out_of_earlier_versions_and_added_in_place() {
+        let spec = features();
+        let v1 = spec.as_of(1);
+        assert!(v1.columns().iter().all(|c| c.name != "params_version"));
+        assert_eq!(v1.columns().len() + 1, spec.columns().len());
+        assert_eq!(spec.as_of(4).columns(), spec.columns());
+        // Only the spec that has the column can place it.
+        assert!(
+            spec.as_of(3)
+                .add_column_sql("d", "params_version", None)
+                .is_empty()
+        );
+        assert_eq!(
+            spec.add_column_sql("d", "params_version", None),
+            vec![
+                "ALTER TABLE `d`.`features` ADD COLUMN `params_version` UInt64 AFTER `feature_version`"
+            ]
+        );
+        let c = ClusterSpec { name: "c".into() };
+        let clustered = spec.add_column_sql("d", "params_version", Some(&c));
+        assert_eq!(clustered.len(), 2);
+        assert!(clustered[0].starts_with("ALTER TABLE `d`.`features_local` ON CLUSTER `c`"));
     }
 
     #[test]

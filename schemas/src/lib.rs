@@ -7,11 +7,13 @@
 pub mod arrow;
 pub mod clickhouse;
 pub mod event;
+pub mod profile;
 pub mod records;
 pub mod time;
 pub mod validate;
 
 pub use event::{ActivityEvent, Attributes, EventKind, SCHEMA_VERSION, partition_key};
+pub use profile::{PersonProfile, TenantSettings, params_version};
 pub use records::{
     AnomalyRow, DeadLetter, FEATURE_VERSION, FeatureRow, Granularity, PredictionRow,
 };

@@ -13,7 +13,7 @@ use crate::time::EventTime;
 /// that a changed definition never overwrites or mixes with rows of the old one.
 pub const FEATURE_VERSION: u32 = 1;
 
-/// Window size of a feature row.
+/// Window size of a feature row; a week runs from local Monday 00:00 to the next.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
 )]
@@ -21,6 +21,7 @@ pub const FEATURE_VERSION: u32 = 1;
 pub enum Granularity {
     Hour,
     Day,
+    Week,
 }
 
 impl Granularity {
@@ -28,6 +29,7 @@ impl Granularity {
         match self {
             Granularity::Hour => "hour",
             Granularity::Day => "day",
+            Granularity::Week => "week",
         }
     }
 
@@ -35,6 +37,7 @@ impl Granularity {
         match text {
             "hour" => Some(Granularity::Hour),
             "day" => Some(Granularity::Day),
+            "week" => Some(Granularity::Week),
             _ => None,
         }
     }
@@ -59,6 +62,10 @@ pub struct FeatureRow {
     pub dimension: String,
     pub value: f64,
     pub feature_version: u32,
+    /// Fingerprint of the tenant settings and person profile the value was computed with
+    /// ([`crate::params_version`]); 0 in rows written before parameters existed.
+    #[serde(default)]
+    pub params_version: u64,
     /// Whether the watermark has passed the window end plus the allowed lateness; a final
     /// row no longer changes.
     pub is_final: bool,
@@ -136,9 +143,9 @@ mod tests {
 
     #[test]
     fn granularity_parses_its_own_names() {
-        for g in [Granularity::Hour, Granularity::Day] {
+        for g in [Granularity::Hour, Granularity::Day, Granularity::Week] {
             assert_eq!(Granularity::parse(g.as_str()), Some(g));
         }
-        assert_eq!(Granularity::parse("week"), None);
+        assert_eq!(Granularity::parse("month"), None);
     }
 }

@@ -4,6 +4,8 @@
 //! The process is killed when the handle drops, so a failing test never leaves a server
 //! behind.
 
+pub mod golden;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -84,6 +84,7 @@ fn features(rows: usize) -> Vec<FeatureRow> {
                 dimension: String::new(),
                 value: (i % 3600) as f64,
                 feature_version: 1,
+                params_version: 0,
                 is_final: true,
                 revision: 1_767_225_600_000_000 + i as i64,
             }

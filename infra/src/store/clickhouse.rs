@@ -112,7 +112,9 @@ impl Migration {
 
 /// The migrations of this build, in order.
 pub fn migrations(database: &str, cluster: Option<&ClusterSpec>) -> Vec<Migration> {
-    let specs = tables();
+    // Each migration is derived from the tables as they stood at its version, so adding a
+    // field to a record never edits an applied migration.
+    let specs: Vec<TableSpec> = tables().iter().map(|t| t.as_of(1)).collect();
     let mut create = Vec::new();
     for spec in &specs {
         create.push(spec.create_sql(database, cluster));
@@ -136,10 +138,39 @@ pub fn migrations(database: &str, cluster: Option<&ClusterSpec>) -> Vec<Migratio
             name: "latest views for SQL",
             statements: Table::ALL
                 .into_iter()
-                .map(|t| latest_view_sql(database, t, cluster))
+                .map(|t| latest_view_sql(database, t, cluster, 3))
                 .collect(),
         },
+        Migration {
+            version: 4,
+            name: "features.params_version",
+            statements: add_column_statements(database, cluster, "features", "params_version", 4),
+        },
     ]
+}
+
+/// Adds a column of [`digame_schemas::clickhouse::ADDED_COLUMNS`] and rebuilds the table's
+/// latest view to include it.
+fn add_column_statements(
+    database: &str,
+    cluster: Option<&ClusterSpec>,
+    table: &str,
+    column: &str,
+    version: u32,
+) -> Vec<String> {
+    let spec = spec(table).expect("a known table").as_of(version);
+    let mut out = spec.add_column_sql(database, column, cluster);
+    if let Some(t) = Table::ALL.into_iter().find(|t| t.name() == table) {
+        let on_cluster = cluster
+            .map(|c| format!(" ON CLUSTER `{}`", c.name))
+            .unwrap_or_default();
+        out.push(format!(
+            "DROP TABLE IF EXISTS `{database}`.`{}`{on_cluster}",
+            latest_view(t)
+        ));
+        out.push(latest_view_sql(database, t, cluster, version));
+    }
+    out
 }
 
 /// Name of the view that reads `table` as SQL sees it: the latest row per key.
@@ -150,8 +181,15 @@ pub fn latest_view(table: Table) -> String {
 /// The view `POST /v1/sql` reads instead of `table`: the record's columns (timestamps at
 /// second precision), the `date` column the embedded store derives from its path, one row
 /// per key (`FINAL`).
-fn latest_view_sql(database: &str, table: Table, cluster: Option<&ClusterSpec>) -> String {
-    let spec = spec(table.name()).expect("every store table has a ClickHouse spec");
+fn latest_view_sql(
+    database: &str,
+    table: Table,
+    cluster: Option<&ClusterSpec>,
+    version: u32,
+) -> String {
+    let spec = spec(table.name())
+        .expect("every store table has a ClickHouse spec")
+        .as_of(version);
     let on_cluster = cluster
         .map(|c| format!(" ON CLUSTER `{}`", c.name))
         .unwrap_or_default();
@@ -541,6 +579,7 @@ struct FeatureCh<'a> {
     dimension: &'a str,
     value: f64,
     feature_version: u32,
+    params_version: u64,
     is_final: u8,
     revision: u64,
 }
@@ -562,6 +601,7 @@ impl<'a> FeatureCh<'a> {
             dimension: &f.dimension,
             value: f.value,
             feature_version: f.feature_version,
+            params_version: f.params_version,
             is_final: u8::from(f.is_final),
             revision: u64::try_from(f.revision)
                 .map_err(|_| format!("revision {} is negative", f.revision))?,
