@@ -35,6 +35,26 @@ pub struct Config {
     pub store: StoreConfig,
     pub query: QueryConfig,
     pub admin: AdminConfig,
+    pub meta: MetaConfig,
+}
+
+/// Where tenant settings, person profiles and jobs are kept.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetaConfig {
+    /// `sqlite://` (`<data_dir>/meta.db`) or `sqlite:///path/to/meta.db`.
+    pub url: String,
+    /// How often pipelines and ingest look for changed settings and profiles (ms).
+    pub refresh_ms: u64,
+}
+
+impl Default for MetaConfig {
+    fn default() -> Self {
+        MetaConfig {
+            url: "sqlite://".into(),
+            refresh_ms: 1000,
+        }
+    }
 }
 
 /// Tenant administration over the API (deleting a person's data, applying retention).
@@ -59,6 +79,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             query: QueryConfig::default(),
             admin: AdminConfig::default(),
+            meta: MetaConfig::default(),
         }
     }
 }

@@ -1046,8 +1046,16 @@ mod tests {
     fn migrations_are_stable_and_checksummed() {
         let a = migrations("d", None);
         let b = migrations("d", None);
-        assert_eq!(a.len(), 3);
+        assert_eq!(a.len(), 4);
         assert_eq!(a[0].checksum(), b[0].checksum());
+        // v4 adds the column where v1's full layout would have it, then rebuilds the view.
+        assert_eq!(a[3].statements.len(), 3, "{:?}", a[3].statements);
+        assert!(
+            a[3].statements[0]
+                .starts_with("ALTER TABLE `d`.`features` ADD COLUMN `params_version` UInt64 AFTER"),
+            "{}",
+            a[3].statements[0]
+        );
         assert_eq!(a[0].checksum().len(), 64);
         assert_ne!(a[0].checksum(), migrations("other", None)[0].checksum());
         let cluster = ClusterSpec { name: "c".into() };

@@ -1,0 +1,432 @@
+//! The metadata store: tenant settings, person profiles and background jobs, in SQLite
+//! (embedded default, `<data_dir>/meta.db`) through `sqlx`'s driver-neutral `Any` pool.
+//!
+//! What it guarantees:
+//! - **Versioned schema.** Migrations under `infra/migrations/meta/` are embedded in the
+//!   binary and applied on open (and by `digame migrate`); `sqlx` records each with its
+//!   checksum and refuses a database whose applied migrations were edited afterwards.
+//! - **Changes in commit order.** Every write of settings or a profile takes the next
+//!   value of one revision counter inside its own transaction. Writers serialize on that
+//!   counter row, so revisions commit in increasing order and a reader that remembers the
+//!   last revision it saw ([`MetaStore::changes_since`]) never misses a change.
+//! - **Validated content.** Settings and profiles are validated before they are stored,
+//!   so whatever a pipeline reads back compiles.
+//! - **Bound parameters.** Every value reaches SQL as a bound parameter (`$1`, …), never
+//!   by concatenation; the SQL is portable so the PostgreSQL backend can share it.
+
+use std::path::Path;
+use std::str::FromStr;
+
+use digame_schemas::profile::{PersonProfile, TenantSettings};
+use serde::Serialize;
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{AnyPool, Row};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/meta");
+
+/// Errors of the metadata store.
+#[derive(Debug, thiserror::Error)]
+pub enum MetaError {
+    #[error(
+        "metadata store URL `{0}`: use `sqlite://` (the default, <data_dir>/meta.db) or `sqlite:///path/to/meta.db`"
+    )]
+    BadUrl(String),
+    #[error("cannot open the metadata store at {url}: {reason}")]
+    Open { url: String, reason: String },
+    #[error("metadata store migration failed: {0}")]
+    Migrate(String),
+    #[error("metadata store query failed: {0}")]
+    Query(#[from] sqlx::Error),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("stored {what} cannot be read ({reason}); rewrite it through the API")]
+    Corrupt { what: String, reason: String },
+}
+
+pub type Result<T, E = MetaError> = std::result::Result<T, E>;
+
+/// A stored value with the revision that wrote it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Stored<T> {
+    #[serde(flatten)]
+    pub value: T,
+    pub revision: i64,
+    pub updated_at: i64,
+}
+
+/// Everything written after some revision, in revision order.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub settings: Vec<(String, TenantSettings)>,
+    pub profiles: Vec<(String, String, PersonProfile)>,
+    /// The newest revision included; pass it to the next [`MetaStore::changes_since`].
+    pub revision: i64,
+}
+
+/// State of a background job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+impl JobState {
+    fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+        }
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "queued" => JobState::Queued,
+            "running" => JobState::Running,
+            "succeeded" => JobState::Succeeded,
+            "failed" => JobState::Failed,
+            other => return Err(format!("unknown job state `{other}`")),
+        })
+    }
+}
+
+/// A background job and its progress (`done` of `total` units).
+#[derive(Clone, Debug, Serialize)]
+pub struct Job {
+    pub job_id: String,
+    pub tenant_id: String,
+    pub kind: String,
+    pub spec: serde_json::Value,
+    pub state: JobState,
+    pub done: i64,
+    pub total: i64,
+    pub message: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// The metadata store.
+#[derive(Clone, Debug)]
+pub struct MetaStore {
+    pool: AnyPool,
+}
+
+fn now_ms() -> i64 {
+    digame_schemas::EventTime::now().0
+}
+
+/// The SQLite file a `meta.url` names: `sqlite://` is `<data_dir>/meta.db`.
+pub fn sqlite_path(url: &str, data_dir: &Path) -> Result<std::path::PathBuf> {
+    match url.strip_prefix("sqlite://") {
+        Some("") => Ok(data_dir.join("meta.db")),
+        Some(path) if !path.contains('?') => Ok(path.into()),
+        _ => Err(MetaError::BadUrl(url.into())),
+    }
+}
+
+impl MetaStore {
+    /// Opens (creating when missing) the store of `url` and applies pending migrations.
+    pub async fn open(url: &str, data_dir: &Path) -> Result<Self> {
+        let path = sqlite_path(url, data_dir)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| MetaError::Open {
+                url: url.into(),
+                reason: format!("{}: {e}", dir.display()),
+            })?;
+        }
+        install_default_drivers();
+        let conn = format!("sqlite://{}?mode=rwc", path.display());
+        let pool = AnyPoolOptions::new()
+            .max_connections(4)
+            .connect(&conn)
+            .await
+            .map_err(|e| MetaError::Open {
+                url: url.into(),
+                reason: e.to_string(),
+            })?;
+        let store = MetaStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Applies the migrations not yet applied; returns the versions now applied.
+    pub async fn migrate(&self) -> Result<Vec<i64>> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|e| MetaError::Migrate(e.to_string()))?;
+        Ok(MIGRATOR.iter().map(|m| m.version).collect())
+    }
+
+    /// Takes the next revision inside `tx`; holds the counter row until commit.
+    async fn next_revision(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<i64> {
+        let row =
+            sqlx::query("UPDATE meta_revision SET value = value + 1 WHERE id = 1 RETURNING value")
+                .fetch_one(&mut **tx)
+                .await?;
+        Ok(row.try_get::<i64, _>(0)?)
+    }
+
+    /// The tenant's stored settings, if any were set.
+    pub async fn settings(&self, tenant: &str) -> Result<Option<Stored<TenantSettings>>> {
+        let row = sqlx::query(
+            "SELECT settings, revision, updated_at FROM tenant_settings WHERE tenant_id = $1",
+        )
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(Stored {
+                value: decode(&r.try_get::<String, _>(0)?, || {
+                    format!("settings of {tenant}")
+                })?,
+                revision: r.try_get(1)?,
+                updated_at: r.try_get(2)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Validates and stores a tenant's settings.
+    pub async fn put_settings(
+        &self,
+        tenant: &str,
+        settings: &TenantSettings,
+    ) -> Result<Stored<TenantSettings>> {
+        settings.validate().map_err(MetaError::Invalid)?;
+        let json = serde_json::to_string(settings).expect("settings serialize");
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let revision = Self::next_revision(&mut tx).await?;
+        sqlx::query(
+            "INSERT INTO tenant_settings (tenant_id, settings, revision, updated_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (tenant_id) DO UPDATE SET settings = excluded.settings,
+               revision = excluded.revision, updated_at = excluded.updated_at",
+        )
+        .bind(tenant)
+        .bind(&json)
+        .bind(revision)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Stored {
+            value: settings.clone(),
+            revision,
+            updated_at: now,
+        })
+    }
+
+    /// A person's stored profile, if one was set.
+    pub async fn profile(&self, tenant: &str, user: &str) -> Result<Option<Stored<PersonProfile>>> {
+        let row = sqlx::query(
+            "SELECT profile, revision, updated_at FROM person_profiles WHERE tenant_id = $1 AND user_id = $2",
+        )
+        .bind(tenant)
+        .bind(user)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(Stored {
+                value: decode(&r.try_get::<String, _>(0)?, || {
+                    format!("profile of {tenant}/{user}")
+                })?,
+                revision: r.try_get(1)?,
+                updated_at: r.try_get(2)?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Validates and stores a person's profile.
+    pub async fn put_profile(
+        &self,
+        tenant: &str,
+        user: &str,
+        profile: &PersonProfile,
+    ) -> Result<Stored<PersonProfile>> {
+        profile.validate().map_err(MetaError::Invalid)?;
+        if let Some(tz) = &profile.timezone {
+            tz.parse::<chrono_tz::Tz>().map_err(|_| {
+                MetaError::Invalid(format!(
+                    "timezone `{tz}` is not an IANA time zone name (e.g. Europe/Berlin)"
+                ))
+            })?;
+        }
+        let json = serde_json::to_string(profile).expect("profiles serialize");
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let revision = Self::next_revision(&mut tx).await?;
+        sqlx::query(
+            "INSERT INTO person_profiles (tenant_id, user_id, profile, team, manager, revision, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (tenant_id, user_id) DO UPDATE SET profile = excluded.profile,
+               team = excluded.team, manager = excluded.manager,
+               revision = excluded.revision, updated_at = excluded.updated_at",
+        )
+        .bind(tenant)
+        .bind(user)
+        .bind(&json)
+        .bind(profile.team.clone())
+        .bind(profile.manager.clone())
+        .bind(revision)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Stored {
+            value: profile.clone(),
+            revision,
+            updated_at: now,
+        })
+    }
+
+    /// Every profile of a tenant, by user id.
+    pub async fn profiles(&self, tenant: &str) -> Result<Vec<(String, PersonProfile)>> {
+        let rows = sqlx::query(
+            "SELECT user_id, profile FROM person_profiles WHERE tenant_id = $1 ORDER BY user_id",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let user: String = r.try_get(0)?;
+                let profile = decode(&r.try_get::<String, _>(1)?, || {
+                    format!("profile of {tenant}/{user}")
+                })?;
+                Ok((user, profile))
+            })
+            .collect()
+    }
+
+    /// Settings and profiles written after `revision` (0: everything).
+    pub async fn changes_since(&self, revision: i64) -> Result<Changes> {
+        let mut changes = Changes {
+            revision,
+            ..Changes::default()
+        };
+        let rows = sqlx::query(
+            "SELECT tenant_id, settings, revision FROM tenant_settings WHERE revision > $1 ORDER BY revision",
+        )
+        .bind(revision)
+        .fetch_all(&self.pool)
+        .await?;
+        for r in rows {
+            let tenant: String = r.try_get(0)?;
+            let settings = decode(&r.try_get::<String, _>(1)?, || {
+                format!("settings of {tenant}")
+            })?;
+            changes.revision = changes.revision.max(r.try_get(2)?);
+            changes.settings.push((tenant, settings));
+        }
+        let rows = sqlx::query(
+            "SELECT tenant_id, user_id, profile, revision FROM person_profiles WHERE revision > $1 ORDER BY revision",
+        )
+        .bind(revision)
+        .fetch_all(&self.pool)
+        .await?;
+        for r in rows {
+            let tenant: String = r.try_get(0)?;
+            let user: String = r.try_get(1)?;
+            let profile = decode(&r.try_get::<String, _>(2)?, || {
+                format!("profile of {tenant}/{user}")
+            })?;
+            changes.revision = changes.revision.max(r.try_get(3)?);
+            changes.profiles.push((tenant, user, profile));
+        }
+        Ok(changes)
+    }
+
+    /// Records a new queued job; returns its id.
+    pub async fn create_job(
+        &self,
+        tenant: &str,
+        kind: &str,
+        spec: &serde_json::Value,
+    ) -> Result<String> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO jobs (job_id, tenant_id, kind, spec, state, done, total, message, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, 'queued', 0, 0, '', $5, $5)",
+        )
+        .bind(&id)
+        .bind(tenant)
+        .bind(kind)
+        .bind(spec.to_string())
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    /// Records a job's progress.
+    pub async fn update_job(
+        &self,
+        job_id: &str,
+        state: JobState,
+        done: i64,
+        total: i64,
+        message: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE jobs SET state = $1, done = $2, total = $3, message = $4, updated_at = $5 WHERE job_id = $6",
+        )
+        .bind(state.as_str())
+        .bind(done)
+        .bind(total)
+        .bind(message)
+        .bind(now_ms())
+        .bind(job_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// One of the tenant's jobs (another tenant's id reads as absent).
+    pub async fn job(&self, tenant: &str, job_id: &str) -> Result<Option<Job>> {
+        let row = sqlx::query(
+            "SELECT job_id, tenant_id, kind, spec, state, done, total, message, created_at, updated_at
+             FROM jobs WHERE tenant_id = $1 AND job_id = $2",
+        )
+        .bind(tenant)
+        .bind(job_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            let spec: String = r.try_get(3)?;
+            let state: String = r.try_get(4)?;
+            Ok(Job {
+                job_id: r.try_get(0)?,
+                tenant_id: r.try_get(1)?,
+                kind: r.try_get(2)?,
+                spec: decode(&spec, || format!("spec of job {job_id}"))?,
+                state: state.parse().map_err(|reason| MetaError::Corrupt {
+                    what: format!("state of job {job_id}"),
+                    reason,
+                })?,
+                done: r.try_get(5)?,
+                total: r.try_get(6)?,
+                message: r.try_get(7)?,
+                created_at: r.try_get(8)?,
+                updated_at: r.try_get(9)?,
+            })
+        })
+        .transpose()
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(json: &str, what: impl Fn() -> String) -> Result<T> {
+    serde_json::from_str(json).map_err(|e| MetaError::Corrupt {
+        what: what(),
+        reason: e.to_string(),
+    })
+}
