@@ -30,13 +30,15 @@ use axum::{Json, Router};
 use digame_infra::bus::EventBus;
 use digame_infra::config::StoreBackend;
 use digame_infra::config::{Config, IngestKeys};
+use digame_infra::meta::{MetaError, MetaStore};
 use digame_infra::store::clickhouse::{ClickHouseSettings, ClickHouseStore};
 use digame_infra::store::{Deletion, DeletionReport, ParquetStore, StoreError, StoreSink};
 use digame_infra::telemetry::metrics;
-use digame_ingest::{Collector, IngestError};
+use digame_ingest::{Collector, IngestError, Redactions};
 use digame_pipelines::runtime::run_dead_letter_sink;
 use digame_pipelines::{FeaturePipeline, PipelineStatus, Processor, RuntimeSettings};
 use digame_query::{QueryEngine, QueryError};
+use digame_schemas::profile::{PersonProfile, TenantSettings};
 use digame_schemas::{EventTime, Granularity};
 use serde::Deserialize;
 use serde_json::json;
@@ -60,6 +62,8 @@ pub struct AppState {
     pub max_ready_lag: u64,
     /// False on ingest-only nodes.
     pub pipeline_enabled: bool,
+    /// Tenant settings, person profiles, jobs.
+    pub meta: MetaStore,
 }
 
 /// Every error the API answers with.
@@ -71,6 +75,7 @@ pub enum ApiError {
     BadRequest(String),
     NotFound(String),
     Store(StoreError),
+    Meta(MetaError),
 }
 
 impl IntoResponse for ApiError {
@@ -79,6 +84,18 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, "unauthorized", m.clone()),
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m.clone()),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m.clone()),
+            ApiError::Meta(MetaError::Invalid(m)) => {
+                (StatusCode::BAD_REQUEST, "invalid_parameters", m.clone())
+            }
+            ApiError::Meta(e) => {
+                tracing::error!(error = %e, "metadata store operation failed");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "metadata_unavailable",
+                    "the metadata store could not complete the operation; see server logs"
+                        .to_string(),
+                )
+            }
             ApiError::Store(StoreError::Unsupported(m)) => {
                 (StatusCode::NOT_IMPLEMENTED, "not_supported", m.clone())
             }
@@ -243,6 +260,97 @@ async fn post_retention(
     Ok(Json(report))
 }
 
+/// A JSON body, or a 400 naming what is wrong and what to send.
+fn json_body<T>(
+    body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
+    what: &str,
+) -> Result<T, ApiError> {
+    body.map(|Json(v)| v)
+        .map_err(|e| ApiError::BadRequest(format!("{}; send {what}", e.body_text())))
+}
+
+/// `GET /v1/settings`: the tenant's effective settings (defaults until some are set).
+async fn get_settings(
+    State(state): State<Arc<AppState>>,
+    tenant: AdminTenant,
+) -> Result<Response, ApiError> {
+    let stored = state
+        .meta
+        .settings(&tenant.0)
+        .await
+        .map_err(ApiError::Meta)?;
+    let body = match stored {
+        Some(s) => json!({"settings": s.value, "revision": s.revision, "updated_at": s.updated_at}),
+        None => json!({"settings": TenantSettings::default(), "revision": 0, "updated_at": null}),
+    };
+    Ok(Json(body).into_response())
+}
+
+/// `PUT /v1/settings`: replaces the tenant's settings. Redaction takes effect on this
+/// node before the answer, on other nodes and in pipelines within `meta.refresh_ms`.
+async fn put_settings(
+    State(state): State<Arc<AppState>>,
+    tenant: AdminTenant,
+    body: Result<Json<TenantSettings>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let settings = json_body(body, "the tenant settings object (see GET /v1/settings)")?;
+    let stored = state
+        .meta
+        .put_settings(&tenant.0, &settings)
+        .await
+        .map_err(ApiError::Meta)?;
+    state
+        .collector
+        .redactions
+        .set(&tenant.0, &settings.redactions)
+        .map_err(ApiError::BadRequest)?;
+    tracing::info!(tenant = %tenant.0, revision = stored.revision, "tenant settings replaced");
+    Ok(Json(json!({"settings": stored.value, "revision": stored.revision, "updated_at": stored.updated_at})).into_response())
+}
+
+/// `GET /v1/users/{user}/profile`.
+async fn get_profile(
+    State(state): State<Arc<AppState>>,
+    tenant: AdminTenant,
+    Path(user): Path<String>,
+) -> Result<Response, ApiError> {
+    let stored = state
+        .meta
+        .profile(&tenant.0, &user)
+        .await
+        .map_err(ApiError::Meta)?;
+    let body = match stored {
+        Some(p) => {
+            json!({"user_id": user, "profile": p.value, "revision": p.revision, "updated_at": p.updated_at})
+        }
+        None => {
+            json!({"user_id": user, "profile": PersonProfile::default(), "revision": 0, "updated_at": null})
+        }
+    };
+    Ok(Json(body).into_response())
+}
+
+/// `PUT /v1/users/{user}/profile`: replaces a person's profile.
+async fn put_profile(
+    State(state): State<Arc<AppState>>,
+    tenant: AdminTenant,
+    Path(user): Path<String>,
+    body: Result<Json<PersonProfile>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    digame_schemas::validate::validate_user_id(&user)
+        .map_err(|e| ApiError::BadRequest(format!("user id: {e}")))?;
+    let profile = json_body(
+        body,
+        "the profile object (see GET /v1/users/{user}/profile)",
+    )?;
+    let stored = state
+        .meta
+        .put_profile(&tenant.0, &user, &profile)
+        .await
+        .map_err(ApiError::Meta)?;
+    Ok(Json(json!({"user_id": user, "profile": stored.value, "revision": stored.revision, "updated_at": stored.updated_at})).into_response())
+}
+
 async fn post_events(
     State(state): State<Arc<AppState>>,
     tenant: Tenant,
@@ -312,7 +420,7 @@ async fn get_features(
         None => Granularity::Hour,
         Some(g) => Granularity::parse(g).ok_or_else(|| {
             ApiError::BadRequest(format!(
-                "granularity `{g}` is not supported; use hour or day"
+                "granularity `{g}` is not supported; use hour, day or week"
             ))
         })?,
     };
@@ -373,7 +481,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         "ready": ready,
         "bus": {"ok": bus.healthy, "detail": bus.detail},
         "store": {"ok": store.healthy && !state.pipeline.store_failing.load(Ordering::Relaxed), "detail": store.detail},
-        "pipeline": {"ok": running && lag_ok, "running": running, "lag_records": lag, "max_lag_records": state.max_ready_lag},
+        "pipeline": {"ok": running && lag_ok, "running": running, "lag_records": lag, "max_lag_records": state.max_ready_lag,
+                     "settings_revision": state.pipeline.settings_revision.load(Ordering::Relaxed)},
     });
     let status = if ready {
         StatusCode::OK
@@ -404,6 +513,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sql", post(post_sql))
         .route("/v1/users/{user}/data", delete(delete_person_data))
         .route("/v1/retention", post(post_retention))
+        .route("/v1/settings", get(get_settings).put(put_settings))
+        .route(
+            "/v1/users/{user}/profile",
+            get(get_profile).put(put_profile),
+        )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
@@ -503,6 +617,10 @@ impl Server {
         }
         let bus = digame_infra::bus::open(&config).await?;
         let opened = open_store(&config).await?;
+        let meta = MetaStore::open(&config.meta.url, &config.data_dir).await?;
+        // Redaction rules are in force before the first request is accepted.
+        let redactions = Arc::new(Redactions::default());
+        let meta_seen = install_redactions(&meta, &redactions, 0).await?;
         let store = opened.sink.clone();
         let pipeline_status = Arc::new(PipelineStatus::default());
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -511,8 +629,12 @@ impl Server {
             bus: bus.clone(),
             store: store.clone(),
             processor: Processor::new(&config.pipeline)?,
-            settings: RuntimeSettings::from_config(&config.pipeline, &config.data_dir),
+            settings: RuntimeSettings {
+                meta_refresh: Duration::from_millis(config.meta.refresh_ms.max(10)),
+                ..RuntimeSettings::from_config(&config.pipeline, &config.data_dir)
+            },
             status: pipeline_status.clone(),
+            meta: Some(meta.clone()),
         };
         let mut tasks = Vec::new();
         if config.pipeline.enabled {
@@ -535,6 +657,27 @@ impl Server {
                 }
             }),
         ));
+        {
+            let (meta, redactions, mut rx) =
+                (meta.clone(), redactions.clone(), shutdown_rx.clone());
+            let every = Duration::from_millis(config.meta.refresh_ms.max(10));
+            tasks.push((
+                "redaction-follower",
+                tokio::spawn(async move {
+                    let mut seen = meta_seen;
+                    loop {
+                        tokio::select! {
+                            _ = tokio::time::sleep(every) => {}
+                            _ = rx.changed() => return,
+                        }
+                        match install_redactions(&meta, &redactions, seen).await {
+                            Ok(r) => seen = r,
+                            Err(e) => tracing::warn!(error = %e, "reading redaction rules failed; retrying"),
+                        }
+                    }
+                }),
+            ));
+        }
         // ClickHouse merges by itself; the embedded store is compacted here.
         if let Some(parquet) = opened.parquet.clone() {
             let mut rx = shutdown_rx.clone();
@@ -565,6 +708,7 @@ impl Server {
             collector: Collector {
                 bus: bus.clone(),
                 config: config.ingest.clone(),
+                redactions,
             },
             query: opened.query,
             bus,
@@ -572,6 +716,7 @@ impl Server {
             pipeline: pipeline_status,
             max_ready_lag: config.pipeline.max_ready_lag,
             pipeline_enabled: config.pipeline.enabled,
+            meta,
         });
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
@@ -613,6 +758,22 @@ impl Server {
         self.state.bus.close().await;
         tracing::info!("digame stopped");
     }
+}
+
+/// Installs the redaction rules of tenants whose settings changed after revision `seen`;
+/// returns the revision now seen.
+async fn install_redactions(
+    meta: &MetaStore,
+    redactions: &Redactions,
+    seen: i64,
+) -> anyhow::Result<i64> {
+    let changes = meta.changes_since(seen).await?;
+    for (tenant, settings) in &changes.settings {
+        if let Err(e) = redactions.set(tenant, &settings.redactions) {
+            tracing::warn!(tenant, error = %e, "stored redaction rules do not compile; keeping the previous ones");
+        }
+    }
+    Ok(changes.revision)
 }
 
 /// Loads ingest keys from `<data_dir>/ingest.key`, creating one for tenant `default` on

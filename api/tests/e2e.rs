@@ -128,14 +128,12 @@ async fn a_day_for_two_tenants_end_to_end_on_clickhouse() {
 /// The same day, the same assertions, per bus and per store (`None`: embedded Parquet).
 async fn a_day_for_two_tenants(bus: Bus, store: Option<TestClickHouse>) {
     let data = tempfile::tempdir().unwrap();
-    let store_env = store.as_ref().map(TestClickHouse::env).unwrap_or_default();
-    let mut env: Vec<(&str, &str)> = env();
-    env.extend(store_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    let mut server = DigameProcess::start_on(
+    let mut server = DigameProcess::start_backends(
         std::path::Path::new(env!("CARGO_BIN_EXE_digame")),
         data.path(),
-        &env,
+        &env(),
         &bus,
+        store.as_ref(),
     )
     .await
     .unwrap();

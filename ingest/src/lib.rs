@@ -10,6 +10,8 @@
 //!
 //! The tenant comes from the credential, never from the body.
 
+pub mod redact;
+
 use std::io::Read;
 
 use bytes::Bytes;
@@ -20,6 +22,8 @@ use digame_schemas::validate::{TimePolicy, validate_event};
 use digame_schemas::{ActivityEvent, DeadLetter, EventTime};
 use serde::Serialize;
 use serde_json::value::RawValue;
+
+pub use crate::redact::Redactions;
 
 /// Why a whole request was refused.
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -90,6 +94,8 @@ pub struct IngestOutcome {
 pub struct Collector {
     pub bus: std::sync::Arc<dyn EventBus>,
     pub config: IngestConfig,
+    /// Each tenant's title/URL redaction, applied before events reach the bus.
+    pub redactions: std::sync::Arc<Redactions>,
 }
 
 /// Inflates gzip up to `limit` bytes.
@@ -166,9 +172,13 @@ impl Collector {
         let mut record_index = Vec::with_capacity(items.len());
         let mut rejected = Vec::new();
         let mut dead = Vec::new();
+        let redactor = self.redactions.get(tenant);
         for (index, text) in items {
             match self.admit(tenant, text, now, &policy) {
-                Ok(ev) => {
+                Ok(mut ev) => {
+                    if let Some(r) = &redactor {
+                        r.apply(&mut ev);
+                    }
                     let mut key = String::with_capacity(key_prefix_len + ev.user_id.len());
                     key.push_str(tenant);
                     key.push(':');

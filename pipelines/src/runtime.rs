@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -35,6 +35,8 @@ use digame_infra::telemetry::metrics;
 use digame_schemas::{ActivityEvent, DeadLetter, EventTime, FeatureRow};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+
+use digame_infra::meta::{Changes, MetaStore};
 
 use crate::directory::Directory;
 use crate::features::FeatureParams;
@@ -55,6 +57,8 @@ pub struct PipelineStatus {
     pub running: AtomicBool,
     /// Set while the store refuses writes.
     pub store_failing: AtomicBool,
+    /// Newest settings/profile revision of the metadata store the features use.
+    pub settings_revision: AtomicI64,
 }
 
 /// The operator core without I/O: decode, admit, emit. Used by the runtime and benchmarks.
@@ -272,6 +276,8 @@ pub struct RuntimeSettings {
     pub poll_batch: usize,
     /// Flush early when this many raw events are pending.
     pub max_pending_events: usize,
+    /// How often the metadata store is asked for changed settings and profiles.
+    pub meta_refresh: Duration,
 }
 
 impl RuntimeSettings {
@@ -282,6 +288,7 @@ impl RuntimeSettings {
             checkpoint_interval: Duration::from_millis(cfg.checkpoint_interval_ms.max(10)),
             poll_batch: cfg.poll_batch.max(1),
             max_pending_events: 100_000,
+            meta_refresh: Duration::from_millis(1000),
         }
     }
 }
@@ -293,6 +300,25 @@ pub struct FeaturePipeline {
     pub processor: Processor,
     pub settings: RuntimeSettings,
     pub status: Arc<PipelineStatus>,
+    /// Where tenant settings and person profiles come from; `None` keeps whatever the
+    /// processor's directory was given (tests, benchmarks).
+    pub meta: Option<MetaStore>,
+}
+
+/// Applies settings and profile changes to `directory`. Content was validated when it was
+/// stored; should a row still not compile (written by another build), it is skipped with
+/// a warning and the previous parameters stay.
+pub fn apply_changes(directory: &mut Directory, changes: Changes) {
+    for (tenant, settings) in changes.settings {
+        if let Err(e) = directory.set_settings(&tenant, settings) {
+            tracing::warn!(tenant, error = %e, "skipping tenant settings that do not compile");
+        }
+    }
+    for (tenant, user, profile) in changes.profiles {
+        if let Err(e) = directory.set_profile(&tenant, &user, profile) {
+            tracing::warn!(tenant, user, error = %e, "skipping a profile that does not compile");
+        }
+    }
 }
 
 /// Runs `attempt` until it succeeds, backing off from 100 ms to 10 s; gives up only when
@@ -517,8 +543,37 @@ impl FeaturePipeline {
         Ok(())
     }
 
+    /// Takes the settings and profiles changed since the last look. A metadata store that
+    /// does not answer is logged and asked again later; features keep the parameters they
+    /// have meanwhile.
+    async fn refresh_directory(&mut self, seen: &mut i64) {
+        let Some(meta) = &self.meta else { return };
+        match meta.changes_since(*seen).await {
+            Ok(changes) => {
+                let revision = changes.revision;
+                if revision > *seen {
+                    tracing::info!(
+                        settings = changes.settings.len(),
+                        profiles = changes.profiles.len(),
+                        revision,
+                        "applying changed settings and profiles"
+                    );
+                    apply_changes(&mut self.processor.directory, changes);
+                    *seen = revision;
+                    self.status
+                        .settings_revision
+                        .store(revision, Ordering::Relaxed);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading settings and profiles failed; retrying"),
+        }
+    }
+
     /// Runs until `shutdown` turns true, then flushes and checkpoints once more.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+        let mut meta_seen = 0;
+        self.refresh_directory(&mut meta_seen).await;
+        let mut last_meta = Instant::now();
         let mut offsets = BTreeMap::new();
         let mut consumer = self
             .bus
@@ -574,6 +629,10 @@ impl FeaturePipeline {
                 .pipeline_lag_records
                 .with_label_values(&[Topic::Events.name()])
                 .set(lag as i64);
+            if last_meta.elapsed() >= self.settings.meta_refresh {
+                self.refresh_directory(&mut meta_seen).await;
+                last_meta = Instant::now();
+            }
             let pending_full =
                 self.processor.pending_events.len() >= self.settings.max_pending_events;
             if last_flush.elapsed() >= self.settings.flush_interval || pending_full {

@@ -273,6 +273,17 @@ pub fn validate_event(ev: &ActivityEvent, time: &TimePolicy) -> Result<(), Inval
     }
 }
 
+/// A user id in a URL path: non-empty, at most the event limit, no control characters.
+pub fn validate_user_id(user: &str) -> Result<(), String> {
+    if user.is_empty() || user.len() > MAX_USER_ID_BYTES || user.chars().any(char::is_control) {
+        return Err(format!(
+            "`{}` is not a user id: use 1 to {MAX_USER_ID_BYTES} bytes without control characters",
+            user.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
 /// Tenant ids name directories and partitions, so they are restricted to
 /// `[A-Za-z0-9_-]{1,64}`.
 pub fn validate_tenant_id(tenant: &str) -> Result<(), String> {

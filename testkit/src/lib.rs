@@ -208,6 +208,20 @@ impl DigameProcess {
         Self::start_command(bin, "serve", data_dir, env, bus).await
     }
 
+    /// `bin serve` on `bus` and, when given, the ClickHouse store (else the embedded one).
+    pub async fn start_backends(
+        bin: &Path,
+        data_dir: &Path,
+        env: &[(&str, &str)],
+        bus: &Bus,
+        store: Option<&TestClickHouse>,
+    ) -> Result<Self> {
+        let store_env = store.map(TestClickHouse::env).unwrap_or_default();
+        let mut all: Vec<(&str, &str)> = env.to_vec();
+        all.extend(store_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        Self::start_command(bin, "serve", data_dir, &all, bus).await
+    }
+
     /// Starts `bin <command>` (`serve` or `pipeline`) on `bus`.
     pub async fn start_command(
         bin: &Path,
@@ -336,6 +350,13 @@ pub struct Client {
 /// Status and JSON body of a response (`Value::Null` when the body is not JSON).
 pub type Reply = (u16, Value);
 
+/// Asserts an error reply: its status, and that its message contains `needle`.
+pub fn assert_refused((status, body): &Reply, want_status: u16, needle: &str) {
+    assert_eq!(*status, want_status, "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(needle), "`{needle}` not in {body}");
+}
+
 impl Client {
     async fn reply(r: reqwest::Response) -> Result<Reply> {
         let status = r.status().as_u16();
@@ -391,9 +412,18 @@ impl Client {
 
     /// `POST` a JSON body to a path under the base URL.
     pub async fn post_json(&self, path: &str, body: &Value) -> Result<Reply> {
+        self.send_json(reqwest::Method::POST, path, body).await
+    }
+
+    /// `PUT` a JSON body to a path under the base URL.
+    pub async fn put_json(&self, path: &str, body: &Value) -> Result<Reply> {
+        self.send_json(reqwest::Method::PUT, path, body).await
+    }
+
+    async fn send_json(&self, method: reqwest::Method, path: &str, body: &Value) -> Result<Reply> {
         let r = self
             .http
-            .post(format!("{}{path}", self.base))
+            .request(method, format!("{}{path}", self.base))
             .bearer_auth(&self.key)
             .json(body)
             .send()

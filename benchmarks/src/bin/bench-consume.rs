@@ -91,6 +91,7 @@ async fn main() -> anyhow::Result<()> {
         processor: Processor::new(&pipeline_cfg)?,
         settings: RuntimeSettings::from_config(&pipeline_cfg, dir.path()),
         status: status.clone(),
+        meta: None,
     };
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let cpu0 = process_cpu(std::process::id())?;
