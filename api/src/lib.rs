@@ -13,6 +13,7 @@
 //! ([`ApiError`]). Shutdown drains in-flight requests, then stops the pipeline after a
 //! final checkpoint, then closes the bus.
 
+pub mod recompute;
 pub mod simulate;
 
 use std::net::SocketAddr;
@@ -40,6 +41,7 @@ use digame_pipelines::{FeaturePipeline, PipelineStatus, Processor, RuntimeSettin
 use digame_query::{QueryEngine, QueryError};
 use digame_schemas::profile::{PersonProfile, TenantSettings};
 use digame_schemas::{EventTime, Granularity};
+use recompute::{RecomputeSpec, Recomputer};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
@@ -55,7 +57,7 @@ pub struct AppState {
     /// Days each tenant keeps, for `POST /v1/retention` without a number.
     pub retention_days: std::collections::BTreeMap<String, u32>,
     pub collector: Collector,
-    pub query: QueryEngine,
+    pub query: Arc<QueryEngine>,
     pub bus: Arc<dyn EventBus>,
     pub store: Arc<dyn StoreSink>,
     pub pipeline: Arc<PipelineStatus>,
@@ -64,6 +66,9 @@ pub struct AppState {
     pub pipeline_enabled: bool,
     /// Tenant settings, person profiles, jobs.
     pub meta: MetaStore,
+    pub recomputer: Recomputer,
+    /// One recompute job runs at a time; the others wait, queued.
+    pub job_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Every error the API answers with.
@@ -351,6 +356,57 @@ async fn put_profile(
     Ok(Json(json!({"user_id": user, "profile": stored.value, "revision": stored.revision, "updated_at": stored.updated_at})).into_response())
 }
 
+/// `POST /v1/recompute`: queues a recomputation of the admin's tenant; answers 202 with
+/// the job id to follow at `GET /v1/jobs/{id}`.
+async fn post_recompute(
+    State(state): State<Arc<AppState>>,
+    tenant: AdminTenant,
+    body: Result<Json<RecomputeSpec>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let spec = json_body(
+        body,
+        r#"{"from": "2026-11-01T00:00:00Z", "to": "2026-11-08T00:00:00Z", "users": ["optional"]}"#,
+    )?;
+    spec.validate().map_err(ApiError::BadRequest)?;
+    let spec_json = serde_json::to_value(&spec).expect("specs serialize");
+    let job_id = state
+        .meta
+        .create_job(&tenant.0, "recompute", &spec_json)
+        .await
+        .map_err(ApiError::Meta)?;
+    let (recomputer, slots, id) = (
+        state.recomputer.clone(),
+        state.job_slots.clone(),
+        job_id.clone(),
+    );
+    tokio::spawn(async move {
+        let Ok(_slot) = slots.acquire_owned().await else {
+            return;
+        };
+        recomputer.run_job(&tenant.0, &id, &spec).await;
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"job_id": job_id, "state": "queued", "status_url": format!("/v1/jobs/{job_id}")})),
+    )
+        .into_response())
+}
+
+/// `GET /v1/jobs/{id}`: a job of the admin's tenant with its progress.
+async fn get_job(
+    State(state): State<Arc<AppState>>,
+    tenant: AdminTenant,
+    Path(job_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = state
+        .meta
+        .job(&tenant.0, &job_id)
+        .await
+        .map_err(ApiError::Meta)?
+        .ok_or_else(|| ApiError::NotFound(format!("no job `{job_id}` in this tenant")))?;
+    Ok(Json(job).into_response())
+}
+
 async fn post_events(
     State(state): State<Arc<AppState>>,
     tenant: Tenant,
@@ -514,6 +570,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/users/{user}/data", delete(delete_person_data))
         .route("/v1/retention", post(post_retention))
         .route("/v1/settings", get(get_settings).put(put_settings))
+        .route("/v1/recompute", post(post_recompute))
+        .route("/v1/jobs/{job_id}", get(get_job))
         .route(
             "/v1/users/{user}/profile",
             get(get_profile).put(put_profile),
@@ -618,6 +676,14 @@ impl Server {
         let bus = digame_infra::bus::open(&config).await?;
         let opened = open_store(&config).await?;
         let meta = MetaStore::open(&config.meta.url, &config.data_dir).await?;
+        let interrupted = meta.fail_unfinished_jobs().await?;
+        if interrupted > 0 {
+            tracing::warn!(
+                jobs = interrupted,
+                "marked jobs interrupted by the last stop as failed"
+            );
+        }
+        let query = Arc::new(opened.query);
         // Redaction rules are in force before the first request is accepted.
         let redactions = Arc::new(Redactions::default());
         let meta_seen = install_redactions(&meta, &redactions, 0).await?;
@@ -710,13 +776,20 @@ impl Server {
                 config: config.ingest.clone(),
                 redactions,
             },
-            query: opened.query,
+            query: query.clone(),
             bus,
-            store,
+            store: store.clone(),
             pipeline: pipeline_status,
             max_ready_lag: config.pipeline.max_ready_lag,
             pipeline_enabled: config.pipeline.enabled,
+            recomputer: Recomputer {
+                query,
+                store,
+                meta: meta.clone(),
+                pipeline: config.pipeline.clone(),
+            },
             meta,
+            job_slots: Arc::new(tokio::sync::Semaphore::new(1)),
         });
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;

@@ -171,17 +171,72 @@ async fn golden_days(bus: Bus, store: Option<TestClickHouse>) {
         .unwrap();
 
     // ---- Every hand-computed value, read back through the features API. ----------------
+    assert_golden(&ingest, "live").await;
+
+    // ---- Recompute after a settings change, as a job with progress. ---------------------
+    let mut changed = settings.clone();
+    changed["min_group_size"] = json!(6);
+    let (status, body) = admin.put_json("/v1/settings", &changed).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let reply = admin
+        .post_json(
+            "/v1/recompute",
+            &json!({"from": "2026-11-01T00:00:00Z", "to": "2026-10-01T00:00:00Z"}),
+        )
+        .await
+        .unwrap();
+    assert_refused(&reply, 400, "must be after `from`");
+    let (status, body) = admin
+        .post_json(
+            "/v1/recompute",
+            &json!({"from": "2026-10-01T00:00:00Z", "to": "2026-12-01T00:00:00Z"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    let job_path = body["status_url"].as_str().unwrap().to_string();
+    let job = eventually(Duration::from_secs(30), || async {
+        let (status, job) = admin.get(&job_path).await?;
+        anyhow::ensure!(status == 200, "{job}");
+        anyhow::ensure!(job["state"] != "failed", "{job}");
+        Ok((job["state"] == "succeeded").then_some(job))
+    })
+    .await
+    .unwrap();
+    // ana, ben, cho and zed; every stored event read back from the store.
+    assert_eq!(
+        (job["done"].as_i64(), job["total"].as_i64()),
+        (Some(4), Some(4)),
+        "{job}"
+    );
+    let report: Value = serde_json::from_str(job["message"].as_str().unwrap()).unwrap();
+    assert_eq!(report["events_read"], golden::events().len() + 1, "{job}");
+    assert_golden(&ingest, "recomputed").await;
+    let (status, _) = ingest.get(&job_path).await.unwrap();
+    assert_eq!(status, 401, "jobs are for admins");
+    let (status, _) = admin
+        .get("/v1/jobs/00000000-0000-0000-0000-000000000000")
+        .await
+        .unwrap();
+    assert_eq!(status, 404);
+
+    let exit = server.terminate().await.unwrap();
+    assert!(exit.success(), "{exit}");
+}
+
+/// Waits until every golden value reads back through the features API; on timeout names
+/// every value still wrong.
+async fn assert_golden(client: &digame_testkit::Client, what: &str) {
     let expected = golden::expected();
     let from = golden::at("2026-10-01T00:00:00Z");
     let to = golden::at("2026-12-01T00:00:00Z");
-    // Values arrive over a few flushes; the last mismatch list is reported on timeout.
     let last_wrong = std::sync::Mutex::new(Vec::new());
     let matched = eventually(Duration::from_secs(30), || async {
         let mut got = BTreeMap::new();
         for user in ["ana", "ben", "cho"] {
             for g in ["hour", "day", "week"] {
                 let path = format!("/v1/users/{user}/features?granularity={g}&from={from}&to={to}");
-                let (status, series) = ingest.get(&path).await?;
+                let (status, series) = client.get(&path).await?;
                 anyhow::ensure!(status == 200, "{path}: {status} {series}");
                 flatten(user, g, &series, &mut got);
             }
@@ -212,12 +267,9 @@ async fn golden_days(bus: Bus, store: Option<TestClickHouse>) {
     if matched.is_err() {
         let wrong = last_wrong.lock().unwrap();
         panic!(
-            "{} golden values never matched through the API:\n{}",
+            "{what}: {} golden values never matched through the API:\n{}",
             wrong.len(),
             wrong.join("\n")
         );
     }
-
-    let exit = server.terminate().await.unwrap();
-    assert!(exit.success(), "{exit}");
 }

@@ -391,6 +391,19 @@ impl MetaStore {
         Ok(())
     }
 
+    /// Marks jobs left queued or running by a previous process as failed; returns how many.
+    pub async fn fail_unfinished_jobs(&self) -> Result<u64> {
+        let r = sqlx::query(
+            "UPDATE jobs SET state = 'failed', message = $1, updated_at = $2 \
+             WHERE state IN ('queued', 'running')",
+        )
+        .bind("interrupted by a restart of the server; submit the job again")
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected())
+    }
+
     /// One of the tenant's jobs (another tenant's id reads as absent).
     pub async fn job(&self, tenant: &str, job_id: &str) -> Result<Option<Job>> {
         let row = sqlx::query(

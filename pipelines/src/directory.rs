@@ -13,12 +13,14 @@ use digame_schemas::profile::{PersonProfile, TenantSettings};
 
 use crate::rules::{PersonParams, Rules};
 
+#[derive(Clone)]
 struct Tenant {
     settings: TenantSettings,
     rules: Arc<Rules>,
 }
 
 /// Tenant settings and person profiles, with compiled parameters cached.
+#[derive(Clone)]
 pub struct Directory {
     default_timezone: String,
     defaults: Tenant,

@@ -236,6 +236,13 @@ impl Processor {
         self.people.len()
     }
 
+    /// Makes every revision emitted from now on newer than wall-clock time `wall_ms`,
+    /// whatever wall clock `emit` is later given (a recomputation replays history with
+    /// event times as its clock, yet its rows must supersede the live ones).
+    pub fn revisions_after(&mut self, wall_ms: i64) {
+        self.last_revision = self.last_revision.max(wall_ms.saturating_mul(1000));
+    }
+
     /// Bytes of all people's state as checkpointed (open days with their activities,
     /// summaries, rolling sums, week totals, emitted values).
     pub fn state_bytes(&self) -> usize {

@@ -97,6 +97,7 @@ pub struct FeatureSeries {
 }
 
 pub mod clickhouse_sql;
+pub mod events;
 
 /// Where the engine reads.
 enum Backend {
