@@ -69,6 +69,8 @@ pub struct AppState {
     pub recomputer: Recomputer,
     /// One recompute job runs at a time; the others wait, queued.
     pub job_slots: Arc<tokio::sync::Semaphore>,
+    /// Serializes group-view release decisions.
+    pub group_gate: tokio::sync::Mutex<()>,
 }
 
 /// Every error the API answers with.
@@ -81,6 +83,8 @@ pub enum ApiError {
     NotFound(String),
     Store(StoreError),
     Meta(MetaError),
+    /// A group view that would single people out.
+    GroupRefused(digame_query::groups::Refusal),
 }
 
 impl IntoResponse for ApiError {
@@ -89,6 +93,7 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, "unauthorized", m.clone()),
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m.clone()),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m.clone()),
+            ApiError::GroupRefused(r) => (StatusCode::FORBIDDEN, r.code(), r.to_string()),
             ApiError::Meta(MetaError::Invalid(m)) => {
                 (StatusCode::BAD_REQUEST, "invalid_parameters", m.clone())
             }
@@ -356,6 +361,118 @@ async fn put_profile(
     Ok(Json(json!({"user_id": user, "profile": stored.value, "revision": stored.revision, "updated_at": stored.updated_at})).into_response())
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupParams {
+    team: Option<String>,
+    manager: Option<String>,
+    /// Comma-separated user ids.
+    users: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    granularity: Option<String>,
+}
+
+/// `GET /v1/groups/features?team=|manager=|users=a,b,c`: aggregates of a group's
+/// features per local day or week, under k-anonymity (see `digame_query::groups`).
+async fn get_group_features(
+    State(state): State<Arc<AppState>>,
+    tenant: AdminTenant,
+    params: Result<Query<GroupParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    use std::collections::BTreeSet;
+    let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let granularity = match params.granularity.as_deref() {
+        None | Some("day") => Granularity::Day,
+        Some("week") => Granularity::Week,
+        Some(g) => {
+            return Err(ApiError::BadRequest(format!(
+                "granularity `{g}` is not supported for groups; use day or week"
+            )));
+        }
+    };
+    let (to, from) = time_range(params.from.as_deref(), params.to.as_deref())?;
+    let members: BTreeSet<String> = match (&params.team, &params.manager, &params.users) {
+        (Some(name), None, None) | (None, Some(name), None) => state
+            .meta
+            .members(&tenant.0, name, params.manager.is_some())
+            .await
+            .map_err(ApiError::Meta)?
+            .into_iter()
+            .collect(),
+        (None, None, Some(users)) => users
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect(),
+        _ => {
+            return Err(ApiError::BadRequest(
+                "name the group with exactly one of team=, manager= or users=a,b,c".into(),
+            ));
+        }
+    };
+    let settings = state
+        .meta
+        .settings(&tenant.0)
+        .await
+        .map_err(ApiError::Meta)?;
+    let k = settings.map_or(TenantSettings::default().min_group_size, |s| {
+        s.value.min_group_size
+    }) as usize;
+    // One group decision at a time, so two requests cannot both pass the difference check.
+    let _gate = state.group_gate.lock().await;
+    let released = state
+        .meta
+        .released_groups(&tenant.0)
+        .await
+        .map_err(ApiError::Meta)?;
+    digame_query::groups::difference_check(&members, &released, k)
+        .map_err(ApiError::GroupRefused)?;
+    let mut windows = Vec::with_capacity(members.len());
+    for user in &members {
+        let series = state
+            .query
+            .features(&tenant.0, user, from, to, granularity)
+            .await
+            .map_err(ApiError::Query)?;
+        windows.push((user.clone(), series.windows));
+    }
+    let aggregated = digame_query::groups::aggregate(&windows, k);
+    state
+        .meta
+        .record_released_group(&tenant.0, &members)
+        .await
+        .map_err(ApiError::Meta)?;
+    Ok(Json(json!({
+        "members": members.len(),
+        "k": k,
+        "granularity": granularity,
+        "from": from,
+        "to": to,
+        "windows": aggregated,
+    }))
+    .into_response())
+}
+
+/// `from`/`to` query parameters: default the 7 days before tomorrow.
+fn time_range(from: Option<&str>, to: Option<&str>) -> Result<(EventTime, EventTime), ApiError> {
+    let to = match to {
+        Some(t) => parse_time("to", t)?,
+        None => EventTime(EventTime::now().0 + EventTime::DAY),
+    };
+    let from = match from {
+        Some(t) => parse_time("from", t)?,
+        None => EventTime(to.0 - 7 * EventTime::DAY),
+    };
+    if to <= from {
+        return Err(ApiError::BadRequest(format!(
+            "`to` ({to}) must be after `from` ({from})"
+        )));
+    }
+    Ok((to, from))
+}
+
 /// `POST /v1/recompute`: queues a recomputation of the admin's tenant; answers 202 with
 /// the job id to follow at `GET /v1/jobs/{id}`.
 async fn post_recompute(
@@ -480,14 +597,7 @@ async fn get_features(
             ))
         })?,
     };
-    let to = match &params.to {
-        Some(t) => parse_time("to", t)?,
-        None => EventTime(EventTime::now().0 + EventTime::DAY),
-    };
-    let from = match &params.from {
-        Some(t) => parse_time("from", t)?,
-        None => EventTime(to.0 - 7 * EventTime::DAY),
-    };
+    let (to, from) = time_range(params.from.as_deref(), params.to.as_deref())?;
     let series = state
         .query
         .features(&tenant.0, &user, from, to, granularity)
@@ -571,6 +681,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/retention", post(post_retention))
         .route("/v1/settings", get(get_settings).put(put_settings))
         .route("/v1/recompute", post(post_recompute))
+        .route("/v1/groups/features", get(get_group_features))
         .route("/v1/jobs/{job_id}", get(get_job))
         .route(
             "/v1/users/{user}/profile",
@@ -790,6 +901,7 @@ impl Server {
             },
             meta,
             job_slots: Arc::new(tokio::sync::Semaphore::new(1)),
+            group_gate: tokio::sync::Mutex::new(()),
         });
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;

@@ -14,6 +14,7 @@
 //! - **Bound parameters.** Every value reaches SQL as a bound parameter (`$1`, …), never
 //!   by concatenation; the SQL is portable so the PostgreSQL backend can share it.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::str::FromStr;
 
@@ -307,6 +308,25 @@ impl MetaStore {
             .collect()
     }
 
+    /// The people whose profile names `team` (or, with `by_manager`, whose manager is
+    /// `name`), sorted.
+    pub async fn members(&self, tenant: &str, name: &str, by_manager: bool) -> Result<Vec<String>> {
+        // The column is chosen here, never from input; the value is bound.
+        let sql = if by_manager {
+            "SELECT user_id FROM person_profiles WHERE tenant_id = $1 AND manager = $2 ORDER BY user_id"
+        } else {
+            "SELECT user_id FROM person_profiles WHERE tenant_id = $1 AND team = $2 ORDER BY user_id"
+        };
+        let rows = sqlx::query(sql)
+            .bind(tenant)
+            .bind(name)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0).map_err(MetaError::from))
+            .collect()
+    }
+
     /// Settings and profiles written after `revision` (0: everything).
     pub async fn changes_since(&self, revision: i64) -> Result<Changes> {
         let mut changes = Changes {
@@ -386,6 +406,43 @@ impl MetaStore {
         .bind(message)
         .bind(now_ms())
         .bind(job_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Every member set of the tenant whose group aggregates were shown.
+    pub async fn released_groups(&self, tenant: &str) -> Result<Vec<BTreeSet<String>>> {
+        let rows = sqlx::query("SELECT members FROM released_groups WHERE tenant_id = $1")
+            .bind(tenant)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                decode(&r.try_get::<String, _>(0)?, || {
+                    format!("a released group of {tenant}")
+                })
+            })
+            .collect()
+    }
+
+    /// Records that the aggregates of `members` were shown (idempotent).
+    pub async fn record_released_group(
+        &self,
+        tenant: &str,
+        members: &BTreeSet<String>,
+    ) -> Result<()> {
+        use sha2::Digest;
+        let json = serde_json::to_string(members).expect("sets serialize");
+        let hash = format!("{:x}", sha2::Sha256::digest(json.as_bytes()));
+        sqlx::query(
+            "INSERT INTO released_groups (tenant_id, members_hash, members, released_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, members_hash) DO NOTHING",
+        )
+        .bind(tenant)
+        .bind(hash)
+        .bind(json)
+        .bind(now_ms())
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -45,6 +45,8 @@ async fn settings_and_profiles_round_trip_and_changes_follow_commit_order() {
     let other = meta.profile("globex", "ana").await.unwrap().unwrap();
     assert_eq!(other.value.team.as_deref(), Some("ops"));
     assert_eq!(meta.profiles("acme").await.unwrap().len(), 1);
+    assert_eq!(meta.members("acme", "core", false).await.unwrap(), ["ana"]);
+    assert!(meta.members("acme", "ops", false).await.unwrap().is_empty());
 
     let all = meta.changes_since(0).await.unwrap();
     assert_eq!(all.revision, 3);
@@ -65,7 +67,7 @@ async fn settings_and_profiles_round_trip_and_changes_follow_commit_order() {
     // Reopening applies nothing new and keeps everything.
     drop(meta);
     let meta = MetaStore::open("sqlite://", dir.path()).await.unwrap();
-    assert_eq!(meta.migrate().await.unwrap(), vec![1]);
+    assert_eq!(meta.migrate().await.unwrap(), vec![1, 2]);
     assert_eq!(meta.changes_since(0).await.unwrap().revision, 4);
 }
 
@@ -112,4 +114,18 @@ async fn jobs_record_progress_and_are_tenant_scoped() {
     assert_eq!((job.state, job.done, job.total), (JobState::Running, 3, 7));
     assert_eq!(job.message, "3 of 7 days");
     assert!(meta.job("globex", &id).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn released_groups_are_recorded_once_per_tenant() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = MetaStore::open("sqlite://", dir.path()).await.unwrap();
+    let group: std::collections::BTreeSet<String> = ["a", "b", "c", "d", "e"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    meta.record_released_group("acme", &group).await.unwrap();
+    meta.record_released_group("acme", &group).await.unwrap();
+    assert_eq!(meta.released_groups("acme").await.unwrap(), vec![group]);
+    assert!(meta.released_groups("globex").await.unwrap().is_empty());
 }

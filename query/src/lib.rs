@@ -98,6 +98,7 @@ pub struct FeatureSeries {
 
 pub mod clickhouse_sql;
 pub mod events;
+pub mod groups;
 
 /// Where the engine reads.
 enum Backend {

@@ -1,0 +1,346 @@
+//! Group views: aggregates of person features over a team or any group, released only
+//! when they cannot single anyone out.
+//!
+//! Guarantees:
+//! - **k people per value.** A group smaller than `k` (the tenant's `min_group_size`,
+//!   default 5) gets no aggregate at all; inside a group, a window where fewer than `k`
+//!   members have data is suppressed (no values, only the reason).
+//! - **No disclosure by difference.** Two nested groups whose difference is 1 to k−1
+//!   people would expose that small set by subtraction. Every group released is recorded
+//!   (by the caller, in the metadata store); [`difference_check`] refuses a group that is
+//!   nested with a released one at a distance under k, whichever is asked first.
+//! - Windows are matched across members by their **local** date (day and week windows
+//!   start at each person's own midnight), so a team spread over time zones aggregates
+//!   the same calendar day.
+//!
+//! Statistics per feature total: contributors `n`, `sum`, `mean`, and the 25th, 50th and
+//! 75th percentiles (linear interpolation between order statistics). Plus F13's team
+//! workload state from the members' over/under-utilisation.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use crate::FeatureWindow;
+
+/// Summary statistics of one feature over a group's members.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Stats {
+    pub n: usize,
+    pub sum: f64,
+    pub mean: f64,
+    pub p25: f64,
+    pub median: f64,
+    pub p75: f64,
+}
+
+/// One window of a group.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct GroupWindow {
+    /// Local date (`YYYY-MM-DD`) the members' windows start on.
+    pub date: String,
+    /// Members with data in the window.
+    pub contributors: usize,
+    pub suppressed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub features: BTreeMap<String, Stats>,
+    /// F13 team state: `high`, `optimal`, `low` or `varied` (members with an active day).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload: Option<&'static str>,
+}
+
+/// The `q` quantile (0–1) of `sorted` values, interpolating linearly.
+pub fn percentile(sorted: &[f64], q: f64) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        1 => sorted[0],
+        n => {
+            let pos = q * (n - 1) as f64;
+            let lo = pos.floor() as usize;
+            let hi = pos.ceil() as usize;
+            sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
+        }
+    }
+}
+
+/// Statistics of `values` (any order).
+pub fn stats(mut values: Vec<f64>) -> Stats {
+    values.sort_by(f64::total_cmp);
+    let sum: f64 = values.iter().sum();
+    Stats {
+        n: values.len(),
+        sum,
+        mean: sum / values.len() as f64,
+        p25: percentile(&values, 0.25),
+        median: percentile(&values, 0.5),
+        p75: percentile(&values, 0.75),
+    }
+}
+
+/// The local date a window starts on, in its own time zone.
+fn local_date(w: &FeatureWindow) -> String {
+    let tz: chrono_tz::Tz = w.timezone.parse().unwrap_or(chrono_tz::UTC);
+    chrono::DateTime::from_timestamp_millis(w.window_start.0)
+        .map(|t| t.with_timezone(&tz).date_naive().to_string())
+        .unwrap_or_default()
+}
+
+/// F13's team state from the members' flags: High when more than half are
+/// over-utilised, Optimal when more than 70 % are neither, Low when more than half are
+/// under-utilised, else Varied.
+pub fn workload_state(over: usize, under: usize, members: usize) -> Option<&'static str> {
+    if members == 0 {
+        return None;
+    }
+    let share = |n: usize| n as f64 / members as f64;
+    let healthy = members - over - under;
+    Some(if share(over) > 0.5 {
+        "high"
+    } else if share(healthy) > 0.7 {
+        "optimal"
+    } else if share(under) > 0.5 {
+        "low"
+    } else {
+        "varied"
+    })
+}
+
+/// Aggregates the members' windows (`(user, windows)`) by local date; windows with fewer
+/// than `k` contributors are suppressed.
+pub fn aggregate(members: &[(String, Vec<FeatureWindow>)], k: usize) -> Vec<GroupWindow> {
+    let mut by_date: BTreeMap<String, Vec<&FeatureWindow>> = BTreeMap::new();
+    for (_, windows) in members {
+        for w in windows {
+            by_date.entry(local_date(w)).or_default().push(w);
+        }
+    }
+    by_date
+        .into_iter()
+        .map(|(date, windows)| {
+            let contributors = windows.len();
+            if contributors < k {
+                return GroupWindow {
+                    date,
+                    contributors,
+                    suppressed: true,
+                    reason: Some(format!(
+                        "{contributors} of the group's people have data here; values need at least {k}"
+                    )),
+                    features: BTreeMap::new(),
+                    workload: None,
+                };
+            }
+            // A feature a member's window lacks counts as 0 (absent means nothing
+            // happened, or a retracted value), so every contributor counts in every stat.
+            let names: BTreeSet<&String> = windows.iter().flat_map(|w| w.features.keys()).collect();
+            let features = names
+                .into_iter()
+                .map(|name| {
+                    let values = windows
+                        .iter()
+                        .map(|w| w.features.get(name).and_then(|v| v.as_f64()).unwrap_or(0.0))
+                        .collect();
+                    (name.clone(), stats(values))
+                })
+                .collect();
+            let flag = |w: &&&FeatureWindow, f: &str| {
+                w.features.get(f).and_then(|v| v.as_f64()).unwrap_or(0.0) > 0.0
+            };
+            let active: Vec<&&FeatureWindow> =
+                windows.iter().filter(|w| flag(w, "active_day")).collect();
+            let over = active.iter().filter(|w| flag(w, "over_utilized")).count();
+            let under = active.iter().filter(|w| flag(w, "under_utilized")).count();
+            GroupWindow {
+                date,
+                contributors,
+                suppressed: false,
+                reason: None,
+                features,
+                workload: workload_state(over, under, active.len()),
+            }
+        })
+        .collect()
+}
+
+/// Why a group view is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the group has {size} people; group views need at least {k}")]
+    TooSmall { size: usize, k: usize },
+    #[error(
+        "this group differs from a group already shown by {distance} {}; answering would expose fewer than {k} people by difference",
+        if *distance == 1 { "person" } else { "people" }
+    )]
+    Difference { distance: usize, k: usize },
+}
+
+impl Refusal {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::TooSmall { .. } => "group_too_small",
+            Refusal::Difference { .. } => "difference_disclosure",
+        }
+    }
+}
+
+/// Refuses `group` when it is nested with an already released group at a distance of 1
+/// to k−1 people, or is itself smaller than k.
+pub fn difference_check(
+    group: &BTreeSet<String>,
+    released: &[BTreeSet<String>],
+    k: usize,
+) -> Result<(), Refusal> {
+    if group.len() < k {
+        return Err(Refusal::TooSmall {
+            size: group.len(),
+            k,
+        });
+    }
+    for r in released {
+        let distance = if group.is_subset(r) {
+            r.len() - group.len()
+        } else if r.is_subset(group) {
+            group.len() - r.len()
+        } else {
+            continue;
+        };
+        if distance > 0 && distance < k {
+            return Err(Refusal::Difference { distance, k });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use digame_schemas::EventTime;
+    use serde_json::{Map, Value};
+
+    fn set(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn window(start: i64, tz: &str, features: &[(&str, f64)]) -> FeatureWindow {
+        FeatureWindow {
+            window_start: EventTime(start),
+            window_end: EventTime(start + 86_400_000),
+            timezone: tz.into(),
+            is_final: true,
+            features: features
+                .iter()
+                .map(|(k, v)| (k.to_string(), Value::from(*v)))
+                .collect::<Map<_, _>>(),
+            breakdowns: Map::new(),
+        }
+    }
+
+    #[test]
+    fn percentiles_interpolate_between_order_statistics() {
+        // 1 2 3 4: p25 at position 0.75 → 1.75; median at 1.5 → 2.5; p75 at 2.25 → 3.25.
+        let s = stats(vec![4.0, 1.0, 3.0, 2.0]);
+        assert_eq!(
+            s,
+            Stats {
+                n: 4,
+                sum: 10.0,
+                mean: 2.5,
+                p25: 1.75,
+                median: 2.5,
+                p75: 3.25
+            }
+        );
+        assert_eq!(percentile(&[7.0], 0.9), 7.0);
+    }
+
+    #[test]
+    fn windows_align_by_local_date_and_small_windows_are_suppressed() {
+        // 2026-11-24 00:00 in Berlin (23:00Z the day before) and in New York (05:00Z).
+        let berlin = 1_795_474_800_000;
+        let ny = berlin + 6 * 3_600_000;
+        let mut members = Vec::new();
+        for (i, (start, tz)) in [
+            (berlin, "Europe/Berlin"),
+            (berlin, "Europe/Berlin"),
+            (ny, "America/New_York"),
+            (ny, "America/New_York"),
+            (ny, "America/New_York"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let active = i as f64 * 3600.0;
+            let mut windows = vec![window(
+                start,
+                tz,
+                &[
+                    ("active_seconds", active),
+                    ("active_day", 1.0),
+                    ("over_utilized", f64::from(u8::from(i == 4))),
+                ],
+            )];
+            // Only two people have data the next day.
+            if i < 2 {
+                windows.push(window(start + 86_400_000, tz, &[("active_seconds", 60.0)]));
+            }
+            members.push((format!("u{i}"), windows));
+        }
+        let out = aggregate(&members, 5);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].date, "2026-11-24");
+        assert_eq!(out[0].contributors, 5);
+        assert!(!out[0].suppressed);
+        // 0, 1, 2, 3, 4 hours.
+        let a = &out[0].features["active_seconds"];
+        assert_eq!((a.n, a.sum, a.mean, a.median), (5, 36000.0, 7200.0, 7200.0));
+        assert_eq!((a.p25, a.p75), (3600.0, 10800.0));
+        // 1 of 5 over, 4 healthy (80 % > 70 %).
+        assert_eq!(out[0].workload, Some("optimal"));
+        assert!(out[1].suppressed);
+        assert!(out[1].features.is_empty());
+        assert_eq!(out[1].contributors, 2);
+    }
+
+    #[test]
+    fn team_states_follow_the_thresholds() {
+        assert_eq!(workload_state(3, 0, 5), Some("high"));
+        assert_eq!(workload_state(0, 3, 5), Some("low"));
+        assert_eq!(workload_state(1, 0, 5), Some("optimal"));
+        // 2 over, 1 under, 2 healthy: nothing dominates.
+        assert_eq!(workload_state(2, 1, 5), Some("varied"));
+        assert_eq!(workload_state(0, 0, 0), None);
+    }
+
+    #[test]
+    fn nested_groups_closer_than_k_are_refused() {
+        let team: BTreeSet<String> = (0..9).map(|i| format!("p{i}")).collect();
+        let five: BTreeSet<String> = (0..5).map(|i| format!("p{i}")).collect();
+        let k = 5;
+        assert!(difference_check(&team, &[], k).is_ok());
+        // 9 − 5 = 4 people by difference.
+        let err = difference_check(&five, std::slice::from_ref(&team), k)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("differs from a group already shown by 4 people"),
+            "{err}"
+        );
+        // The same group again, or a disjoint one, is fine.
+        assert!(difference_check(&team, std::slice::from_ref(&team), k).is_ok());
+        let other: BTreeSet<String> = (10..15).map(|i| format!("p{i}")).collect();
+        assert!(difference_check(&other, std::slice::from_ref(&team), k).is_ok());
+        // A team of 4 is too small on its own.
+        let err = difference_check(&set(&["a", "b", "c", "d"]), &[], k).unwrap_err();
+        assert_eq!(err.code(), "group_too_small");
+        assert_eq!(
+            err.to_string(),
+            "the group has 4 people; group views need at least 5"
+        );
+        // Growing a shown group by one person would expose that person.
+        let six: BTreeSet<String> = (0..6).map(|i| format!("p{i}")).collect();
+        let err = difference_check(&six, std::slice::from_ref(&five), k).unwrap_err();
+        assert_eq!(err.code(), "difference_disclosure");
+        assert!(err.to_string().contains("by 1 person;"), "{err}");
+    }
+}
