@@ -15,6 +15,7 @@
 
 pub mod recompute;
 pub mod simulate;
+mod views;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -412,23 +413,7 @@ async fn get_group_features(
             ));
         }
     };
-    let settings = state
-        .meta
-        .settings(&tenant.0)
-        .await
-        .map_err(ApiError::Meta)?;
-    let k = settings.map_or(TenantSettings::default().min_group_size, |s| {
-        s.value.min_group_size
-    }) as usize;
-    // One group decision at a time, so two requests cannot both pass the difference check.
-    let _gate = state.group_gate.lock().await;
-    let released = state
-        .meta
-        .released_groups(&tenant.0)
-        .await
-        .map_err(ApiError::Meta)?;
-    digame_query::groups::difference_check(&members, &released, k)
-        .map_err(ApiError::GroupRefused)?;
+    let (k, _gate) = group_clearance(&state, &tenant.0, &members).await?;
     let mut windows = Vec::with_capacity(members.len());
     for user in &members {
         let series = state
@@ -455,8 +440,34 @@ async fn get_group_features(
     .into_response())
 }
 
+/// Checks that `members` may be shown as a group (k-anonymity and no disclosure by
+/// difference); returns k and the gate to hold until the release is recorded, so two
+/// requests cannot both pass against the same released set.
+pub(crate) async fn group_clearance<'a>(
+    state: &'a AppState,
+    tenant: &str,
+    members: &std::collections::BTreeSet<String>,
+) -> Result<(usize, tokio::sync::MutexGuard<'a, ()>), ApiError> {
+    let settings = state.meta.settings(tenant).await.map_err(ApiError::Meta)?;
+    let k = settings.map_or(TenantSettings::default().min_group_size, |s| {
+        s.value.min_group_size
+    }) as usize;
+    let gate = state.group_gate.lock().await;
+    let released = state
+        .meta
+        .released_groups(tenant)
+        .await
+        .map_err(ApiError::Meta)?;
+    digame_query::groups::difference_check(members, &released, k)
+        .map_err(ApiError::GroupRefused)?;
+    Ok((k, gate))
+}
+
 /// `from`/`to` query parameters: default the 7 days before tomorrow.
-fn time_range(from: Option<&str>, to: Option<&str>) -> Result<(EventTime, EventTime), ApiError> {
+pub(crate) fn time_range(
+    from: Option<&str>,
+    to: Option<&str>,
+) -> Result<(EventTime, EventTime), ApiError> {
     let to = match to {
         Some(t) => parse_time("to", t)?,
         None => EventTime(EventTime::now().0 + EventTime::DAY),
@@ -682,6 +693,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/settings", get(get_settings).put(put_settings))
         .route("/v1/recompute", post(post_recompute))
         .route("/v1/groups/features", get(get_group_features))
+        .route("/v1/styles", get(views::get_styles))
+        .route("/v1/users/{user}/pattern", get(views::get_pattern))
+        .route("/v1/users/{user}/transitions", get(views::get_transitions))
+        .route("/v1/users/{user}/radar", get(views::get_radar))
         .route("/v1/jobs/{job_id}", get(get_job))
         .route(
             "/v1/users/{user}/profile",

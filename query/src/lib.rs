@@ -96,9 +96,11 @@ pub struct FeatureSeries {
     pub windows: Vec<FeatureWindow>,
 }
 
+pub mod charts;
 pub mod clickhouse_sql;
 pub mod events;
 pub mod groups;
+pub mod styles;
 
 /// Where the engine reads.
 enum Backend {

@@ -1,0 +1,226 @@
+//! Analysis and visualization routes: work styles, a person's hour-of-week pattern
+//! (heatmap) and its shift, app transitions (Sankey), and a radar of a person's features
+//! against their team's percentiles.
+//!
+//! Person-level views are read with the tenant's key like the features endpoint; views
+//! that involve a group (styles over the tenant, team percentiles in the radar) need an
+//! admin key, and team percentiles pass the same k-anonymity and difference checks as the
+//! group views.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use digame_query::{charts, groups, styles};
+use digame_schemas::{EventTime, Granularity};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{AdminTenant, ApiError, AppState, Tenant, group_clearance, time_range};
+
+const DAY_MS: i64 = 86_400_000;
+/// Longest range read for event-level views (transitions).
+const MAX_EVENT_RANGE_DAYS: i64 = 31;
+/// Gap after which two focus events are a break, not a switch.
+const SWITCH_GAP_MS: i64 = 5 * 60_000;
+/// Most links in a Sankey.
+const SANKEY_LINKS: usize = 30;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RangeParams {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+type Params = Result<Query<RangeParams>, axum::extract::rejection::QueryRejection>;
+
+fn range(params: Params, default_days: i64) -> Result<(EventTime, EventTime), ApiError> {
+    let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let (to, from) = time_range(p.from.as_deref(), p.to.as_deref())?;
+    // Without `from`, look back `default_days`.
+    let from = if p.from.is_none() {
+        EventTime(to.0 - default_days * DAY_MS)
+    } else {
+        from
+    };
+    Ok((from, to))
+}
+
+async fn windows(
+    state: &AppState,
+    tenant: &str,
+    user: &str,
+    (from, to): (EventTime, EventTime),
+    g: Granularity,
+) -> Result<Vec<digame_query::FeatureWindow>, ApiError> {
+    Ok(state
+        .query
+        .features(tenant, user, from, to, g)
+        .await
+        .map_err(ApiError::Query)?
+        .windows)
+}
+
+/// `GET /v1/styles?from=&to=`: work-style clusters of the tenant's person-weeks (default:
+/// the last 8 weeks).
+pub(crate) async fn get_styles(
+    State(state): State<Arc<AppState>>,
+    tenant: AdminTenant,
+    params: Params,
+) -> Result<Response, ApiError> {
+    let (from, to) = range(params, 56)?;
+    let users = state
+        .query
+        .event_users(&tenant.0, from, to)
+        .await
+        .map_err(ApiError::Query)?;
+    let mut weeks = Vec::new();
+    for user in &users {
+        let days = windows(&state, &tenant.0, user, (from, to), Granularity::Day).await?;
+        weeks.extend(styles::person_weeks(user, &days));
+    }
+    let model = styles::cluster(&weeks).map_err(ApiError::BadRequest)?;
+    Ok(Json(model).into_response())
+}
+
+/// `GET /v1/users/{user}/pattern?from=&to=`: the hour-of-week heatmap over the range
+/// (default 8 weeks), and the shift between its earlier and recent halves.
+pub(crate) async fn get_pattern(
+    State(state): State<Arc<AppState>>,
+    tenant: Tenant,
+    Path(user): Path<String>,
+    params: Params,
+) -> Result<Response, ApiError> {
+    let (from, to) = range(params, 56)?;
+    let hours = windows(&state, &tenant.0, &user, (from, to), Granularity::Hour).await?;
+    let mid = from.0 + (to.0 - from.0) / 2;
+    let weeks = |span: i64| ((span as f64) / (7.0 * DAY_MS as f64)).ceil() as usize;
+    let all = charts::heatmap(&hours, weeks(to.0 - from.0));
+    let earlier = charts::heatmap(
+        hours.iter().filter(|w| w.window_start.0 < mid),
+        weeks(mid - from.0),
+    );
+    let recent = charts::heatmap(
+        hours.iter().filter(|w| w.window_start.0 >= mid),
+        weeks(to.0 - mid),
+    );
+    let shift = charts::shift(&earlier, &recent);
+    Ok(Json(json!({
+        "user_id": user, "from": from, "to": to,
+        "heatmap": all, "earlier": earlier, "recent": recent, "shift": shift,
+    }))
+    .into_response())
+}
+
+/// `GET /v1/users/{user}/transitions?from=&to=`: app-to-app focus transitions as a
+/// Sankey (default: the last 7 days; at most 31).
+pub(crate) async fn get_transitions(
+    State(state): State<Arc<AppState>>,
+    tenant: Tenant,
+    Path(user): Path<String>,
+    params: Params,
+) -> Result<Response, ApiError> {
+    let (from, to) = range(params, 7)?;
+    if to.0 - from.0 > MAX_EVENT_RANGE_DAYS * DAY_MS {
+        return Err(ApiError::BadRequest(format!(
+            "transitions cover at most {MAX_EVENT_RANGE_DAYS} days; narrow from/to"
+        )));
+    }
+    let events = state
+        .query
+        .person_events(&tenant.0, &user, from, to, 2_000_000)
+        .await
+        .map_err(ApiError::Query)?;
+    let sankey = charts::transitions(&events, SWITCH_GAP_MS, SANKEY_LINKS);
+    Ok(Json(json!({"user_id": user, "from": from, "to": to, "sankey": sankey})).into_response())
+}
+
+/// `GET /v1/users/{user}/radar?from=&to=`: the person's style features (the work-style
+/// vector over the range) against their team's 25th, 50th and 75th percentiles.
+pub(crate) async fn get_radar(
+    State(state): State<Arc<AppState>>,
+    tenant: AdminTenant,
+    Path(user): Path<String>,
+    params: Params,
+) -> Result<Response, ApiError> {
+    let (from, to) = range(params, 28)?;
+    let profile = state
+        .meta
+        .profile(&tenant.0, &user)
+        .await
+        .map_err(ApiError::Meta)?;
+    let team = profile.and_then(|p| p.value.team).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "{user} has no team in their profile; set one with PUT /v1/users/{user}/profile"
+        ))
+    })?;
+    let members: BTreeSet<String> = state
+        .meta
+        .members(&tenant.0, &team, false)
+        .await
+        .map_err(ApiError::Meta)?
+        .into_iter()
+        .collect();
+    let (k, _gate) = group_clearance(&state, &tenant.0, &members).await?;
+    // Each person's vector is the mean of their weeks in the range.
+    let mut vectors: Vec<(String, Vec<f64>)> = Vec::new();
+    for m in &members {
+        let days = windows(&state, &tenant.0, m, (from, to), Granularity::Day).await?;
+        let weeks = styles::person_weeks(m, &days);
+        if weeks.is_empty() {
+            continue;
+        }
+        let n = weeks.len() as f64;
+        let mut v = vec![0.0; styles::STYLE_FEATURES.len()];
+        for w in &weeks {
+            for (acc, x) in v.iter_mut().zip(&w.vector) {
+                *acc += x / n;
+            }
+        }
+        vectors.push((m.clone(), v));
+    }
+    if vectors.len() < k {
+        return Err(ApiError::GroupRefused(groups::Refusal::TooSmall {
+            size: vectors.len(),
+            k,
+        }));
+    }
+    state
+        .meta
+        .record_released_group(&tenant.0, &members)
+        .await
+        .map_err(ApiError::Meta)?;
+    let person = vectors
+        .iter()
+        .find(|(u, _)| *u == user)
+        .map(|(_, v)| v.clone());
+    let mut p25 = Vec::new();
+    let mut median = Vec::new();
+    let mut p75 = Vec::new();
+    let mut max = Vec::new();
+    for d in 0..styles::STYLE_FEATURES.len() {
+        let s = groups::stats(vectors.iter().map(|(_, v)| v[d]).collect());
+        p25.push(s.p25);
+        median.push(s.median);
+        p75.push(s.p75);
+        let mine = person.as_ref().map_or(0.0, |v| v[d]);
+        let top = vectors.iter().map(|(_, v)| v[d]).fold(mine, f64::max);
+        max.push(if top > 0.0 { top } else { 1.0 });
+    }
+    let indicators: Vec<_> = styles::STYLE_FEATURES
+        .iter()
+        .zip(&max)
+        .map(|((name, _, _), max)| json!({"name": name, "max": max}))
+        .collect();
+    Ok(Json(json!({
+        "user_id": user, "team": team, "from": from, "to": to,
+        "team_people": vectors.len(),
+        "indicators": indicators,
+        "person": person,
+        "team_p25": p25, "team_median": median, "team_p75": p75,
+    }))
+    .into_response())
+}
