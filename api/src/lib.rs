@@ -364,7 +364,7 @@ async fn put_profile(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct GroupParams {
+pub(crate) struct GroupParams {
     team: Option<String>,
     manager: Option<String>,
     /// Comma-separated user ids.
@@ -381,7 +381,6 @@ async fn get_group_features(
     tenant: AdminTenant,
     params: Result<Query<GroupParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    use std::collections::BTreeSet;
     let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let granularity = match params.granularity.as_deref() {
         None | Some("day") => Granularity::Day,
@@ -393,26 +392,7 @@ async fn get_group_features(
         }
     };
     let (to, from) = time_range(params.from.as_deref(), params.to.as_deref())?;
-    let members: BTreeSet<String> = match (&params.team, &params.manager, &params.users) {
-        (Some(name), None, None) | (None, Some(name), None) => state
-            .meta
-            .members(&tenant.0, name, params.manager.is_some())
-            .await
-            .map_err(ApiError::Meta)?
-            .into_iter()
-            .collect(),
-        (None, None, Some(users)) => users
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .map(str::to_string)
-            .collect(),
-        _ => {
-            return Err(ApiError::BadRequest(
-                "name the group with exactly one of team=, manager= or users=a,b,c".into(),
-            ));
-        }
-    };
+    let members = resolve_group(&state, &tenant.0, &params).await?;
     let (k, _gate) = group_clearance(&state, &tenant.0, &members).await?;
     let mut windows = Vec::with_capacity(members.len());
     for user in &members {
@@ -438,6 +418,34 @@ async fn get_group_features(
         "windows": aggregated,
     }))
     .into_response())
+}
+
+/// The members of the group `params` names (`team=`, `manager=` or `users=a,b,c`).
+pub(crate) async fn resolve_group(
+    state: &AppState,
+    tenant: &str,
+    params: &GroupParams,
+) -> Result<std::collections::BTreeSet<String>, ApiError> {
+    Ok(match (&params.team, &params.manager, &params.users) {
+        (Some(name), None, None) | (None, Some(name), None) => state
+            .meta
+            .members(tenant, name, params.manager.is_some())
+            .await
+            .map_err(ApiError::Meta)?
+            .into_iter()
+            .collect(),
+        (None, None, Some(users)) => users
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_string)
+            .collect(),
+        _ => {
+            return Err(ApiError::BadRequest(
+                "name the group with exactly one of team=, manager= or users=a,b,c".into(),
+            ));
+        }
+    })
 }
 
 /// Checks that `members` may be shown as a group (k-anonymity and no disclosure by
@@ -694,6 +702,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/recompute", post(post_recompute))
         .route("/v1/groups/features", get(get_group_features))
         .route("/v1/styles", get(views::get_styles))
+        .route("/v1/groups/network", get(views::get_network))
+        .route("/v1/groups/flow", get(views::get_flow))
         .route("/v1/users/{user}/pattern", get(views::get_pattern))
         .route("/v1/users/{user}/transitions", get(views::get_transitions))
         .route("/v1/users/{user}/radar", get(views::get_radar))

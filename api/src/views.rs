@@ -13,12 +13,15 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use digame_query::{charts, groups, styles};
+use digame_query::{charts, groups, network, styles};
 use digame_schemas::{EventTime, Granularity};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{AdminTenant, ApiError, AppState, Tenant, group_clearance, time_range};
+use crate::{
+    AdminTenant, ApiError, AppState, GroupParams, Tenant, group_clearance, resolve_group,
+    time_range,
+};
 
 const DAY_MS: i64 = 86_400_000;
 /// Longest range read for event-level views (transitions).
@@ -223,4 +226,99 @@ pub(crate) async fn get_radar(
         "team_p25": p25, "team_median": median, "team_p75": p75,
     }))
     .into_response())
+}
+
+/// Longest window of the collaboration graph and the flow metrics.
+const MAX_GROUP_EVENT_DAYS: i64 = 90;
+/// Commits this long before the window still count toward lead time.
+const COMMIT_LOOKBACK_DAYS: i64 = 30;
+/// Most events read per member for group event views.
+const MAX_MEMBER_EVENTS: usize = 2_000_000;
+
+type GroupQuery = Result<Query<GroupParams>, axum::extract::rejection::QueryRejection>;
+
+/// The group, its time window (default the 90 days before `to`) and every member's
+/// events from `lookback_days` before the window; the group is cleared for release.
+async fn group_events(
+    state: &AppState,
+    tenant: &str,
+    params: GroupQuery,
+    lookback_days: i64,
+) -> Result<
+    (
+        EventTime,
+        EventTime,
+        Vec<(String, Vec<digame_schemas::ActivityEvent>)>,
+    ),
+    ApiError,
+> {
+    let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let (to, mut from) = time_range(params.from.as_deref(), params.to.as_deref())?;
+    if params.from.is_none() {
+        from = EventTime(to.0 - MAX_GROUP_EVENT_DAYS * DAY_MS);
+    }
+    if to.0 - from.0 > MAX_GROUP_EVENT_DAYS * DAY_MS {
+        return Err(ApiError::BadRequest(format!(
+            "group event views cover at most {MAX_GROUP_EVENT_DAYS} days; narrow from/to"
+        )));
+    }
+    let members = resolve_group(state, tenant, &params).await?;
+    let (_, _gate) = group_clearance(state, tenant, &members).await?;
+    let read_from = EventTime(from.0 - lookback_days * DAY_MS);
+    let mut out = Vec::with_capacity(members.len());
+    for m in &members {
+        let events = state
+            .query
+            .person_events(tenant, m, read_from, to, MAX_MEMBER_EVENTS)
+            .await
+            .map_err(ApiError::Query)?;
+        out.push((m.clone(), events));
+    }
+    state
+        .meta
+        .record_released_group(tenant, &members)
+        .await
+        .map_err(ApiError::Meta)?;
+    Ok((from, to, out))
+}
+
+/// `GET /v1/groups/network?team=|manager=|users=&from=&to=`: the group's collaboration,
+/// aggregated (network size, cross-team breadth, team-to-team links).
+pub(crate) async fn get_network(
+    State(state): State<Arc<AppState>>,
+    tenant: AdminTenant,
+    params: GroupQuery,
+) -> Result<Response, ApiError> {
+    let (from, to, members) = group_events(&state, &tenant.0, params, 0).await?;
+    let team_of: std::collections::HashMap<String, String> = state
+        .meta
+        .profiles(&tenant.0)
+        .await
+        .map_err(ApiError::Meta)?
+        .into_iter()
+        .filter_map(|(u, p)| p.team.map(|t| (u, t)))
+        .collect();
+    let label = "group";
+    let net = network::network(label, &members, &team_of);
+    Ok(
+        Json(json!({"from": from, "to": to, "members": members.len(), "network": net}))
+            .into_response(),
+    )
+}
+
+/// `GET /v1/groups/flow?team=|manager=|users=&from=&to=`: DORA flow metrics of the group
+/// over the window (default the 90 days before `to`).
+pub(crate) async fn get_flow(
+    State(state): State<Arc<AppState>>,
+    tenant: AdminTenant,
+    params: GroupQuery,
+) -> Result<Response, ApiError> {
+    let (from, to, members) = group_events(&state, &tenant.0, params, COMMIT_LOOKBACK_DAYS).await?;
+    let events: Vec<&digame_schemas::ActivityEvent> =
+        members.iter().flat_map(|(_, e)| e.iter()).collect();
+    let flow = network::flow(&events, from, to);
+    Ok(
+        Json(json!({"from": from, "to": to, "members": members.len(), "flow": flow}))
+            .into_response(),
+    )
 }

@@ -67,6 +67,8 @@ async fn group_views(store: Option<TestClickHouse>) {
         let manager = if i < 5 { json!("m1") } else { json!(null) };
         people.push((format!("b{i}"), json!({"team": "big", "manager": manager})));
     }
+    people.push(("x1".into(), json!({"team": "infra"})));
+    people.push(("y1".into(), json!({"team": "sales"})));
     for (user, profile) in &people {
         let (status, body) = admin
             .put_json(&format!("/v1/users/{user}/profile"), profile)
@@ -88,8 +90,52 @@ async fn group_views(store: Option<TestClickHouse>) {
         events.extend(work(&format!("p{i}"), y, (i + 1) * 10));
     }
     events.extend(work("s0", y, 60));
+    // Collaboration: p0 meets p1 and x1 (infra) twice; p1 sends y1 (sales) six messages.
+    let at = |h: i64, m: i64| y + h * 60 * MIN + m * MIN;
+    for m in [0, 30] {
+        events.push(json!({"user_id": "p0", "source": "cal", "kind": "meeting",
+            "timestamp": at(11, m), "duration_ms": 20 * MIN,
+            "attributes": {"participants": ["p1", "x1"]}}));
+    }
+    for i in 0..6 {
+        events.push(
+            json!({"user_id": "p1", "source": "slack", "kind": "message",
+            "timestamp": at(14, i), "attributes": {"participants": ["y1"]}}),
+        );
+    }
+    // Flow: p2 commits c1 at 12:00 and c2 at 13:00, p3 deploys both at 16:00, p4's
+    // incident inc-1 (caused by c2) opens at 17:00 and is resolved at 19:00.
+    let ev = |user: &str, kind: &str, h: i64, attributes: Value, properties: Value| {
+        json!({"user_id": user, "source": "connector", "kind": kind, "timestamp": at(h, 0),
+               "attributes": attributes, "properties": properties})
+    };
+    let repo = json!({"project": "digame"});
+    events.push(ev("p2", "commit", 12, repo.clone(), json!({"sha": "c1"})));
+    events.push(ev("p2", "commit", 13, repo.clone(), json!({"sha": "c2"})));
+    events.push(ev(
+        "p3",
+        "deploy",
+        16,
+        repo,
+        json!({"commits": ["c1", "c2"]}),
+    ));
+    events.push(ev(
+        "p4",
+        "incident",
+        17,
+        json!({"status": "opened"}),
+        json!({"id": "inc-1", "commits": ["c2"]}),
+    ));
+    events.push(ev(
+        "p4",
+        "incident",
+        19,
+        json!({"status": "resolved"}),
+        json!({"id": "inc-1"}),
+    ));
     let (status, body) = ingest.post_events(&events).await.unwrap();
     assert_eq!(status, 200, "{body}");
+    assert_eq!(body["rejected"], json!([]), "{body}");
 
     let range = format!("from={d2}T00:00:00Z&to={today}T00:00:00Z");
     let core = format!("/v1/groups/features?team=core&granularity=day&{range}");
@@ -171,6 +217,47 @@ async fn group_views(store: Option<TestClickHouse>) {
         .await
         .unwrap();
     assert_refused(&reply, 400, "exactly one of team=, manager= or users=");
+
+    // ---- Collaboration graph and engineering flow of core, over the two days. -------------
+    let (status, body) = admin
+        .get(&format!("/v1/groups/network?team=core&{range}"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let net = &body["network"];
+    // p0: p1 and x1 (2 meetings each) → 2 collaborators, 1 other team; p1: y1 (6 messages
+    // = 2) → 1 collaborator, 1 other team.
+    assert_eq!(net["members_with_data"], 2, "{body}");
+    assert_eq!(net["network_size"]["sum"], 3.0);
+    assert_eq!(net["cross_team_breadth"]["sum"], 2.0);
+    assert_eq!(
+        net["nodes"],
+        json!([{"name": "group"}, {"name": "infra"}, {"name": "sales"}])
+    );
+    let weights: Vec<f64> = net["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["value"].as_f64().unwrap())
+        .collect();
+    assert!(
+        (weights[0] - 2.0).abs() < 1e-9 && (weights[1] - 2.0).abs() < 1e-9,
+        "{net}"
+    );
+    let (status, body) = admin
+        .get(&format!("/v1/groups/flow?team=core&{range}"))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    // Lead times 4 h and 3 h; one deploy in two days = 3.5 a week; c2 of 2 changes failed.
+    assert_eq!(
+        body["flow"],
+        json!({"deploys": 1, "deployments_per_week": 3.5, "deployed_changes": 2,
+               "lead_time_hours": 3.5, "change_failure_rate": 0.5,
+               "resolved_incidents": 1, "time_to_restore_hours": 2.0})
+    );
+    let reply = admin.get("/v1/groups/flow?team=small").await.unwrap();
+    assert_refused(&reply, 403, "the group has 4 people");
 
     let exit = server.terminate().await.unwrap();
     assert!(exit.success(), "{exit}");

@@ -100,6 +100,7 @@ pub mod charts;
 pub mod clickhouse_sql;
 pub mod events;
 pub mod groups;
+pub mod network;
 pub mod styles;
 
 /// Where the engine reads.
