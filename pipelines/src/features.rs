@@ -105,6 +105,28 @@ macro_rules! features {
             pub fn name(self) -> &'static str {
                 match self { $(Feature::$variant => $name),* }
             }
+
+            /// The feature with this stored name.
+            pub fn from_name(name: &str) -> Option<Feature> {
+                match name { $($name => Some(Feature::$variant),)* _ => None }
+            }
+        }
+
+        // Checkpoints hold features by name, so a reordering of variants cannot change
+        // what a stored state means.
+        impl Serialize for Feature {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.name())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for Feature {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let name = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                Feature::from_name(&name).ok_or_else(|| {
+                    serde::de::Error::custom(format!("unknown feature {name:?} in stored state"))
+                })
+            }
         }
     };
 }
@@ -484,6 +506,10 @@ fn blocks_at_least(spans: &[Span], min: i64) -> Vec<Span> {
 struct Acc<'a, 'h> {
     out: DayFeatures<'a>,
     hours: &'h [(i64, i64)],
+    /// Values per hour, by index into `hours` (a direct index rather than a map lookup
+    /// on the hot path); `None` for hours no activity touches. Moved into `out.hours` at
+    /// the end.
+    hour_values: Vec<Option<WindowValues<'a>>>,
 }
 
 impl<'a> Acc<'a, '_> {
@@ -503,11 +529,8 @@ impl<'a> Acc<'a, '_> {
             && hs <= t
             && t < he
         {
-            *self
-                .out
-                .hours
-                .entry(hs)
-                .or_default()
+            *self.hour_values[i]
+                .get_or_insert_default()
                 .entry((f, dim))
                 .or_insert(0.0) += v;
         }
@@ -520,17 +543,14 @@ impl<'a> Acc<'a, '_> {
         }
         self.day(f, dim, (e - s) as f64 / 1000.0);
         let first = self.hours.partition_point(|&(_, he)| he <= s);
-        for &(hs, he) in &self.hours[first..] {
+        for (i, &(hs, he)) in self.hours.iter().enumerate().skip(first) {
             if hs >= e {
                 break;
             }
             let ms = e.min(he) - s.max(hs);
             if ms > 0 {
-                *self
-                    .out
-                    .hours
-                    .entry(hs)
-                    .or_default()
+                *self.hour_values[i]
+                    .get_or_insert_default()
                     .entry((f, dim))
                     .or_insert(0.0) += ms as f64 / 1000.0;
             }
@@ -577,6 +597,7 @@ pub fn compute_day<'a>(
     let mut acc = Acc {
         out: DayFeatures::default(),
         hours: &ctx.hours,
+        hour_values: vec![None; ctx.hours.len()],
     };
 
     for &f in DAY_STANDARD {
@@ -604,8 +625,8 @@ pub fn compute_day<'a>(
             touched[i] = true;
         }
     }
-    for (&(hs, _), _) in ctx.hours.iter().zip(&touched).filter(|(_, t)| **t) {
-        let v = acc.out.hours.entry(hs).or_default();
+    for (i, _) in touched.iter().enumerate().filter(|(_, t)| **t) {
+        let v = acc.hour_values[i].get_or_insert_default();
         for &f in HOUR_STANDARD {
             v.insert((f, ""), 0.0);
         }
@@ -692,7 +713,7 @@ pub fn compute_day<'a>(
     if let Some(v) = day_pulse {
         acc.set_day(F::ProductivityPulse, "", v);
     }
-    for values in acc.out.hours.values_mut() {
+    for values in acc.hour_values.iter_mut().flatten() {
         if let Some(v) = pulse(values) {
             values.insert((F::ProductivityPulse, ""), v);
         }
@@ -935,10 +956,28 @@ pub fn compute_day<'a>(
         f64::from(u8::from(p.implausible_workday)),
     );
 
-    // Event counts.
+    // Event counts, tallied per hour and kind first: one map update per cell rather than
+    // four per event.
+    let mut counts = vec![[0u32; EventKind::ALL.len()]; acc.hours.len()];
     for a in acts.iter().filter(|a| in_day(a.start)) {
-        acc.at(F::EventCount, "", a.start, 1.0);
-        acc.at(F::EventCountByKind, a.kind.as_str(), a.start, 1.0);
+        let h = acc.hours.partition_point(|&(_, he)| he <= a.start);
+        if let Some(cell) = counts.get_mut(h) {
+            cell[a.kind as usize] += 1;
+        }
+    }
+    for (h, cell) in counts.iter().enumerate() {
+        let t = acc.hours[h].0;
+        for (k, &n) in cell.iter().enumerate() {
+            if n > 0 {
+                acc.at(F::EventCount, "", t, f64::from(n));
+                acc.at(
+                    F::EventCountByKind,
+                    EventKind::ALL[k].as_str(),
+                    t,
+                    f64::from(n),
+                );
+            }
+        }
     }
 
     // F11 interactions: 3 units per email, meeting or call, 1 per chat message, each with
@@ -974,6 +1013,12 @@ pub fn compute_day<'a>(
             .map(|(k, v)| (k.to_string(), v))
             .collect(),
     };
+    acc.out.hours = ctx
+        .hours
+        .iter()
+        .zip(acc.hour_values)
+        .filter_map(|(&(hs, _), v)| Some((hs, v?)))
+        .collect();
     acc.out
 }
 

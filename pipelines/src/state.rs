@@ -24,6 +24,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use chrono_tz::Tz;
+
 use digame_schemas::{ActivityEvent, EventTime, FEATURE_VERSION, FeatureRow, Granularity};
 use serde::{Deserialize, Serialize};
 
@@ -32,7 +34,7 @@ use crate::features::{
     is_external,
 };
 use crate::rules::PersonParams;
-use crate::window::{days_overlapping, hours_of_day, week_window, work_intervals};
+use crate::window::{day_window, hours_of_day, week_window, work_intervals};
 
 const DAY_MS: i64 = 86_400_000;
 /// A day `d` is in the 28-day window ending at day `n` when `n − d` is under this (local
@@ -77,7 +79,7 @@ struct DayState {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct EmittedWindow {
     end: i64,
-    values: BTreeMap<(String, String), f64>,
+    values: Vec<((Feature, String), f64)>,
     is_final: bool,
 }
 
@@ -92,22 +94,26 @@ impl EmittedWindow {
         mut changed: impl FnMut(&str, &str, f64),
     ) {
         use std::cmp::Ordering;
-        let mut updates: Vec<(&'static str, &str, f64)> = Vec::new();
-        let mut vanished: Vec<(String, String)> = Vec::new();
-        let mut prev = self.values.iter().peekable();
-        for ((feature, dim), &value) in current {
+        // A merge of two sorted lists into the next record; dimension strings of keys seen
+        // before are moved over, so a window that keeps its keys allocates nothing.
+        let mut next = Vec::with_capacity(current.len().max(self.values.len()));
+        let mut prev = std::mem::take(&mut self.values).into_iter().peekable();
+        for (&(feature, dim), &value) in current {
             let mut same = false;
-            while let Some(&((pf, pd), &pv)) = prev.peek() {
-                match (pf.as_str(), pd.as_str()).cmp(&(feature.name(), *dim)) {
+            let mut kept = None;
+            while let Some(((pf, pd), _)) = prev.peek() {
+                match (*pf, pd.as_str()).cmp(&(feature, dim)) {
                     Ordering::Less => {
+                        let ((pf, pd), pv) = prev.next().expect("peeked");
                         if pv != 0.0 || all {
-                            vanished.push((pf.clone(), pd.clone()));
+                            changed(pf.name(), &pd, 0.0);
                         }
-                        prev.next();
+                        next.push(((pf, pd), 0.0));
                     }
                     Ordering::Equal => {
+                        let ((_, pd), pv) = prev.next().expect("peeked");
                         same = pv == value;
-                        prev.next();
+                        kept = Some(pd);
                         break;
                     }
                     Ordering::Greater => break,
@@ -115,23 +121,16 @@ impl EmittedWindow {
             }
             if !same || all {
                 changed(feature.name(), dim, value);
-                if !same {
-                    updates.push((feature.name(), dim, value));
-                }
             }
+            next.push(((feature, kept.unwrap_or_else(|| dim.to_string())), value));
         }
-        for ((pf, pd), &pv) in prev {
+        for ((pf, pd), pv) in prev {
             if pv != 0.0 || all {
-                vanished.push((pf.clone(), pd.clone()));
+                changed(pf.name(), &pd, 0.0);
             }
+            next.push(((pf, pd), 0.0));
         }
-        for (f, d, v) in updates {
-            self.values.insert((f.to_string(), d.to_string()), v);
-        }
-        for key in vanished {
-            changed(&key.0, &key.1, 0.0);
-            self.values.insert(key, 0.0);
-        }
+        self.values = next;
     }
 }
 
@@ -201,7 +200,7 @@ pub struct PersonState {
     /// Wall clock (ms) of the last accepted event, for idle advance.
     last_arrival: i64,
     /// Event ids seen in open windows, with their start, for duplicate filtering.
-    seen: HashMap<u128, i64>,
+    seen: HashMap<u128, i64, foldhash::fast::RandomState>,
     days: BTreeMap<i64, DayState>,
     /// Summaries of computed days, by day start.
     history: BTreeMap<i64, DayRecord>,
@@ -216,6 +215,10 @@ pub struct PersonState {
     params: Option<Arc<PersonParams>>,
     #[serde(skip)]
     generation: u64,
+    /// The local day last looked up, so events inside it skip the time-zone arithmetic
+    /// (nearly every event falls in the day of the one before it).
+    #[serde(skip)]
+    day_cache: Option<(Tz, (i64, i64))>,
 }
 
 impl PersonState {
@@ -228,7 +231,7 @@ impl PersonState {
             newest_start: i64::MIN,
             watermark: i64::MIN,
             last_arrival: 0,
-            seen: HashMap::new(),
+            seen: HashMap::default(),
             days: BTreeMap::new(),
             history: BTreeMap::new(),
             rolling: HashMap::new(),
@@ -237,7 +240,22 @@ impl PersonState {
             weeks: BTreeMap::new(),
             params: Some(params),
             generation,
+            day_cache: None,
         }
+    }
+
+    /// The local day of `tz` containing `t`.
+    fn day_of(&mut self, tz: Tz, t: i64) -> (i64, i64) {
+        if let Some((ctz, (s, e))) = self.day_cache
+            && ctz == tz
+            && s <= t
+            && t < e
+        {
+            return (s, e);
+        }
+        let day = day_window(tz, t);
+        self.day_cache = Some((tz, day));
+        day
     }
 
     /// The directory generation the parameters were taken at (0 after a restore).
@@ -318,7 +336,10 @@ impl PersonState {
             status: a.status.clone(),
             participants,
         };
-        let params = self.params();
+        let params = self
+            .params
+            .as_ref()
+            .expect("parameters are installed before events are admitted");
         // Editor heartbeats also reach the days within the keystroke timeout, so a coding
         // span across local midnight is credited to both days.
         let reach = if ev.kind == digame_schemas::EventKind::IdeHeartbeat {
@@ -329,14 +350,22 @@ impl PersonState {
         let tz = params.tz;
         let from = start - reach;
         let to = end.max(start + 1) + reach;
-        for (day_start, day_end) in days_overlapping(tz, from, to) {
-            if day_end <= self.watermark {
-                continue;
+        let (mut day_start, mut day_end) = self.day_of(tz, from);
+        let mut act = Some(act);
+        loop {
+            let last = day_end >= to;
+            if day_end > self.watermark {
+                let day = self.days.entry(day_start).or_default();
+                day.end = day_end;
+                // The activity itself goes to its last day; earlier days get copies.
+                let a = if last { act.take() } else { act.clone() };
+                day.acts.extend(a);
+                day.dirty = true;
             }
-            let day = self.days.entry(day_start).or_default();
-            day.end = day_end;
-            day.acts.push(act.clone());
-            day.dirty = true;
+            if last {
+                break;
+            }
+            (day_start, day_end) = day_window(tz, day_end);
         }
         Admission::Accepted
     }
