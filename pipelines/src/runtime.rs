@@ -115,7 +115,7 @@ impl Processor {
 
     /// Processes one bus payload read from `partition`.
     pub fn process(&mut self, partition: u32, payload: &[u8], now_wall: i64) {
-        let ev = match serde_json::from_slice::<ActivityEvent>(payload) {
+        let ev = match decode_event(payload) {
             Ok(ev) if ev.event_id.is_some() && !ev.tenant_id.is_empty() => ev,
             Ok(_) => {
                 self.dead(
@@ -127,14 +127,8 @@ impl Processor {
                 );
                 return;
             }
-            Err(e) => {
-                self.dead(
-                    payload,
-                    None,
-                    "undecodable",
-                    format!("not a canonical event: {e}"),
-                    now_wall,
-                );
+            Err(reason) => {
+                self.dead(payload, None, "undecodable", reason, now_wall);
                 return;
             }
         };
@@ -255,6 +249,19 @@ impl Processor {
             .map(|p| postcard::to_allocvec(p).map(|b| b.len()).unwrap_or(0))
             .sum()
     }
+}
+
+/// Decodes a bus payload into a canonical event. UTF-8 is checked once over the whole
+/// payload (vectorised) and the JSON parsed as text, which is markedly faster than
+/// parsing bytes, where every string is checked on its own.
+pub fn decode_event(payload: &[u8]) -> std::result::Result<ActivityEvent, String> {
+    let text = std::str::from_utf8(payload).map_err(|e| {
+        format!(
+            "not a canonical event: invalid UTF-8 at byte {}; events on the bus are UTF-8 JSON",
+            e.valid_up_to()
+        )
+    })?;
+    serde_json::from_str(text).map_err(|e| format!("not a canonical event: {e}"))
 }
 
 /// Installs a person's current parameters when the directory changed since they were
@@ -719,5 +726,29 @@ pub async fn run_dead_letter_sink(
         if let Err(e) = consumer.commit(&offsets).await {
             tracing::warn!(error = %e, "dead-letter offset commit failed; they may be stored again (idempotently)");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode_event;
+
+    #[test]
+    fn decode_names_what_is_wrong_with_a_payload() {
+        let good = br#"{"event_id":"0190f5c8-0000-7000-8000-000000000001","tenant_id":"t","user_id":"u","source":"s","kind":"afk","timestamp":"2026-11-24T09:30:00Z","duration_ms":60000,"attributes":{"status":"not-afk"}}"#;
+        let ev = decode_event(good).expect("a canonical event");
+        assert_eq!((ev.user_id.as_str(), ev.duration_ms), ("u", 60_000));
+        assert_eq!(ev.timestamp.0, 1_795_512_600_000);
+
+        let mut bad = good.to_vec();
+        bad[60] = 0xff;
+        let reason = decode_event(&bad).expect_err("invalid UTF-8");
+        assert!(reason.contains("invalid UTF-8 at byte 60"), "{reason}");
+
+        let reason = decode_event(br#"{"user_id":"u","extra":1}"#).expect_err("unknown field");
+        assert!(
+            reason.starts_with("not a canonical event: unknown field `extra`"),
+            "{reason}"
+        );
     }
 }
