@@ -21,7 +21,7 @@
 //!   flags, kept for 15 weeks, with week rows emitted like day rows;
 //! - day summaries for 35 days (interactions only as long as a window can need them).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use chrono_tz::Tz;
@@ -30,7 +30,7 @@ use digame_schemas::{ActivityEvent, EventTime, FEATURE_VERSION, FeatureRow, Gran
 use serde::{Deserialize, Serialize};
 
 use crate::features::{
-    Activity, DayContext, DaySummary, Feature, FeatureParams, WindowValues, compute_day,
+    Activity, DayContext, DaySummary, Dim, Feature, FeatureParams, WindowValues, compute_day,
     is_external,
 };
 use crate::rules::PersonParams;
@@ -98,11 +98,11 @@ impl EmittedWindow {
         // before are moved over, so a window that keeps its keys allocates nothing.
         let mut next = Vec::with_capacity(current.len().max(self.values.len()));
         let mut prev = std::mem::take(&mut self.values).into_iter().peekable();
-        for (&(feature, dim), &value) in current {
+        for (&(feature, Dim(dim)), &value) in current {
             let mut same = false;
             let mut kept = None;
             while let Some(((pf, pd), _)) = prev.peek() {
-                match (*pf, pd.as_str()).cmp(&(feature, dim)) {
+                match (*pf, Dim(pd)).cmp(&(feature, Dim(dim))) {
                     Ordering::Less => {
                         let ((pf, pd), pv) = prev.next().expect("peeked");
                         if pv != 0.0 || all {
@@ -315,15 +315,16 @@ impl PersonState {
         self.watermark = self.watermark.max(self.newest_start - p.lateness_ms);
 
         let end = ev.end().0;
-        let participants: Vec<String> = ev
+        // Sorted and distinct, without the subject.
+        let mut participants: Vec<String> = ev
             .attributes
             .participants
             .iter()
             .filter(|p| **p != ev.user_id)
-            .collect::<BTreeSet<_>>()
-            .into_iter()
             .cloned()
             .collect();
+        participants.sort_unstable();
+        participants.dedup();
         let a = &ev.attributes;
         let act = Activity {
             start,
@@ -468,15 +469,18 @@ impl PersonState {
             let (i, e) = count_network(units.into_iter());
             (i, e, one_on_one)
         };
-        values.insert((Feature::NetworkSize, ""), (internal + external) as f64);
-        values.insert((Feature::NetworkSize, "internal"), internal as f64);
-        values.insert((Feature::NetworkSize, "external"), external as f64);
+        values.insert(
+            (Feature::NetworkSize, Dim("")),
+            (internal + external) as f64,
+        );
+        values.insert((Feature::NetworkSize, Dim("internal")), internal as f64);
+        values.insert((Feature::NetworkSize, Dim("external")), external as f64);
         if params.manager.is_some() {
             // Monthly (28-day) total ÷ 4 weeks.
             let per_week = one_on_one as f64 / 60_000.0 / 4.0;
-            values.insert((Feature::ManagerOneOnOneMinutesPerWeek, ""), per_week);
+            values.insert((Feature::ManagerOneOnOneMinutesPerWeek, Dim("")), per_week);
             values.insert(
-                (Feature::ManagerOneOnOneLow, ""),
+                (Feature::ManagerOneOnOneLow, Dim("")),
                 f64::from(u8::from(per_week < 15.0)),
             );
         }
@@ -488,31 +492,31 @@ impl PersonState {
         let secs = |ms: i64| ms as f64 / 1000.0;
         let flag = |b: bool| f64::from(u8::from(b));
         let mut v: WindowValues<'static> = BTreeMap::new();
-        v.insert((Feature::ActiveDay, ""), w.active_days as f64);
-        v.insert((Feature::ActiveSeconds, ""), secs(w.active_ms));
+        v.insert((Feature::ActiveDay, Dim("")), w.active_days as f64);
+        v.insert((Feature::ActiveSeconds, Dim("")), secs(w.active_ms));
         v.insert(
-            (Feature::AfterHoursActiveSeconds, ""),
+            (Feature::AfterHoursActiveSeconds, Dim("")),
             secs(w.after_hours_ms),
         );
-        v.insert((Feature::CodingSeconds, ""), secs(w.coding_ms));
+        v.insert((Feature::CodingSeconds, Dim("")), secs(w.coding_ms));
         v.insert(
-            (Feature::CollaborationSeconds, ""),
+            (Feature::CollaborationSeconds, Dim("")),
             secs(w.collaboration_ms),
         );
-        v.insert((Feature::DeepWorkSeconds, ""), secs(w.deep_work_ms));
-        v.insert((Feature::MeetingSeconds, ""), secs(w.meeting_ms));
-        v.insert((Feature::ProductiveSeconds, ""), secs(w.productive_ms));
+        v.insert((Feature::DeepWorkSeconds, Dim("")), secs(w.deep_work_ms));
+        v.insert((Feature::MeetingSeconds, Dim("")), secs(w.meeting_ms));
+        v.insert((Feature::ProductiveSeconds, Dim("")), secs(w.productive_ms));
         v.insert(
-            (Feature::NonKnowledgeWorkerWeek, ""),
+            (Feature::NonKnowledgeWorkerWeek, Dim("")),
             flag(w.collaboration_ms < 5 * 3_600_000),
         );
         if let Some(u) = w.utilization(params.productive_goal_ms) {
             v.insert(
-                (Feature::ProductiveHoursPerActiveDay, ""),
+                (Feature::ProductiveHoursPerActiveDay, Dim("")),
                 w.productive_ms as f64 / w.active_days as f64 / 3_600_000.0,
             );
-            v.insert((Feature::OverUtilized, ""), flag(u > 1.3));
-            v.insert((Feature::UnderUtilized, ""), flag(u < 0.7));
+            v.insert((Feature::OverUtilized, Dim("")), flag(u > 1.3));
+            v.insert((Feature::UnderUtilized, Dim("")), flag(u < 0.7));
         }
         // F14: strained in at least 3 of the last 4 weeks (this one included).
         let strained = self
@@ -520,7 +524,7 @@ impl PersonState {
             .range(start - 3 * 7 * DAY_MS - DAY_MS..=start)
             .filter(|(_, w)| w.totals.strained(params.productive_goal_ms))
             .count();
-        v.insert((Feature::BurnoutRisk, ""), flag(strained >= 3));
+        v.insert((Feature::BurnoutRisk, Dim("")), flag(strained >= 3));
         // Inactive week: active time more than 2 SD below the mean of up to 12 earlier
         // weeks (at least 4 needed).
         let earlier: Vec<f64> = self
@@ -538,7 +542,7 @@ impl PersonState {
         } else {
             false
         };
-        v.insert((Feature::InactiveWeek, ""), flag(inactive));
+        v.insert((Feature::InactiveWeek, Dim("")), flag(inactive));
         v
     }
 
