@@ -44,10 +44,47 @@ impl EventTime {
 
     /// Parses RFC 3339 text, truncating to the millisecond.
     pub fn parse_rfc3339(text: &str) -> Result<Self, String> {
+        if let Some(t) = Self::parse_canonical(text) {
+            return Ok(t);
+        }
         let parsed = DateTime::parse_from_rfc3339(text).map_err(|e| {
             format!("`{text}` is not an RFC 3339 timestamp ({e}); use e.g. 2026-11-24T09:30:00Z")
         })?;
         Self::from_millis(parsed.timestamp_millis())
+    }
+
+    /// The form this module writes (`YYYY-MM-DDTHH:MM:SS.mmmZ`), read by position: every
+    /// event on the bus carries two such stamps, and this skips the general parser. Any
+    /// other text (offsets, other precisions, anything invalid) returns `None` and goes
+    /// to the general parser, which also words the errors.
+    fn parse_canonical(text: &str) -> Option<Self> {
+        let b = text.as_bytes();
+        if b.len() != 24
+            || (b[4], b[7], b[10], b[13], b[16], b[19], b[23])
+                != (b'-', b'-', b'T', b':', b':', b'.', b'Z')
+        {
+            return None;
+        }
+        let num = |from: usize, to: usize| -> Option<u32> {
+            b[from..to].iter().try_fold(0u32, |n, &c| {
+                c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+            })
+        };
+        let date = chrono::NaiveDate::from_ymd_opt(
+            i32::try_from(num(0, 4)?).ok()?,
+            num(5, 7)?,
+            num(8, 10)?,
+        )?;
+        let (h, m, sec, ms) = (num(11, 13)?, num(14, 16)?, num(17, 19)?, num(20, 23)?);
+        // A leap second (60) is left to the general parser.
+        if sec > 59 {
+            return None;
+        }
+        let at = date
+            .and_hms_milli_opt(h, m, sec, ms)?
+            .and_utc()
+            .timestamp_millis();
+        Self::from_millis(at).ok()
     }
 
     /// Accepts epoch milliseconds inside the supported range.
@@ -128,6 +165,27 @@ impl JsonSchema for EventTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        /// The positional reader agrees with chrono on every canonical stamp and on
+        /// near-misses (which it must hand over rather than misread).
+        #[test]
+        fn canonical_stamps_parse_as_chrono_does(ms in MIN_MS..=MAX_MS, cut in 0usize..24, c in 0u8..128) {
+            let text = EventTime(ms).to_rfc3339();
+            proptest::prop_assert_eq!(EventTime::parse_canonical(&text), Some(EventTime(ms)));
+            let mut bent = text.into_bytes();
+            bent[cut] = c;
+            if let Ok(bent) = String::from_utf8(bent) {
+                let general = DateTime::parse_from_rfc3339(&bent)
+                    .ok()
+                    .and_then(|d| EventTime::from_millis(d.timestamp_millis()).ok());
+                if let Some(fast) = EventTime::parse_canonical(&bent) {
+                    proptest::prop_assert_eq!(Some(fast), general, "{}", bent);
+                }
+                proptest::prop_assert_eq!(EventTime::parse_rfc3339(&bent).ok(), general);
+            }
+        }
+    }
 
     #[test]
     fn parses_both_encodings_to_the_same_instant() {
