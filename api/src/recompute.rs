@@ -244,7 +244,7 @@ impl Recomputer {
                 (
                     r.granularity,
                     r.window_start.0,
-                    r.feature.as_str(),
+                    &*r.feature,
                     r.dimension.as_str(),
                 )
             })
@@ -265,8 +265,8 @@ impl Recomputer {
                             granularity: g,
                             window_start: w.window_start,
                             window_end: w.window_end,
-                            timezone: w.timezone.clone(),
-                            feature: feature.into(),
+                            timezone: w.timezone.as_str().into(),
+                            feature: feature.to_string().into(),
                             dimension: dimension.into(),
                             value: 0.0,
                             feature_version: digame_schemas::FEATURE_VERSION,
@@ -301,7 +301,7 @@ fn latest_in_range(rows: Vec<FeatureRow>, from: EventTime, to: EventTime) -> Vec
         let key = (
             r.granularity,
             r.window_start.0,
-            r.feature.clone(),
+            r.feature.to_string(),
             r.dimension.clone(),
         );
         if latest.get(&key).is_none_or(|old| old.revision < r.revision) {

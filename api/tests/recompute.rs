@@ -22,7 +22,7 @@ fn row(user: &str, start: &str, feature: &str, dimension: &str, value: f64) -> F
         window_start: start,
         window_end: EventTime(start.0 + 86_400_000),
         timezone: "Europe/Berlin".into(),
-        feature: feature.into(),
+        feature: feature.to_string().into(),
         dimension: dimension.into(),
         value,
         feature_version: digame_schemas::FEATURE_VERSION,

@@ -45,7 +45,7 @@ fn feature(user: &str, feature: &str, value: f64, revision: i64) -> FeatureRow {
         window_start: t(0),
         window_end: t(60),
         timezone: "UTC".into(),
-        feature: feature.into(),
+        feature: feature.to_string().into(),
         dimension: String::new(),
         value,
         feature_version: 1,

@@ -91,7 +91,7 @@ impl EmittedWindow {
         &mut self,
         current: &WindowValues,
         all: bool,
-        mut changed: impl FnMut(&str, &str, f64),
+        mut changed: impl FnMut(&'static str, &str, f64),
     ) {
         use std::cmp::Ordering;
         // A merge of two sorted lists into the next record; dimension strings of keys seen
@@ -189,9 +189,10 @@ struct DayRecord {
 /// State of one person.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PersonState {
-    pub tenant: String,
-    pub user: String,
-    pub timezone: String,
+    /// Shared with every row emitted for the person (no allocation per row).
+    pub tenant: Arc<str>,
+    pub user: Arc<str>,
+    pub timezone: Arc<str>,
     /// The bus partition carrying this person's events; state is checkpointed and moved
     /// between workers per partition.
     pub partition: u32,
@@ -226,7 +227,7 @@ impl PersonState {
         PersonState {
             tenant: tenant.into(),
             user: user.into(),
-            timezone: params.timezone.clone(),
+            timezone: params.timezone.as_str().into(),
             partition: 0,
             newest_start: i64::MIN,
             watermark: i64::MIN,
@@ -272,7 +273,7 @@ impl PersonState {
             .is_none_or(|p| p.version != params.version);
         if changed {
             if self.days.is_empty() {
-                self.timezone = params.timezone.clone();
+                self.timezone = params.timezone.as_str().into();
             }
             for day in self.days.values_mut() {
                 day.dirty = true;
@@ -300,16 +301,23 @@ impl PersonState {
     /// Admits one event.
     pub fn admit(&mut self, ev: &ActivityEvent, now_wall: i64, p: &StateParams) -> Admission {
         let id = ev.event_id.map(|u| u.as_u128()).unwrap_or_default();
-        if self.seen.contains_key(&id) {
-            return Admission::Duplicate;
-        }
         let start = ev.timestamp.0;
         if start < self.watermark {
+            // A duplicate of an admitted event is a duplicate, however late.
+            if self.seen.contains_key(&id) {
+                return Admission::Duplicate;
+            }
             return Admission::TooLate {
                 watermark: self.watermark,
             };
         }
-        self.seen.insert(id, start);
+        // One probe on the common path: look up and record together.
+        match self.seen.entry(id) {
+            std::collections::hash_map::Entry::Occupied(_) => return Admission::Duplicate,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(start);
+            }
+        }
         self.last_arrival = now_wall;
         self.newest_start = self.newest_start.max(start);
         self.watermark = self.watermark.max(self.newest_start - p.lateness_ms);
@@ -707,7 +715,7 @@ impl PersonState {
         g: Granularity,
         ws: i64,
         we: i64,
-        feature: &str,
+        feature: &'static str,
         dimension: &str,
         value: f64,
         is_final: bool,
@@ -715,13 +723,13 @@ impl PersonState {
         params: &PersonParams,
     ) -> FeatureRow {
         FeatureRow {
-            tenant_id: self.tenant.clone(),
-            user_id: self.user.clone(),
+            tenant_id: Arc::clone(&self.tenant),
+            user_id: Arc::clone(&self.user),
             granularity: g,
             window_start: EventTime(ws),
             window_end: EventTime(we),
-            timezone: self.timezone.clone(),
-            feature: feature.to_string(),
+            timezone: Arc::clone(&self.timezone),
+            feature: std::borrow::Cow::Borrowed(feature),
             dimension: dimension.to_string(),
             value,
             feature_version: FEATURE_VERSION,

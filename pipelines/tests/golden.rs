@@ -60,10 +60,10 @@ fn run(order: &[serde_json::Value], emit_every: usize) -> BTreeMap<Key, FeatureR
     let mut latest: BTreeMap<Key, FeatureRow> = BTreeMap::new();
     for r in rows {
         let key = (
-            r.user_id.clone(),
+            r.user_id.to_string(),
             r.granularity.as_str().to_string(),
             r.window_start.0,
-            r.feature.clone(),
+            r.feature.to_string(),
             r.dimension.clone(),
         );
         if latest.get(&key).is_none_or(|old| old.revision < r.revision) {

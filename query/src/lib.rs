@@ -549,7 +549,7 @@ mod tests {
             window_start: EventTime(1_795_510_800_000),
             window_end: EventTime(1_795_514_400_000),
             timezone: "UTC".into(),
-            feature: feature.into(),
+            feature: feature.to_string().into(),
             dimension: dim.into(),
             value,
             feature_version: 1,

@@ -4,6 +4,9 @@
 //! same key again replaces, never adds. Readers keep, per key, the row with the highest
 //! `revision`.
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -47,17 +50,19 @@ impl Granularity {
 /// `granularity`, `window_start`, `feature`, `dimension`, `feature_version`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct FeatureRow {
-    pub tenant_id: String,
-    pub user_id: String,
+    /// Shared: one person's rows all carry the same tenant, user and zone, so a row
+    /// costs no allocation for them.
+    pub tenant_id: Arc<str>,
+    pub user_id: Arc<str>,
     pub granularity: Granularity,
     /// Start of the window (inclusive), UTC.
     pub window_start: EventTime,
     /// End of the window (exclusive), UTC. Local days can be 23 or 25 hours long.
     pub window_end: EventTime,
     /// IANA time zone the window boundaries were computed in.
-    pub timezone: String,
+    pub timezone: Arc<str>,
     /// Feature name, e.g. `active_seconds`, `context_switches`.
-    pub feature: String,
+    pub feature: Cow<'static, str>,
     /// Breakdown value (`app`, `category`, switch type, event kind); empty for the total.
     pub dimension: String,
     pub value: f64,

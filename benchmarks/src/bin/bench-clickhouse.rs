@@ -75,7 +75,7 @@ fn features(rows: usize) -> Vec<FeatureRow> {
             let start = base + hour * 3_600_000;
             FeatureRow {
                 tenant_id: "bench".into(),
-                user_id: format!("person-{person:04}"),
+                user_id: format!("person-{person:04}").into(),
                 granularity: Granularity::Hour,
                 window_start: EventTime(start),
                 window_end: EventTime(start + 3_600_000),

@@ -942,8 +942,8 @@ impl StoreSink for ClickHouseStore {
                 &batch.features,
                 FeatureCh::from,
                 |f| DeadLetterSeed {
-                    tenant_id: f.tenant_id.clone(),
-                    user_id: Some(f.user_id.clone()),
+                    tenant_id: f.tenant_id.to_string(),
+                    user_id: Some(f.user_id.to_string()),
                     event_id: None,
                 },
             ),
