@@ -183,16 +183,8 @@ impl MetaStore {
         .bind(tenant)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| {
-            Ok(Stored {
-                value: decode(&r.try_get::<String, _>(0)?, || {
-                    format!("settings of {tenant}")
-                })?,
-                revision: r.try_get(1)?,
-                updated_at: r.try_get(2)?,
-            })
-        })
-        .transpose()
+        row.map(|r| stored(&r, || format!("settings of {tenant}")))
+            .transpose()
     }
 
     /// Validates and stores a tenant's settings.
@@ -234,16 +226,8 @@ impl MetaStore {
         .bind(user)
         .fetch_optional(&self.pool)
         .await?;
-        row.map(|r| {
-            Ok(Stored {
-                value: decode(&r.try_get::<String, _>(0)?, || {
-                    format!("profile of {tenant}/{user}")
-                })?,
-                revision: r.try_get(1)?,
-                updated_at: r.try_get(2)?,
-            })
-        })
-        .transpose()
+        row.map(|r| stored(&r, || format!("profile of {tenant}/{user}")))
+            .transpose()
     }
 
     /// Validates and stores a person's profile.
@@ -492,6 +476,18 @@ impl MetaStore {
         })
         .transpose()
     }
+}
+
+/// A `(json, revision, updated_at)` row as a stored value.
+fn stored<T: serde::de::DeserializeOwned>(
+    row: &sqlx::any::AnyRow,
+    what: impl Fn() -> String,
+) -> Result<Stored<T>> {
+    Ok(Stored {
+        value: decode(&row.try_get::<String, _>(0)?, what)?,
+        revision: row.try_get(1)?,
+        updated_at: row.try_get(2)?,
+    })
 }
 
 fn decode<T: serde::de::DeserializeOwned>(json: &str, what: impl Fn() -> String) -> Result<T> {

@@ -34,7 +34,7 @@ use crate::features::{
     is_external,
 };
 use crate::rules::PersonParams;
-use crate::window::{day_window, hours_of_day, week_window, work_intervals};
+use crate::window::{day_window, days_from, hours_of_day, week_window, work_intervals};
 
 const DAY_MS: i64 = 86_400_000;
 /// A day `d` is in the 28-day window ending at day `n` when `n − d` is under this (local
@@ -359,22 +359,22 @@ impl PersonState {
         let tz = params.tz;
         let from = start - reach;
         let to = end.max(start + 1) + reach;
-        let (mut day_start, mut day_end) = self.day_of(tz, from);
+        let mut days = days_from(tz, self.day_of(tz, from), to).peekable();
         let mut act = Some(act);
-        loop {
-            let last = day_end >= to;
-            if day_end > self.watermark {
-                let day = self.days.entry(day_start).or_default();
-                day.end = day_end;
-                // The activity itself goes to its last day; earlier days get copies.
-                let a = if last { act.take() } else { act.clone() };
-                day.acts.extend(a);
-                day.dirty = true;
+        while let Some((day_start, day_end)) = days.next() {
+            if day_end <= self.watermark {
+                continue;
             }
-            if last {
-                break;
-            }
-            (day_start, day_end) = day_window(tz, day_end);
+            let day = self.days.entry(day_start).or_default();
+            day.end = day_end;
+            // The activity itself goes to its last day; earlier days get copies.
+            let a = if days.peek().is_none() {
+                act.take()
+            } else {
+                act.clone()
+            };
+            day.acts.extend(a);
+            day.dirty = true;
         }
         Admission::Accepted
     }

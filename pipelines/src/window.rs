@@ -107,14 +107,15 @@ pub fn day_window(tz: Tz, t: i64) -> (i64, i64) {
 
 /// Every local day overlapping `[start, end)`; at least the day containing `start`.
 pub fn days_overlapping(tz: Tz, start: i64, end: i64) -> Vec<(i64, i64)> {
-    let mut out = vec![day_window(tz, start)];
-    while let Some(&(_, day_end)) = out.last() {
-        if day_end >= end {
-            break;
-        }
-        out.push(day_window(tz, day_end));
-    }
-    out
+    days_from(tz, day_window(tz, start), end).collect()
+}
+
+/// The local days from `first` (a day window) on, until one reaches `end`; for callers
+/// that already know the first day.
+pub fn days_from(tz: Tz, first: (i64, i64), end: i64) -> impl Iterator<Item = (i64, i64)> {
+    std::iter::successors(Some(first), move |&(_, day_end)| {
+        (day_end < end).then(|| day_window(tz, day_end))
+    })
 }
 
 /// The hour windows of a day, in order, tiling it exactly.

@@ -8,24 +8,17 @@
 
 use datafusion::common::ScalarValue;
 use datafusion::logical_expr::{Expr, col, lit};
-use digame_infra::store::{PARTITION_COLUMNS, Table};
+use std::sync::LazyLock;
+
+use digame_infra::store::Table;
+use digame_schemas::arrow::Layout;
 use digame_schemas::{ActivityEvent, EventTime};
 use serde_json::{Map, Value};
 
 use crate::{Backend, QueryEngine, QueryError, Result, batches_to_json, internal};
 
-/// The attribute columns the store flattens out of `attributes`.
-const ATTRIBUTE_COLUMNS: [&str; 9] = [
-    "app",
-    "title",
-    "url",
-    "project",
-    "language",
-    "branch",
-    "file",
-    "participants",
-    "status",
-];
+/// The flat layout events are stored in, derived from the canonical event's schema.
+static EVENT_LAYOUT: LazyLock<Layout> = LazyLock::new(Layout::of::<ActivityEvent>);
 
 fn ts(t: EventTime) -> Expr {
     lit(ScalarValue::TimestampMillisecond(
@@ -44,36 +37,32 @@ fn seconds(from: EventTime, to: EventTime) -> (u32, u32) {
     )
 }
 
-/// Rebuilds the canonical event from a flat store row (attributes as columns, properties
-/// as JSON text).
+/// Rebuilds the canonical event from a flat store row: every column of the event layout
+/// goes back to its path (attributes as columns, properties as JSON text), and columns
+/// outside the layout (partition columns such as `date`) are left out.
 fn event_from_flat(mut row: Map<String, Value>) -> Result<ActivityEvent> {
-    for c in PARTITION_COLUMNS {
-        if c != "tenant_id" {
-            row.remove(c);
+    let mut event = Map::new();
+    for column in &EVENT_LAYOUT.columns {
+        let value = match row.remove(&column.name) {
+            None | Some(Value::Null) => continue,
+            Some(Value::String(text)) if column.json_text => serde_json::from_str(&text)
+                .map_err(|e| internal(format!("stored {} are not JSON: {e}", column.name)))?,
+            Some(v) => v,
+        };
+        let (leaf, parents) = column.path.split_last().expect("columns have a path");
+        let mut at = &mut event;
+        for p in parents {
+            at = match at
+                .entry(p.clone())
+                .or_insert_with(|| Value::Object(Map::new()))
+            {
+                Value::Object(m) => m,
+                _ => unreachable!("a layout path runs through objects"),
+            };
         }
+        at.insert(leaf.clone(), value);
     }
-    let mut attributes = Map::new();
-    for c in ATTRIBUTE_COLUMNS {
-        match row.remove(c) {
-            None | Some(Value::Null) => {}
-            Some(v) => {
-                attributes.insert(c.into(), v);
-            }
-        }
-    }
-    row.insert("attributes".into(), Value::Object(attributes));
-    match row.remove("properties") {
-        Some(Value::String(text)) => {
-            let v: Value = serde_json::from_str(&text)
-                .map_err(|e| internal(format!("stored properties are not JSON: {e}")))?;
-            row.insert("properties".into(), v);
-        }
-        Some(Value::Null) | None => {}
-        Some(other) => {
-            row.insert("properties".into(), other);
-        }
-    }
-    serde_json::from_value(Value::Object(row))
+    serde_json::from_value(Value::Object(event))
         .map_err(|e| internal(format!("a stored event cannot be read back: {e}")))
 }
 
