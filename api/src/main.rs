@@ -38,8 +38,9 @@ enum Command {
     /// Create (when missing) or describe the Kafka topics of `--bus kafka://…`.
     #[command(subcommand)]
     Topics(TopicsAction),
-    /// Apply the pending schema migrations of the `--store clickhouse://…` database
-    /// (re-running is a no-op), print what was applied, and exit.
+    /// Apply the pending schema migrations of the metadata store and of the
+    /// `--store clickhouse://…` database (re-running is a no-op), print what was applied,
+    /// and exit.
     Migrate(ServeArgs),
     /// Delete every row of one person from the ClickHouse store (a privacy request) and
     /// print what was removed per table.
@@ -279,6 +280,13 @@ fn clickhouse_settings(
 }
 
 async fn migrate(args: ServeArgs) -> anyhow::Result<()> {
+    let config = load_config(&args)?;
+    let meta = digame_infra::meta::MetaStore::open(&config.meta.url, &config.data_dir).await?;
+    let versions = meta.migrate().await?;
+    println!(
+        "metadata store {}: migrations {versions:?} applied",
+        digame_infra::meta::redact_url(&config.meta.url)
+    );
     let Some(settings) = clickhouse_settings(&args)? else {
         println!(
             "the embedded store needs no migrations (pass --store clickhouse://… to migrate ClickHouse)"

@@ -38,14 +38,26 @@ pub struct Config {
     pub meta: MetaConfig,
 }
 
-/// Where tenant settings, person profiles and jobs are kept.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// Where control-plane metadata (tenants, accounts, keys, audit, settings, profiles,
+/// jobs) is kept.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetaConfig {
-    /// `sqlite://` (`<data_dir>/meta.db`) or `sqlite:///path/to/meta.db`.
+    /// `sqlite://` (`<data_dir>/meta.db`), `sqlite:///path/to/meta.db`, or
+    /// `postgres://user:password@host:port/database` (`DIGAME_META__URL`). The password is
+    /// never printed.
     pub url: String,
     /// How often pipelines and ingest look for changed settings and profiles (ms).
     pub refresh_ms: u64,
+}
+
+impl fmt::Debug for MetaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MetaConfig")
+            .field("url", &crate::meta::redact_url(&self.url))
+            .field("refresh_ms", &self.refresh_ms)
+            .finish()
+    }
 }
 
 impl Default for MetaConfig {
@@ -631,8 +643,14 @@ mod tests {
             assert!(err.contains(bad), "{bad}: {err}");
         }
         cfg.store.clickhouse.password = "hunter2-secret".into();
+        cfg.meta.url = "postgres://digame:hunter3-secret@db:5432/meta".into();
         let shown = format!("{cfg:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("hunter3"), "{shown}");
+        assert!(
+            shown.contains("postgres://digame:<redacted>@db:5432/meta"),
+            "{shown}"
+        );
     }
 
     #[test]

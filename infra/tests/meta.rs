@@ -1,7 +1,44 @@
-//! The metadata store on a real SQLite file: migrations, settings and profiles with
-//! their revisions, change following, jobs, and refusal of invalid content.
+//! The metadata store on both backends — a real SQLite file and a real PostgreSQL server
+//! (started by `infra/scripts/test`) — with one body per test: migrations, settings and
+//! profiles with their revisions, change following, jobs, refusal of invalid content, and
+//! the identity records (tenants, accounts, sessions, keys, resets, audit).
 
+use std::path::Path;
+
+use digame_infra::meta::identity::{
+    AccountChange, ApiKeyRecord, AuditQuery, AuditRecord, NewAccount, RefreshOutcome, digest,
+};
 use digame_infra::meta::{JobState, MetaError, MetaStore};
+
+/// Runs each named body (`async fn(url, dir)`) once on SQLite and once on PostgreSQL.
+macro_rules! on_both_backends {
+    ($($body:ident),* $(,)?) => {$(
+        mod $body {
+            #[tokio::test]
+            async fn sqlite() {
+                let dir = tempfile::tempdir().unwrap();
+                super::$body("sqlite://".into(), dir.path()).await;
+            }
+            #[tokio::test]
+            async fn postgres() {
+                let dir = tempfile::tempdir().unwrap();
+                super::$body(digame_testkit::postgres_database().await, dir.path()).await;
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    settings_and_profiles_round_trip_and_changes_follow_commit_order,
+    invalid_settings_and_profiles_are_refused_with_the_field_named,
+    jobs_record_progress_and_are_tenant_scoped,
+    released_groups_are_recorded_once_per_tenant,
+    accounts_are_unique_by_email_and_tenant_scoped,
+    refresh_tokens_rotate_once_and_reuse_revokes_the_family,
+    api_keys_are_stored_as_digests_and_followed,
+    password_resets_are_single_use_and_expire,
+    audit_log_is_append_only_and_tenant_scoped,
+);
 use digame_schemas::profile::{PersonProfile, TenantSettings};
 
 fn profile(team: &str, tz: &str) -> PersonProfile {
@@ -12,11 +49,8 @@ fn profile(team: &str, tz: &str) -> PersonProfile {
     }
 }
 
-#[tokio::test]
-async fn settings_and_profiles_round_trip_and_changes_follow_commit_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let meta = MetaStore::open("sqlite://", dir.path()).await.unwrap();
-    assert!(dir.path().join("meta.db").exists());
+async fn settings_and_profiles_round_trip_and_changes_follow_commit_order(url: String, dir: &Path) {
+    let meta = MetaStore::open(&url, dir).await.unwrap();
     assert!(meta.settings("acme").await.unwrap().is_none());
     assert!(meta.profile("acme", "ana").await.unwrap().is_none());
 
@@ -66,15 +100,13 @@ async fn settings_and_profiles_round_trip_and_changes_follow_commit_order() {
 
     // Reopening applies nothing new and keeps everything.
     drop(meta);
-    let meta = MetaStore::open("sqlite://", dir.path()).await.unwrap();
-    assert_eq!(meta.migrate().await.unwrap(), vec![1, 2]);
+    let meta = MetaStore::open(&url, dir).await.unwrap();
+    assert_eq!(meta.migrate().await.unwrap(), vec![1, 2, 3]);
     assert_eq!(meta.changes_since(0).await.unwrap().revision, 4);
 }
 
-#[tokio::test]
-async fn invalid_settings_and_profiles_are_refused_with_the_field_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let meta = MetaStore::open("sqlite://", dir.path()).await.unwrap();
+async fn invalid_settings_and_profiles_are_refused_with_the_field_named(url: String, dir: &Path) {
+    let meta = MetaStore::open(&url, dir).await.unwrap();
     let bad = TenantSettings {
         keystroke_timeout_secs: 5,
         ..TenantSettings::default()
@@ -92,16 +124,21 @@ async fn invalid_settings_and_profiles_are_refused_with_the_field_named() {
     assert!(err.to_string().contains("timezone `Mars/Olympus`"), "{err}");
     // Nothing was written, and no revision was spent.
     assert_eq!(meta.changes_since(0).await.unwrap().revision, 0);
-    let err = MetaStore::open("postgres://x", dir.path())
+    let err = MetaStore::open("mysql://x", dir).await.unwrap_err();
+    assert!(matches!(err, MetaError::BadUrl(_)), "{err}");
+    // A password in the URL never reaches an error message.
+    let err = MetaStore::open("postgres://u:hunter2-secret@127.0.0.1:1/db", dir)
         .await
         .unwrap_err();
-    assert!(matches!(err, MetaError::BadUrl(_)), "{err}");
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+    assert!(
+        err.to_string().contains("u:<redacted>@127.0.0.1:1"),
+        "{err}"
+    );
 }
 
-#[tokio::test]
-async fn jobs_record_progress_and_are_tenant_scoped() {
-    let dir = tempfile::tempdir().unwrap();
-    let meta = MetaStore::open("sqlite://", dir.path()).await.unwrap();
+async fn jobs_record_progress_and_are_tenant_scoped(url: String, dir: &Path) {
+    let meta = MetaStore::open(&url, dir).await.unwrap();
     let spec = serde_json::json!({"from": "2026-01-01", "to": "2026-01-08"});
     let id = meta.create_job("acme", "recompute", &spec).await.unwrap();
     let job = meta.job("acme", &id).await.unwrap().unwrap();
@@ -116,10 +153,8 @@ async fn jobs_record_progress_and_are_tenant_scoped() {
     assert!(meta.job("globex", &id).await.unwrap().is_none());
 }
 
-#[tokio::test]
-async fn released_groups_are_recorded_once_per_tenant() {
-    let dir = tempfile::tempdir().unwrap();
-    let meta = MetaStore::open("sqlite://", dir.path()).await.unwrap();
+async fn released_groups_are_recorded_once_per_tenant(url: String, dir: &Path) {
+    let meta = MetaStore::open(&url, dir).await.unwrap();
     let group: std::collections::BTreeSet<String> = ["a", "b", "c", "d", "e"]
         .iter()
         .map(|s| s.to_string())
@@ -128,4 +163,317 @@ async fn released_groups_are_recorded_once_per_tenant() {
     meta.record_released_group("acme", &group).await.unwrap();
     assert_eq!(meta.released_groups("acme").await.unwrap(), vec![group]);
     assert!(meta.released_groups("globex").await.unwrap().is_empty());
+}
+
+async fn tenants_acme_and_globex(meta: &MetaStore) {
+    meta.create_tenant("acme", "Acme").await.unwrap();
+    meta.create_tenant("globex", "Globex").await.unwrap();
+}
+
+fn new_account<'a>(tenant: &'a str, email: &'a str, person: Option<&'a str>) -> NewAccount<'a> {
+    NewAccount {
+        tenant_id: tenant,
+        email,
+        role: "member",
+        person_id: person,
+        display_name: "A Person",
+    }
+}
+
+async fn accounts_are_unique_by_email_and_tenant_scoped(url: String, dir: &Path) {
+    let meta = MetaStore::open(&url, dir).await.unwrap();
+    tenants_acme_and_globex(&meta).await;
+    let err = meta.create_tenant("acme", "again").await.unwrap_err();
+    assert!(matches!(err, MetaError::Conflict(_)), "{err}");
+    assert_eq!(meta.account_count().await.unwrap(), 0);
+    let ana = meta
+        .create_account(
+            &new_account("acme", " Ana@Example.COM ", Some("u-ana")),
+            "$argon2id$x",
+        )
+        .await
+        .unwrap();
+    assert_eq!(ana.email, "ana@example.com");
+    // The address is taken platform-wide, whatever its case; a person has one account.
+    let err = meta
+        .create_account(&new_account("globex", "ANA@example.com", None), "h")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MetaError::Conflict(_)), "{err}");
+    let err = meta
+        .create_account(
+            &new_account("acme", "other@example.com", Some("u-ana")),
+            "h",
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, MetaError::Conflict(_)), "{err}");
+    // The same person id in another tenant is another person.
+    meta.create_account(&new_account("globex", "g@example.com", Some("u-ana")), "h")
+        .await
+        .unwrap();
+
+    let (found, hash) = meta
+        .account_for_login("ANA@example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (found.account_id.as_str(), hash.as_str()),
+        (ana.account_id.as_str(), "$argon2id$x")
+    );
+    assert!(
+        meta.account("globex", &ana.account_id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(meta.accounts("acme").await.unwrap().len(), 1);
+
+    let change = AccountChange {
+        role: Some("analyst".into()),
+        disabled: Some(true),
+        ..AccountChange::default()
+    };
+    assert!(
+        meta.update_account("globex", &ana.account_id, &change)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let changed = meta
+        .update_account("acme", &ana.account_id, &change)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((changed.role.as_str(), changed.disabled), ("analyst", true));
+    let read = meta
+        .account("acme", &ana.account_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read, changed);
+    let enabled = meta
+        .update_account(
+            "acme",
+            &ana.account_id,
+            &AccountChange {
+                disabled: Some(false),
+                ..AccountChange::default()
+            },
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!enabled.disabled);
+    assert_eq!(meta.account_count().await.unwrap(), 2);
+}
+
+async fn refresh_tokens_rotate_once_and_reuse_revokes_the_family(url: String, dir: &Path) {
+    let meta = MetaStore::open(&url, dir).await.unwrap();
+    tenants_acme_and_globex(&meta).await;
+    let ana = meta
+        .create_account(&new_account("acme", "ana@example.com", None), "h")
+        .await
+        .unwrap();
+    let far = i64::MAX / 2;
+    let family = meta.start_session(&ana, "r1", far).await.unwrap();
+    let spent = meta.rotate_refresh("r1", "r2", far).await.unwrap();
+    assert_eq!(
+        spent,
+        RefreshOutcome::Spent {
+            family_id: family.clone(),
+            account_id: ana.account_id.clone(),
+            tenant_id: "acme".into()
+        }
+    );
+    let (revoked, _) = meta.revoked_sessions_since(0, 0).await.unwrap();
+    assert!(revoked.is_empty());
+    // r1 again: a replay. The family is revoked, so r2 (the legitimate next one) is dead too.
+    assert_eq!(
+        meta.rotate_refresh("r1", "r3", far).await.unwrap(),
+        RefreshOutcome::Reused {
+            family_id: family.clone()
+        }
+    );
+    assert_eq!(
+        meta.rotate_refresh("r2", "r4", far).await.unwrap(),
+        RefreshOutcome::Invalid
+    );
+    let (revoked, rev) = meta.revoked_sessions_since(0, 0).await.unwrap();
+    assert_eq!(revoked, vec![family.clone()]);
+    assert!(
+        meta.revoked_sessions_since(rev, 0)
+            .await
+            .unwrap()
+            .0
+            .is_empty()
+    );
+    // Unknown and expired tokens are simply invalid.
+    assert_eq!(
+        meta.rotate_refresh("nope", "x", far).await.unwrap(),
+        RefreshOutcome::Invalid
+    );
+    let other = meta.start_session(&ana, "old", 1).await.unwrap();
+    assert_eq!(
+        meta.rotate_refresh("old", "x", far).await.unwrap(),
+        RefreshOutcome::Invalid
+    );
+    // A password change ends every session of the account.
+    let live = meta.start_session(&ana, "live", far).await.unwrap();
+    meta.set_password(&ana.account_id, "h2").await.unwrap();
+    let (revoked, _) = meta.revoked_sessions_since(rev, 0).await.unwrap();
+    assert!(
+        revoked.contains(&live) && revoked.contains(&other),
+        "{revoked:?}"
+    );
+    assert_eq!(
+        meta.rotate_refresh("live", "x", far).await.unwrap(),
+        RefreshOutcome::Invalid
+    );
+    assert_eq!(meta.session_of_refresh("live").await.unwrap(), Some(live));
+}
+
+async fn api_keys_are_stored_as_digests_and_followed(url: String, dir: &Path) {
+    let meta = MetaStore::open(&url, dir).await.unwrap();
+    tenants_acme_and_globex(&meta).await;
+    let key = ApiKeyRecord {
+        key_id: "k1".into(),
+        tenant_id: "acme".into(),
+        name: "laptop watcher".into(),
+        secret_hash: digest("s3cret"),
+        role: "ingestion_agent".into(),
+        sources: vec!["activitywatch".into()],
+        endpoints: vec!["events".into()],
+        created_by: "admin".into(),
+        created_at: 1,
+        revoked_at: None,
+    };
+    meta.create_api_key(&key).await.unwrap();
+    assert_eq!(meta.api_keys("acme").await.unwrap(), vec![key.clone()]);
+    assert!(meta.api_keys("globex").await.unwrap().is_empty());
+    let (all, rev) = meta.api_key_changes_since(0).await.unwrap();
+    assert_eq!(all, vec![key.clone()]);
+    assert_eq!(all[0].secret_hash, digest("s3cret"));
+    assert_ne!(all[0].secret_hash, "s3cret");
+    // Another tenant cannot revoke it; its own tenant can, and followers see the change.
+    assert!(meta.revoke_api_key("globex", "k1").await.unwrap().is_none());
+    assert!(meta.api_key_changes_since(rev).await.unwrap().0.is_empty());
+    let revoked = meta.revoke_api_key("acme", "k1").await.unwrap().unwrap();
+    assert!(revoked.revoked_at.is_some());
+    let (changed, _) = meta.api_key_changes_since(rev).await.unwrap();
+    assert_eq!(changed.len(), 1);
+    assert!(changed[0].revoked_at.is_some());
+}
+
+async fn password_resets_are_single_use_and_expire(url: String, dir: &Path) {
+    let meta = MetaStore::open(&url, dir).await.unwrap();
+    tenants_acme_and_globex(&meta).await;
+    let ana = meta
+        .create_account(&new_account("acme", "ana@example.com", None), "h")
+        .await
+        .unwrap();
+    meta.create_password_reset(&ana.account_id, "t1", i64::MAX / 2)
+        .await
+        .unwrap();
+    meta.create_password_reset(&ana.account_id, "t-expired", 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        meta.consume_password_reset("t1").await.unwrap(),
+        Some(ana.account_id.clone())
+    );
+    assert_eq!(meta.consume_password_reset("t1").await.unwrap(), None);
+    assert_eq!(
+        meta.consume_password_reset("t-expired").await.unwrap(),
+        None
+    );
+    assert_eq!(meta.consume_password_reset("unknown").await.unwrap(), None);
+}
+
+fn audit_record(tenant: &str, id: &str, at: i64, actor: &str, action: &str) -> AuditRecord {
+    AuditRecord {
+        event_id: id.into(),
+        at,
+        tenant_id: tenant.into(),
+        actor: actor.into(),
+        actor_kind: "account".into(),
+        action: action.into(),
+        target: "/v1/settings".into(),
+        source_ip: "127.0.0.1".into(),
+        request_id: "r".into(),
+        outcome: 200,
+        detail: String::new(),
+    }
+}
+
+async fn audit_log_is_append_only_and_tenant_scoped(url: String, dir: &Path) {
+    let meta = MetaStore::open(&url, dir).await.unwrap();
+    let a1 = audit_record("acme", "e1", 100, "ana", "PUT /v1/settings");
+    let a2 = audit_record("acme", "e2", 200, "bob", "POST /v1/keys");
+    let g1 = audit_record("globex", "e3", 150, "gus", "PUT /v1/settings");
+    for r in [&a1, &a2, &g1] {
+        meta.append_audit(r).await.unwrap();
+    }
+    let q = |f: fn(&mut AuditQuery)| {
+        let mut q = AuditQuery {
+            limit: 100,
+            ..AuditQuery::default()
+        };
+        f(&mut q);
+        q
+    };
+    assert_eq!(
+        meta.audit("acme", &q(|_| {})).await.unwrap(),
+        vec![a2.clone(), a1.clone()]
+    );
+    assert_eq!(
+        meta.audit("globex", &q(|_| {})).await.unwrap(),
+        vec![g1.clone()]
+    );
+    assert_eq!(
+        meta.audit("acme", &q(|q| q.actor = Some("ana".into())))
+            .await
+            .unwrap(),
+        vec![a1.clone()]
+    );
+    assert_eq!(
+        meta.audit("acme", &q(|q| q.action_prefix = Some("POST ".into())))
+            .await
+            .unwrap(),
+        vec![a2.clone()]
+    );
+    assert_eq!(
+        meta.audit(
+            "acme",
+            &q(|q| {
+                q.from = Some(101);
+                q.to = Some(201)
+            })
+        )
+        .await
+        .unwrap(),
+        vec![a2.clone()]
+    );
+    assert_eq!(
+        meta.audit("acme", &q(|q| q.limit = 1)).await.unwrap(),
+        vec![a2.clone()]
+    );
+
+    // The database itself refuses changes and removals, whoever connects.
+    let conn_url = if url.starts_with("sqlite") {
+        format!("sqlite://{}", dir.join("meta.db").display())
+    } else {
+        url.clone()
+    };
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&conn_url).await.unwrap();
+    for sql in [
+        "UPDATE audit_log SET outcome = 500",
+        "DELETE FROM audit_log",
+    ] {
+        let err = sqlx::query(sql).execute(&pool).await.unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    }
+    assert_eq!(meta.audit("acme", &q(|_| {})).await.unwrap(), vec![a2, a1]);
 }

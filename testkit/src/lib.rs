@@ -119,6 +119,31 @@ impl TestClickHouse {
     }
 }
 
+/// A database of the test's own on the PostgreSQL server `infra/scripts/test` started
+/// (`TEST_POSTGRES_URL`, a `postgres://user:password@127.0.0.1:port/postgres` URL); returns
+/// its URL. Fails, never skips, when no server is configured.
+pub async fn postgres_database() -> String {
+    use sqlx::Connection;
+    let base = std::env::var("TEST_POSTGRES_URL").unwrap_or_else(|_| {
+        panic!(
+            "TEST_POSTGRES_URL is not set: this test needs a PostgreSQL server. Run the tests \
+             with infra/scripts/test (it starts one), or start one with \
+             `infra/scripts/postgres start DIR` and export TEST_POSTGRES_URL=$(cat DIR/url)"
+        )
+    });
+    let name = format!("t{}", uuid_like());
+    let mut conn = sqlx::PgConnection::connect(&base)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to TEST_POSTGRES_URL: {e}"));
+    // The name is generated above (letters and digits), never input.
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create the test database");
+    let (server, _) = base.rsplit_once('/').expect("URL ends with /database");
+    format!("{server}/{name}")
+}
+
 /// A server of a test's own, run by one of the project's scripts (`infra/scripts/kafka`,
 /// `infra/scripts/clickhouse`) with its data in `dir`; stopped (by pid) when dropped, even
 /// when an assertion fails.

@@ -1,10 +1,14 @@
-//! The metadata store: tenant settings, person profiles and background jobs, in SQLite
-//! (embedded default, `<data_dir>/meta.db`) through `sqlx`'s driver-neutral `Any` pool.
+//! The metadata store: tenants, accounts, roles, keys, tokens and the audit log
+//! ([`identity`]), tenant settings, person profiles and background jobs. SQLite (embedded
+//! default, `<data_dir>/meta.db`) or PostgreSQL (`postgres://…`), through `sqlx`'s
+//! driver-neutral `Any` pool: one set of queries and one test suite for both.
 //!
 //! What it guarantees:
 //! - **Versioned schema.** Migrations under `infra/migrations/meta/` are embedded in the
 //!   binary and applied on open (and by `digame migrate`); `sqlx` records each with its
 //!   checksum and refuses a database whose applied migrations were edited afterwards.
+//!   The migrations are portable SQL; what cannot be (the triggers that make the audit
+//!   log append-only) is applied per backend right after them.
 //! - **Changes in commit order.** Every write of settings or a profile takes the next
 //!   value of one revision counter inside its own transaction. Writers serialize on that
 //!   counter row, so revisions commit in increasing order and a reader that remembers the
@@ -12,7 +16,9 @@
 //! - **Validated content.** Settings and profiles are validated before they are stored,
 //!   so whatever a pipeline reads back compiles.
 //! - **Bound parameters.** Every value reaches SQL as a bound parameter (`$1`, …), never
-//!   by concatenation; the SQL is portable so the PostgreSQL backend can share it.
+//!   by concatenation.
+
+pub mod identity;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -29,7 +35,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/meta");
 #[derive(Debug, thiserror::Error)]
 pub enum MetaError {
     #[error(
-        "metadata store URL `{0}`: use `sqlite://` (the default, <data_dir>/meta.db) or `sqlite:///path/to/meta.db`"
+        "metadata store URL `{0}`: use `sqlite://` (the default, <data_dir>/meta.db), `sqlite:///path/to/meta.db` or `postgres://user:password@host:port/database`"
     )]
     BadUrl(String),
     #[error("cannot open the metadata store at {url}: {reason}")]
@@ -40,6 +46,9 @@ pub enum MetaError {
     Query(#[from] sqlx::Error),
     #[error("{0}")]
     Invalid(String),
+    /// A uniqueness rule refused the write (taken email, tenant id, …).
+    #[error("{0}")]
+    Conflict(String),
     #[error("stored {what} cannot be read ({reason}); rewrite it through the API")]
     Corrupt { what: String, reason: String },
 }
@@ -113,10 +122,18 @@ pub struct Job {
     pub updated_at: i64,
 }
 
+/// Which database a [`MetaStore`] runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
 /// The metadata store.
 #[derive(Clone, Debug)]
 pub struct MetaStore {
     pool: AnyPool,
+    backend: Backend,
 }
 
 fn now_ms() -> i64 {
@@ -132,29 +149,67 @@ pub fn sqlite_path(url: &str, data_dir: &Path) -> Result<std::path::PathBuf> {
     }
 }
 
+/// `url` with any password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:<redacted>{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
 impl MetaStore {
     /// Opens (creating when missing) the store of `url` and applies pending migrations.
     pub async fn open(url: &str, data_dir: &Path) -> Result<Self> {
-        let path = sqlite_path(url, data_dir)?;
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| MetaError::Open {
-                url: url.into(),
-                reason: format!("{}: {e}", dir.display()),
-            })?;
-        }
         install_default_drivers();
-        let conn = format!("sqlite://{}?mode=rwc", path.display());
-        let pool = AnyPoolOptions::new()
-            .max_connections(4)
-            .connect(&conn)
-            .await
-            .map_err(|e| MetaError::Open {
-                url: url.into(),
-                reason: e.to_string(),
-            })?;
-        let store = MetaStore { pool };
+        let shown = redact_url(url);
+        let open_error = |e: sqlx::Error| MetaError::Open {
+            url: shown.clone(),
+            reason: e.to_string(),
+        };
+        let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = AnyPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(std::time::Duration::from_secs(10))
+                .connect(url)
+                .await
+                .map_err(open_error)?;
+            MetaStore {
+                pool,
+                backend: Backend::Postgres,
+            }
+        } else {
+            let path = sqlite_path(url, data_dir).map_err(|_| MetaError::BadUrl(shown.clone()))?;
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| MetaError::Open {
+                    url: shown.clone(),
+                    reason: format!("{}: {e}", dir.display()),
+                })?;
+            }
+            // sqlx opens SQLite in WAL mode with a 5 s busy timeout.
+            let conn = format!("sqlite://{}?mode=rwc", path.display());
+            let pool = AnyPoolOptions::new()
+                .max_connections(4)
+                .connect(&conn)
+                .await
+                .map_err(open_error)?;
+            MetaStore {
+                pool,
+                backend: Backend::Sqlite,
+            }
+        };
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// The database this store runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Applies the migrations not yet applied; returns the versions now applied.
@@ -163,6 +218,9 @@ impl MetaStore {
             .run(&self.pool)
             .await
             .map_err(|e| MetaError::Migrate(e.to_string()))?;
+        self.append_only_triggers()
+            .await
+            .map_err(|e| MetaError::Migrate(format!("append-only audit log: {e}")))?;
         Ok(MIGRATOR.iter().map(|m| m.version).collect())
     }
 
