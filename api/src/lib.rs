@@ -1,18 +1,17 @@
 //! The `digame` server: wires the bus, pipeline, store and query engine into one process
 //! and serves the HTTP API.
 //!
-//! Routes (all `/v1` routes need `Authorization: Bearer <ingest key>`; the key's tenant
-//! scopes everything the request reads or writes):
-//! - `POST /v1/events` — ingest a JSON array or NDJSON batch (gzip optional)
-//! - `GET /v1/schema` — JSON Schema of the wire event (no auth)
-//! - `GET /v1/users/{user}/features?from=&to=&granularity=hour|day`
-//! - `POST /v1/sql` — `{"sql": "SELECT …"}`, read-only, tenant-scoped
-//! - `GET /healthz`, `GET /readyz`, `GET /metrics` — operations (no auth)
+//! Every route is declared once, with the permission it needs, in [`routes`]; the
+//! [`auth`] middleware authenticates (`Authorization: Bearer <access token or API key>`),
+//! authorizes against that table, rate-limits and audits. The caller's tenant scopes
+//! everything a request reads or writes. Around it: request ids, security headers, CORS
+//! from an allow-list, and body limits.
 //!
 //! Errors are JSON `{"error": {"code", "message"}}`, mapped to HTTP status in one place
 //! ([`ApiError`]). Shutdown drains in-flight requests, then stops the pipeline after a
 //! final checkpoint, then closes the bus.
 
+pub mod auth;
 pub mod recompute;
 pub mod simulate;
 mod views;
@@ -23,15 +22,15 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{FromRequestParts, Path, Query, State};
-use axum::http::request::Parts;
+use axum::extract::{Path, Query, State};
+use axum::http::Method;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{MethodRouter, delete, get, patch, post};
 use axum::{Json, Router};
 use digame_infra::bus::EventBus;
+use digame_infra::config::Config;
 use digame_infra::config::StoreBackend;
-use digame_infra::config::{Config, IngestKeys};
 use digame_infra::meta::{MetaError, MetaStore};
 use digame_infra::store::clickhouse::{ClickHouseSettings, ClickHouseStore};
 use digame_infra::store::{Deletion, DeletionReport, ParquetStore, StoreError, StoreSink};
@@ -53,8 +52,12 @@ const MAX_SQL_BODY: usize = 64 << 10;
 
 /// Shared state of the HTTP handlers.
 pub struct AppState {
-    pub keys: IngestKeys,
-    pub admin_keys: IngestKeys,
+    /// Credentials, limits, tokens.
+    pub auth: auth::Auth,
+    /// Delivers password-reset messages.
+    pub notifier: Arc<dyn auth::handlers::Notifier>,
+    /// Every route's path pattern (API-key endpoint scopes must name one).
+    pub route_paths: Vec<&'static str>,
     /// Days each tenant keeps, for `POST /v1/retention` without a number.
     pub retention_days: std::collections::BTreeMap<String, u32>,
     pub collector: Collector,
@@ -78,6 +81,8 @@ pub struct AppState {
 #[derive(Debug)]
 pub enum ApiError {
     Unauthorized(String),
+    /// Authenticated, but not allowed.
+    Forbidden(String),
     Ingest(IngestError),
     Query(QueryError),
     BadRequest(String),
@@ -92,6 +97,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, message) = match &self {
             ApiError::Unauthorized(m) => (StatusCode::UNAUTHORIZED, "unauthorized", m.clone()),
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, "forbidden", m.clone()),
+            ApiError::Meta(MetaError::Conflict(m)) => (StatusCode::CONFLICT, "conflict", m.clone()),
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m.clone()),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m.clone()),
             ApiError::GroupRefused(r) => (StatusCode::FORBIDDEN, r.code(), r.to_string()),
@@ -172,66 +179,20 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The caller's tenant, from `Authorization: Bearer <key>`.
-pub struct Tenant(pub String);
-
-/// The tenant of the `Authorization: Bearer <key>` header among `keys`.
-fn bearer_tenant(parts: &Parts, keys: &IngestKeys, kind: &str) -> Result<String, ApiError> {
-    let header = parts
-        .headers
-        .get(header::AUTHORIZATION)
-        .and_then(|h| h.to_str().ok())
-        .ok_or_else(|| {
-            ApiError::Unauthorized(format!(
-                "missing Authorization header; send `Authorization: Bearer <{kind} key>`"
-            ))
-        })?;
-    let key = header
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-        .ok_or_else(|| ApiError::Unauthorized("Authorization must use the Bearer scheme".into()))?;
-    keys.tenant_of(key)
-        .map(str::to_string)
-        .ok_or_else(|| ApiError::Unauthorized(format!("unknown or revoked {kind} key")))
-}
-
-impl FromRequestParts<Arc<AppState>> for Tenant {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &Arc<AppState>,
-    ) -> Result<Self, Self::Rejection> {
-        bearer_tenant(parts, &state.keys, "ingest").map(Tenant)
-    }
-}
-
-/// The tenant an admin key (`admin.keys`) administers.
-pub struct AdminTenant(pub String);
-
-impl FromRequestParts<Arc<AppState>> for AdminTenant {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &Arc<AppState>,
-    ) -> Result<Self, Self::Rejection> {
-        bearer_tenant(parts, &state.admin_keys, "admin").map(AdminTenant)
-    }
-}
+pub use auth::Principal;
 
 /// `DELETE /v1/users/{user}/data`: every row of one person of the admin's tenant.
 async fn delete_person_data(
     State(state): State<Arc<AppState>>,
-    tenant: AdminTenant,
+    tenant: Principal,
     Path(user): Path<String>,
 ) -> Result<Json<DeletionReport>, ApiError> {
     let report = state
         .store
-        .delete(&tenant.0, &Deletion::Person(&user))
+        .delete(&tenant.tenant, &Deletion::Person(&user))
         .await
         .map_err(ApiError::Store)?;
-    tracing::info!(tenant = %tenant.0, rows = ?report.rows, "deleted a person's data");
+    tracing::info!(tenant = %tenant.tenant, rows = ?report.rows, "deleted a person's data");
     Ok(Json(report))
 }
 
@@ -246,7 +207,7 @@ struct RetentionRequest {
 /// `POST /v1/retention`: deletes the admin's tenant's rows older than `keep_days`.
 async fn post_retention(
     State(state): State<Arc<AppState>>,
-    tenant: AdminTenant,
+    tenant: Principal,
     body: Result<Json<RetentionRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<DeletionReport>, ApiError> {
     let Json(req) = body.map_err(|e| {
@@ -254,25 +215,25 @@ async fn post_retention(
     })?;
     let days = req
         .keep_days
-        .or_else(|| state.retention_days.get(&tenant.0).copied())
+        .or_else(|| state.retention_days.get(&*tenant.tenant).copied())
         .ok_or_else(|| {
             ApiError::BadRequest(format!(
                 "no retention configured for tenant `{}`; send {{\"keep_days\": N}} or set store.retention_days",
-                tenant.0
+                tenant.tenant
             ))
         })?;
     let cutoff = EventTime(EventTime::now().0 - i64::from(days) * 86_400_000);
     let report = state
         .store
-        .delete(&tenant.0, &Deletion::Before(cutoff))
+        .delete(&tenant.tenant, &Deletion::Before(cutoff))
         .await
         .map_err(ApiError::Store)?;
-    tracing::info!(tenant = %tenant.0, rows = ?report.rows, "applied retention");
+    tracing::info!(tenant = %tenant.tenant, rows = ?report.rows, "applied retention");
     Ok(Json(report))
 }
 
 /// A JSON body, or a 400 naming what is wrong and what to send.
-fn json_body<T>(
+pub(crate) fn json_body<T>(
     body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
     what: &str,
 ) -> Result<T, ApiError> {
@@ -283,11 +244,11 @@ fn json_body<T>(
 /// `GET /v1/settings`: the tenant's effective settings (defaults until some are set).
 async fn get_settings(
     State(state): State<Arc<AppState>>,
-    tenant: AdminTenant,
+    tenant: Principal,
 ) -> Result<Response, ApiError> {
     let stored = state
         .meta
-        .settings(&tenant.0)
+        .settings(&tenant.tenant)
         .await
         .map_err(ApiError::Meta)?;
     let body = match stored {
@@ -301,33 +262,38 @@ async fn get_settings(
 /// node before the answer, on other nodes and in pipelines within `meta.refresh_ms`.
 async fn put_settings(
     State(state): State<Arc<AppState>>,
-    tenant: AdminTenant,
+    tenant: Principal,
     body: Result<Json<TenantSettings>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let settings = json_body(body, "the tenant settings object (see GET /v1/settings)")?;
     let stored = state
         .meta
-        .put_settings(&tenant.0, &settings)
+        .put_settings(&tenant.tenant, &settings)
         .await
         .map_err(ApiError::Meta)?;
     state
         .collector
         .redactions
-        .set(&tenant.0, &settings.redactions)
+        .set(&tenant.tenant, &settings.redactions)
         .map_err(ApiError::BadRequest)?;
-    tracing::info!(tenant = %tenant.0, revision = stored.revision, "tenant settings replaced");
+    tracing::info!(tenant = %tenant.tenant, revision = stored.revision, "tenant settings replaced");
     Ok(Json(json!({"settings": stored.value, "revision": stored.revision, "updated_at": stored.updated_at})).into_response())
 }
 
 /// `GET /v1/users/{user}/profile`.
 async fn get_profile(
     State(state): State<Arc<AppState>>,
-    tenant: AdminTenant,
+    tenant: Principal,
     Path(user): Path<String>,
 ) -> Result<Response, ApiError> {
+    if !tenant.is_self(&user) && !tenant.can(auth::rbac::Permission::ProfilesRead) {
+        return Err(ApiError::Forbidden(format!(
+            "you may read only your own profile; reading `{user}`'s needs profiles:read"
+        )));
+    }
     let stored = state
         .meta
-        .profile(&tenant.0, &user)
+        .profile(&tenant.tenant, &user)
         .await
         .map_err(ApiError::Meta)?;
     let body = match stored {
@@ -344,7 +310,7 @@ async fn get_profile(
 /// `PUT /v1/users/{user}/profile`: replaces a person's profile.
 async fn put_profile(
     State(state): State<Arc<AppState>>,
-    tenant: AdminTenant,
+    tenant: Principal,
     Path(user): Path<String>,
     body: Result<Json<PersonProfile>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -356,7 +322,7 @@ async fn put_profile(
     )?;
     let stored = state
         .meta
-        .put_profile(&tenant.0, &user, &profile)
+        .put_profile(&tenant.tenant, &user, &profile)
         .await
         .map_err(ApiError::Meta)?;
     Ok(Json(json!({"user_id": user, "profile": stored.value, "revision": stored.revision, "updated_at": stored.updated_at})).into_response())
@@ -378,7 +344,7 @@ pub(crate) struct GroupParams {
 /// features per local day or week, under k-anonymity (see `digame_query::groups`).
 async fn get_group_features(
     State(state): State<Arc<AppState>>,
-    tenant: AdminTenant,
+    tenant: Principal,
     params: Result<Query<GroupParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
@@ -392,13 +358,13 @@ async fn get_group_features(
         }
     };
     let (to, from) = time_range(params.from.as_deref(), params.to.as_deref())?;
-    let members = resolve_group(&state, &tenant.0, &params).await?;
-    let (k, _gate) = group_clearance(&state, &tenant.0, &members).await?;
+    let members = resolve_group(&state, &tenant, &params).await?;
+    let (k, _gate) = group_clearance(&state, &tenant.tenant, &members).await?;
     let mut windows = Vec::with_capacity(members.len());
     for user in &members {
         let series = state
             .query
-            .features(&tenant.0, user, from, to, granularity)
+            .features(&tenant.tenant, user, from, to, granularity)
             .await
             .map_err(ApiError::Query)?;
         windows.push((user.clone(), series.windows));
@@ -406,7 +372,7 @@ async fn get_group_features(
     let aggregated = digame_query::groups::aggregate(&windows, k);
     state
         .meta
-        .record_released_group(&tenant.0, &members)
+        .record_released_group(&tenant.tenant, &members)
         .await
         .map_err(ApiError::Meta)?;
     Ok(Json(json!({
@@ -420,8 +386,55 @@ async fn get_group_features(
     .into_response())
 }
 
-/// The members of the group `params` names (`team=`, `manager=` or `users=a,b,c`).
+/// The members of the group `params` names (`team=`, `manager=` or `users=a,b,c`), if
+/// the caller may see its aggregates: anyone's with `features:read:tenant`; with only
+/// `features:read:team`, a group of people the caller manages or of the caller's own team.
 pub(crate) async fn resolve_group(
+    state: &AppState,
+    caller: &Principal,
+    params: &GroupParams,
+) -> Result<std::collections::BTreeSet<String>, ApiError> {
+    let tenant: &str = &caller.tenant;
+    let members = group_members(state, tenant, params).await?;
+    if caller.can(auth::rbac::Permission::FeaturesReadTenant) {
+        return Ok(members);
+    }
+    let refuse = || {
+        ApiError::Forbidden(
+            "a manager sees aggregates of the people they manage or of their own team only; name manager=<you> or team=<your team>".into(),
+        )
+    };
+    let me = caller.person.as_deref().ok_or_else(refuse)?;
+    let mut allowed: std::collections::BTreeSet<String> = state
+        .meta
+        .members(tenant, me, true)
+        .await
+        .map_err(ApiError::Meta)?
+        .into_iter()
+        .collect();
+    let own_team = state
+        .meta
+        .profile(tenant, me)
+        .await
+        .map_err(ApiError::Meta)?
+        .and_then(|p| p.value.team);
+    if let Some(team) = own_team {
+        allowed.extend(
+            state
+                .meta
+                .members(tenant, &team, false)
+                .await
+                .map_err(ApiError::Meta)?,
+        );
+    }
+    if members.is_empty() || !members.is_subset(&allowed) {
+        return Err(refuse());
+    }
+    Ok(members)
+}
+
+/// The members of the group `params` names.
+async fn group_members(
     state: &AppState,
     tenant: &str,
     params: &GroupParams,
@@ -496,7 +509,7 @@ pub(crate) fn time_range(
 /// the job id to follow at `GET /v1/jobs/{id}`.
 async fn post_recompute(
     State(state): State<Arc<AppState>>,
-    tenant: AdminTenant,
+    tenant: Principal,
     body: Result<Json<RecomputeSpec>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let spec = json_body(
@@ -507,7 +520,7 @@ async fn post_recompute(
     let spec_json = serde_json::to_value(&spec).expect("specs serialize");
     let job_id = state
         .meta
-        .create_job(&tenant.0, "recompute", &spec_json)
+        .create_job(&tenant.tenant, "recompute", &spec_json)
         .await
         .map_err(ApiError::Meta)?;
     let (recomputer, slots, id) = (
@@ -519,7 +532,7 @@ async fn post_recompute(
         let Ok(_slot) = slots.acquire_owned().await else {
             return;
         };
-        recomputer.run_job(&tenant.0, &id, &spec).await;
+        recomputer.run_job(&tenant.tenant, &id, &spec).await;
     });
     Ok((
         StatusCode::ACCEPTED,
@@ -531,12 +544,12 @@ async fn post_recompute(
 /// `GET /v1/jobs/{id}`: a job of the admin's tenant with its progress.
 async fn get_job(
     State(state): State<Arc<AppState>>,
-    tenant: AdminTenant,
+    tenant: Principal,
     Path(job_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let job = state
         .meta
-        .job(&tenant.0, &job_id)
+        .job(&tenant.tenant, &job_id)
         .await
         .map_err(ApiError::Meta)?
         .ok_or_else(|| ApiError::NotFound(format!("no job `{job_id}` in this tenant")))?;
@@ -545,7 +558,7 @@ async fn get_job(
 
 async fn post_events(
     State(state): State<Arc<AppState>>,
-    tenant: Tenant,
+    tenant: Principal,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -556,7 +569,11 @@ async fn post_events(
             let encoding = headers
                 .get(header::CONTENT_ENCODING)
                 .and_then(|v| v.to_str().ok());
-            state.collector.ingest(&tenant.0, encoding, bytes).await
+            let sources = tenant.scope.as_ref().map_or(&[][..], |s| &s.sources[..]);
+            state
+                .collector
+                .ingest(&tenant.tenant, sources, encoding, bytes)
+                .await
         }
         Err(_) => Err(IngestError::BodyTooLarge { limit }),
     };
@@ -593,7 +610,7 @@ struct FeaturesParams {
     granularity: Option<String>,
 }
 
-fn parse_time(name: &str, text: &str) -> Result<EventTime, ApiError> {
+pub(crate) fn parse_time(name: &str, text: &str) -> Result<EventTime, ApiError> {
     let parsed = match text.parse::<i64>() {
         Ok(ms) => EventTime::from_millis(ms),
         Err(_) => EventTime::parse_rfc3339(text),
@@ -603,7 +620,7 @@ fn parse_time(name: &str, text: &str) -> Result<EventTime, ApiError> {
 
 async fn get_features(
     State(state): State<Arc<AppState>>,
-    tenant: Tenant,
+    tenant: Principal,
     Path(user): Path<String>,
     params: Result<Query<FeaturesParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -616,10 +633,11 @@ async fn get_features(
             ))
         })?,
     };
+    tenant.may_read_person(&user)?;
     let (to, from) = time_range(params.from.as_deref(), params.to.as_deref())?;
     let series = state
         .query
-        .features(&tenant.0, &user, from, to, granularity)
+        .features(&tenant.tenant, &user, from, to, granularity)
         .await
         .map_err(ApiError::Query)?;
     Ok(Json(series).into_response())
@@ -633,7 +651,7 @@ struct SqlRequest {
 
 async fn post_sql(
     State(state): State<Arc<AppState>>,
-    tenant: Tenant,
+    tenant: Principal,
     body: Body,
 ) -> Result<Response, ApiError> {
     let bytes = axum::body::to_bytes(body, MAX_SQL_BODY)
@@ -644,7 +662,7 @@ async fn post_sql(
     })?;
     let result = state
         .query
-        .sql(&tenant.0, &req.sql)
+        .sql(&tenant.tenant, &req.sql)
         .await
         .map_err(ApiError::Query)?;
     Ok(Json(result).into_response())
@@ -689,35 +707,318 @@ async fn not_found() -> ApiError {
     ApiError::NotFound("no such route; see the README for the API".into())
 }
 
-/// The HTTP routes.
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/v1/events", post(post_events))
-        .route("/v1/schema", get(get_schema))
-        .route("/v1/users/{user}/features", get(get_features))
-        .route("/v1/sql", post(post_sql))
-        .route("/v1/users/{user}/data", delete(delete_person_data))
-        .route("/v1/retention", post(post_retention))
-        .route("/v1/settings", get(get_settings).put(put_settings))
-        .route("/v1/recompute", post(post_recompute))
-        .route("/v1/groups/features", get(get_group_features))
-        .route("/v1/styles", get(views::get_styles))
-        .route("/v1/groups/network", get(views::get_network))
-        .route("/v1/groups/flow", get(views::get_flow))
-        .route("/v1/users/{user}/pattern", get(views::get_pattern))
-        .route("/v1/users/{user}/transitions", get(views::get_transitions))
-        .route("/v1/users/{user}/radar", get(views::get_radar))
-        .route("/v1/jobs/{job_id}", get(get_job))
-        .route(
+type Handler = MethodRouter<Arc<AppState>>;
+
+/// Every route: method, path pattern, what it requires, handler. The one place a route
+/// is declared; the router and the authorization table are both built from it.
+fn routes() -> Vec<(Method, &'static str, auth::Access, Handler)> {
+    use auth::Access::{Public, Requires};
+    use auth::handlers as h;
+    use auth::rbac::Permission as P;
+    vec![
+        (Method::GET, "/healthz", Public, get(healthz)),
+        (Method::GET, "/readyz", Public, get(readyz)),
+        (Method::GET, "/metrics", Public, get(metrics_text)),
+        (Method::GET, "/v1/schema", Public, get(get_schema)),
+        (Method::POST, "/v1/auth/login", Public, post(h::login)),
+        (Method::POST, "/v1/auth/refresh", Public, post(h::refresh)),
+        (
+            Method::POST,
+            "/v1/auth/password-reset",
+            Public,
+            post(h::request_reset),
+        ),
+        (
+            Method::POST,
+            "/v1/auth/password-reset/confirm",
+            Public,
+            post(h::confirm_reset),
+        ),
+        (
+            Method::POST,
+            "/v1/auth/logout",
+            Requires(P::AccountSelf),
+            post(h::logout),
+        ),
+        (
+            Method::GET,
+            "/v1/auth/me",
+            Requires(P::AccountSelf),
+            get(h::me),
+        ),
+        (
+            Method::POST,
+            "/v1/auth/password",
+            Requires(P::AccountSelf),
+            post(h::change_password),
+        ),
+        (
+            Method::GET,
+            "/v1/roles",
+            Requires(P::UsersRead),
+            get(h::roles),
+        ),
+        (
+            Method::GET,
+            "/v1/accounts",
+            Requires(P::UsersRead),
+            get(h::list_accounts),
+        ),
+        (
+            Method::POST,
+            "/v1/accounts",
+            Requires(P::UsersWrite),
+            post(h::create_account),
+        ),
+        (
+            Method::GET,
+            "/v1/accounts/{account_id}",
+            Requires(P::UsersRead),
+            get(h::get_account),
+        ),
+        (
+            Method::PATCH,
+            "/v1/accounts/{account_id}",
+            Requires(P::UsersWrite),
+            patch(h::patch_account),
+        ),
+        (
+            Method::GET,
+            "/v1/keys",
+            Requires(P::KeysRead),
+            get(h::list_keys),
+        ),
+        (
+            Method::POST,
+            "/v1/keys",
+            Requires(P::KeysWrite),
+            post(h::create_key),
+        ),
+        (
+            Method::DELETE,
+            "/v1/keys/{key_id}",
+            Requires(P::KeysWrite),
+            delete(h::revoke_key),
+        ),
+        (
+            Method::GET,
+            "/v1/audit",
+            Requires(P::AuditRead),
+            get(h::get_audit),
+        ),
+        (
+            Method::GET,
+            "/v1/tenants",
+            Requires(P::TenantsRead),
+            get(h::list_tenants),
+        ),
+        (
+            Method::POST,
+            "/v1/tenants",
+            Requires(P::TenantsWrite),
+            post(h::create_tenant),
+        ),
+        (
+            Method::POST,
+            "/v1/events",
+            Requires(P::EventsWrite),
+            post(post_events),
+        ),
+        (
+            Method::GET,
+            "/v1/users/{user}/features",
+            Requires(P::FeaturesReadSelf),
+            get(get_features),
+        ),
+        (
+            Method::GET,
+            "/v1/users/{user}/pattern",
+            Requires(P::FeaturesReadSelf),
+            get(views::get_pattern),
+        ),
+        (
+            Method::GET,
+            "/v1/users/{user}/transitions",
+            Requires(P::FeaturesReadSelf),
+            get(views::get_transitions),
+        ),
+        (
+            Method::GET,
+            "/v1/users/{user}/radar",
+            Requires(P::FeaturesReadSelf),
+            get(views::get_radar),
+        ),
+        (
+            Method::GET,
             "/v1/users/{user}/profile",
-            get(get_profile).put(put_profile),
-        )
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
+            Requires(P::FeaturesReadSelf),
+            get(get_profile),
+        ),
+        (
+            Method::PUT,
+            "/v1/users/{user}/profile",
+            Requires(P::ProfilesWrite),
+            axum::routing::put(put_profile),
+        ),
+        (
+            Method::DELETE,
+            "/v1/users/{user}/data",
+            Requires(P::DataDelete),
+            delete(delete_person_data),
+        ),
+        (
+            Method::POST,
+            "/v1/retention",
+            Requires(P::DataDelete),
+            post(post_retention),
+        ),
+        (
+            Method::POST,
+            "/v1/sql",
+            Requires(P::SqlQuery),
+            post(post_sql),
+        ),
+        (
+            Method::GET,
+            "/v1/settings",
+            Requires(P::SettingsRead),
+            get(get_settings),
+        ),
+        (
+            Method::PUT,
+            "/v1/settings",
+            Requires(P::SettingsWrite),
+            axum::routing::put(put_settings),
+        ),
+        (
+            Method::POST,
+            "/v1/recompute",
+            Requires(P::JobsRun),
+            post(post_recompute),
+        ),
+        (
+            Method::GET,
+            "/v1/jobs/{job_id}",
+            Requires(P::JobsRead),
+            get(get_job),
+        ),
+        (
+            Method::GET,
+            "/v1/groups/features",
+            Requires(P::FeaturesReadTeam),
+            get(get_group_features),
+        ),
+        (
+            Method::GET,
+            "/v1/groups/network",
+            Requires(P::FeaturesReadTeam),
+            get(views::get_network),
+        ),
+        (
+            Method::GET,
+            "/v1/groups/flow",
+            Requires(P::FeaturesReadTeam),
+            get(views::get_flow),
+        ),
+        (
+            Method::GET,
+            "/v1/styles",
+            Requires(P::FeaturesReadTenant),
+            get(views::get_styles),
+        ),
+    ]
+}
+
+/// Every route with what it requires, for documentation and tests.
+pub fn route_table() -> Vec<(Method, &'static str, auth::Access)> {
+    routes().into_iter().map(|(m, p, a, _)| (m, p, a)).collect()
+}
+
+/// The HTTP routes behind the security layers: request ids, security headers, CORS,
+/// body limit, and authorization from the route table.
+pub fn router(state: Arc<AppState>, config: &Config) -> Router {
+    let mut table = auth::AccessTable::new();
+    let mut app = Router::new();
+    for (method, path, access, handler) in routes() {
+        table
+            .entry(path.to_string())
+            .or_default()
+            .push((method, access));
+        app = app.route(path, handler);
+    }
+    let app = app
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            (state.clone(), Arc::new(table)),
+            auth::authorize,
+        ));
+    security_layers(app, config).with_state(state)
+}
+
+/// Wraps `app` in the layers every response passes: request id (`x-request-id`, kept
+/// when the client sent one), tracing, CORS from `http.cors_origins`, security headers,
+/// and the largest body any route accepts.
+pub fn security_layers<S: Clone + Send + Sync + 'static>(
+    app: Router<S>,
+    config: &Config,
+) -> Router<S> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+    use tower_http::set_header::SetResponseHeaderLayer;
+    let origins: Vec<HeaderValue> = config
+        .http
+        .cors_origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    let cors = CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::DELETE,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::CONTENT_ENCODING,
+            header::HeaderName::from_static("x-request-id"),
+        ])
+        .expose_headers([
+            header::RETRY_AFTER,
+            header::HeaderName::from_static("x-request-id"),
+        ])
+        .max_age(Duration::from_secs(600));
+    let fixed = |name: &'static str, value: &'static str| {
+        SetResponseHeaderLayer::if_not_present(
+            header::HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        )
+    };
+    let body_limit = config.ingest.max_body_bytes.max(1 << 20);
+    let request_id = header::HeaderName::from_static("x-request-id");
+    app.layer(tower_http::limit::RequestBodyLimitLayer::new(body_limit))
+        .layer(fixed(
+            "strict-transport-security",
+            "max-age=63072000; includeSubDomains",
+        ))
+        .layer(fixed("x-content-type-options", "nosniff"))
+        .layer(fixed("x-frame-options", "DENY"))
+        .layer(fixed("referrer-policy", "no-referrer"))
+        // The API serves data, not pages: nothing may load from it or frame it. Pages
+        // served later set their own policy.
+        .layer(fixed(
+            "content-security-policy",
+            "default-src 'none'; frame-ancestors 'none'",
+        ))
+        // Personal data: no shared or browser caching.
+        .layer(fixed("cache-control", "no-store"))
+        .layer(cors)
         .layer(tower_http::trace::TraceLayer::new_for_http())
-        .with_state(state)
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
 }
 
 /// Only the operational routes, for pipeline workers.
@@ -734,6 +1035,8 @@ pub fn ops_router(state: Arc<AppState>) -> Router {
 pub struct Server {
     pub addr: SocketAddr,
     pub state: Arc<AppState>,
+    /// What a first start created (admin, ingestion key): to show once.
+    pub bootstrapped: Option<auth::handlers::Bootstrapped>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<(&'static str, JoinHandle<()>)>,
     http: JoinHandle<()>,
@@ -804,14 +1107,21 @@ impl Server {
                 );
             }
             config.pipeline.enabled = true;
-        } else if config.ingest.keys.0.is_empty() {
-            anyhow::bail!(
-                "no ingest keys configured; set DIGAME_INGEST_KEYS=key:tenant (keys of at least 16 characters)"
-            );
         }
         let bus = digame_infra::bus::open(&config).await?;
         let opened = open_store(&config).await?;
         let meta = MetaStore::open(&config.meta.url, &config.data_dir).await?;
+        // Roles in step; on a fresh installation, the first admin and ingestion key.
+        let bootstrapped = auth::handlers::bootstrap(
+            &meta,
+            &config.auth,
+            std::env::var("DIGAME_ADMIN_PASSWORD").ok(),
+        )
+        .await?;
+        let signing = auth::handlers::signing_keys(&config.auth, &config.data_dir)?;
+        let tokens = auth::tokens::TokenKeys::new(&signing.0, config.auth.access_ttl_secs as i64)
+            .map_err(anyhow::Error::msg)?;
+        let notifier = auth::handlers::notifier(&config.auth, &config.data_dir)?;
         let interrupted = meta.fail_unfinished_jobs().await?;
         if interrupted > 0 {
             tracing::warn!(
@@ -904,8 +1214,15 @@ impl Server {
         }
 
         let state = Arc::new(AppState {
-            keys: config.ingest.keys.clone(),
-            admin_keys: config.admin.keys.clone(),
+            auth: auth::Auth::new(
+                tokens,
+                config.auth.clone(),
+                &config.limits,
+                &config.ingest.keys,
+                &config.admin.keys,
+            ),
+            notifier,
+            route_paths: routes().into_iter().map(|(_, p, _, _)| p).collect(),
             retention_days: config.store.retention_days.clone(),
             collector: Collector {
                 bus: bus.clone(),
@@ -928,10 +1245,22 @@ impl Server {
             job_slots: Arc::new(tokio::sync::Semaphore::new(1)),
             group_gate: tokio::sync::Mutex::new(()),
         });
+        {
+            let every = Duration::from_millis(config.meta.refresh_ms.max(10));
+            tasks.push((
+                "credential-follower",
+                tokio::spawn(auth::follow(
+                    state.meta.clone(),
+                    state.clone(),
+                    every,
+                    shutdown_rx.clone(),
+                )),
+            ));
+        }
         let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
         let app = match role {
-            Role::All => router(state.clone()),
+            Role::All => router(state.clone(), &config),
             Role::Pipeline => ops_router(state.clone()),
         };
         let mut rx = shutdown_rx.clone();
@@ -939,6 +1268,7 @@ impl Server {
             let graceful = async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             };
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             if let Err(e) = axum::serve(listener, app)
                 .with_graceful_shutdown(graceful)
                 .await
@@ -950,6 +1280,7 @@ impl Server {
         Ok(Server {
             addr,
             state,
+            bootstrapped,
             shutdown,
             tasks,
             http,
@@ -984,35 +1315,4 @@ async fn install_redactions(
         }
     }
     Ok(changes.revision)
-}
-
-/// Loads ingest keys from `<data_dir>/ingest.key`, creating one for tenant `default` on
-/// first start. Returns the keys and, when just created, the new key (to show once).
-pub fn ensure_ingest_key(
-    data_dir: &std::path::Path,
-) -> anyhow::Result<(IngestKeys, Option<String>)> {
-    use std::io::Write;
-    let path = data_dir.join("ingest.key");
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        let keys = IngestKeys::parse(text.trim()).map_err(anyhow::Error::msg)?;
-        return Ok((keys, None));
-    }
-    std::fs::create_dir_all(data_dir)?;
-    let key: String = {
-        use rand::Rng;
-        let mut rng = rand::rng();
-        (0..32)
-            .map(|_| char::from_digit(rng.random_range(0..16), 16).expect("hex digit"))
-            .collect()
-    };
-    let line = format!("{key}:default");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(&path)?;
-    f.write_all(line.as_bytes())?;
-    f.sync_all()?;
-    let keys = IngestKeys::parse(&line).map_err(anyhow::Error::msg)?;
-    Ok((keys, Some(key)))
 }

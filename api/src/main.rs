@@ -4,10 +4,9 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use digame_api::simulate::{SimulationSpec, generate};
-use digame_api::{Role, Server, ensure_ingest_key};
+use digame_api::{Role, Server};
 use digame_infra::config::Config;
 use digame_infra::telemetry::init_logging;
 use futures::StreamExt;
@@ -52,6 +51,10 @@ enum Command {
     Schema,
     /// Print the effective configuration (secrets redacted) and exit.
     Config(ServeArgs),
+    /// Prepare the metadata store: apply migrations, store the role catalogue and, on a
+    /// fresh installation, create the tenant `default`, its first platform admin (password
+    /// from DIGAME_ADMIN_PASSWORD, else generated) and an ingestion key, shown once.
+    Init(ServeArgs),
 }
 
 /// Flags of `serve`; each also comes from the config file and `DIGAME_*` variables.
@@ -123,9 +126,10 @@ struct SimulateArgs {
     /// Server base URL.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
     url: String,
-    /// Ingest key (as for `Authorization: Bearer`); defaults to the key in ./data/ingest.key.
+    /// Ingestion key (as for `Authorization: Bearer`), as printed by the first start or
+    /// created with `POST /v1/keys`.
     #[arg(long, env = "DIGAME_KEY")]
-    key: Option<String>,
+    key: String,
     /// Number of people.
     #[arg(long, default_value_t = 20)]
     people: usize,
@@ -190,6 +194,26 @@ async fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Init(args) => {
+            let config = load_config(&args)?;
+            init_logging(config.log_format, &config.log_level);
+            let meta =
+                digame_infra::meta::MetaStore::open(&config.meta.url, &config.data_dir).await?;
+            let done = digame_api::auth::handlers::bootstrap(
+                &meta,
+                &config.auth,
+                std::env::var("DIGAME_ADMIN_PASSWORD").ok(),
+            )
+            .await?;
+            match done {
+                Some(b) => print_bootstrap(&b),
+                None => println!(
+                    "already initialized: accounts exist in {}; roles and permissions are up to date",
+                    digame_infra::meta::redact_url(&config.meta.url)
+                ),
+            }
+            Ok(())
+        }
         Command::Config(args) => {
             let cfg = load_config(&args)?;
             println!("{cfg:#?}");
@@ -199,21 +223,31 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut config = load_config(&args)?;
+    let config = load_config(&args)?;
     init_logging(config.log_format, &config.log_level);
-    if config.ingest.keys.0.is_empty() {
-        let (keys, created) = ensure_ingest_key(&config.data_dir)?;
-        if let Some(key) = created {
-            // Shown once, on the terminal, never through the log pipeline.
-            println!(
-                "No ingest keys configured: created one for tenant `default` (stored in {}):\n  {key}\nUse it as `Authorization: Bearer {key}`.",
-                config.data_dir.join("ingest.key").display()
-            );
-            let _ = std::io::stdout().flush();
-        }
-        config.ingest.keys = keys;
+    let mut server = Server::start(config).await?;
+    if let Some(b) = server.bootstrapped.take() {
+        print_bootstrap(&b);
     }
-    run_until_signal(Server::start(config).await?, "digame listening on").await
+    run_until_signal(server, "digame listening on").await
+}
+
+/// Shows what a fresh installation was given — on the terminal, never through the log
+/// pipeline, and only this once.
+fn print_bootstrap(b: &digame_api::auth::handlers::Bootstrapped) {
+    println!("First start: created tenant `default` and its platform admin.");
+    println!("  admin email:    {}", b.email);
+    match &b.generated_password {
+        Some(p) => println!(
+            "  admin password: {p}   (shown only now; change it with POST /v1/auth/password)"
+        ),
+        None => println!("  admin password: as set in DIGAME_ADMIN_PASSWORD"),
+    }
+    println!(
+        "  ingestion key:  {}   (shown only now; for collectors: Authorization: Bearer <key>)",
+        b.ingest_key
+    );
+    let _ = std::io::stdout().flush();
 }
 
 async fn pipeline(args: ServeArgs) -> anyhow::Result<()> {
@@ -348,15 +382,7 @@ async fn wait_for_signal() {
 }
 
 async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
-    let key = match args.key {
-        Some(k) => k,
-        None => std::fs::read_to_string("data/ingest.key")
-            .context("no --key given and ./data/ingest.key not found")?
-            .trim()
-            .rsplit_once(':')
-            .map(|(k, _)| k.to_string())
-            .context("./data/ingest.key is not key:tenant")?,
-    };
+    let key = args.key;
     let spec = SimulationSpec {
         people: args.people,
         days: args.days,

@@ -19,8 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::{
-    AdminTenant, ApiError, AppState, GroupParams, Tenant, group_clearance, resolve_group,
-    time_range,
+    ApiError, AppState, GroupParams, Principal, group_clearance, resolve_group, time_range,
 };
 
 const DAY_MS: i64 = 86_400_000;
@@ -71,18 +70,18 @@ async fn windows(
 /// the last 8 weeks).
 pub(crate) async fn get_styles(
     State(state): State<Arc<AppState>>,
-    tenant: AdminTenant,
+    tenant: Principal,
     params: Params,
 ) -> Result<Response, ApiError> {
     let (from, to) = range(params, 56)?;
     let users = state
         .query
-        .event_users(&tenant.0, from, to)
+        .event_users(&tenant.tenant, from, to)
         .await
         .map_err(ApiError::Query)?;
     let mut weeks = Vec::new();
     for user in &users {
-        let days = windows(&state, &tenant.0, user, (from, to), Granularity::Day).await?;
+        let days = windows(&state, &tenant.tenant, user, (from, to), Granularity::Day).await?;
         weeks.extend(styles::person_weeks(user, &days));
     }
     let model = styles::cluster(&weeks).map_err(ApiError::BadRequest)?;
@@ -93,12 +92,13 @@ pub(crate) async fn get_styles(
 /// (default 8 weeks), and the shift between its earlier and recent halves.
 pub(crate) async fn get_pattern(
     State(state): State<Arc<AppState>>,
-    tenant: Tenant,
+    tenant: Principal,
     Path(user): Path<String>,
     params: Params,
 ) -> Result<Response, ApiError> {
+    tenant.may_read_person(&user)?;
     let (from, to) = range(params, 56)?;
-    let hours = windows(&state, &tenant.0, &user, (from, to), Granularity::Hour).await?;
+    let hours = windows(&state, &tenant.tenant, &user, (from, to), Granularity::Hour).await?;
     let mid = from.0 + (to.0 - from.0) / 2;
     let weeks = |span: i64| ((span as f64) / (7.0 * DAY_MS as f64)).ceil() as usize;
     let all = charts::heatmap(&hours, weeks(to.0 - from.0));
@@ -122,10 +122,11 @@ pub(crate) async fn get_pattern(
 /// Sankey (default: the last 7 days; at most 31).
 pub(crate) async fn get_transitions(
     State(state): State<Arc<AppState>>,
-    tenant: Tenant,
+    tenant: Principal,
     Path(user): Path<String>,
     params: Params,
 ) -> Result<Response, ApiError> {
+    tenant.may_read_person(&user)?;
     let (from, to) = range(params, 7)?;
     if to.0 - from.0 > MAX_EVENT_RANGE_DAYS * DAY_MS {
         return Err(ApiError::BadRequest(format!(
@@ -134,7 +135,7 @@ pub(crate) async fn get_transitions(
     }
     let events = state
         .query
-        .person_events(&tenant.0, &user, from, to, 2_000_000)
+        .person_events(&tenant.tenant, &user, from, to, 2_000_000)
         .await
         .map_err(ApiError::Query)?;
     let sankey = charts::transitions(&events, SWITCH_GAP_MS, SANKEY_LINKS);
@@ -145,14 +146,15 @@ pub(crate) async fn get_transitions(
 /// vector over the range) against their team's 25th, 50th and 75th percentiles.
 pub(crate) async fn get_radar(
     State(state): State<Arc<AppState>>,
-    tenant: AdminTenant,
+    tenant: Principal,
     Path(user): Path<String>,
     params: Params,
 ) -> Result<Response, ApiError> {
+    tenant.may_read_person(&user)?;
     let (from, to) = range(params, 28)?;
     let profile = state
         .meta
-        .profile(&tenant.0, &user)
+        .profile(&tenant.tenant, &user)
         .await
         .map_err(ApiError::Meta)?;
     let team = profile.and_then(|p| p.value.team).ok_or_else(|| {
@@ -162,16 +164,16 @@ pub(crate) async fn get_radar(
     })?;
     let members: BTreeSet<String> = state
         .meta
-        .members(&tenant.0, &team, false)
+        .members(&tenant.tenant, &team, false)
         .await
         .map_err(ApiError::Meta)?
         .into_iter()
         .collect();
-    let (k, _gate) = group_clearance(&state, &tenant.0, &members).await?;
+    let (k, _gate) = group_clearance(&state, &tenant.tenant, &members).await?;
     // Each person's vector is the mean of their weeks in the range.
     let mut vectors: Vec<(String, Vec<f64>)> = Vec::new();
     for m in &members {
-        let days = windows(&state, &tenant.0, m, (from, to), Granularity::Day).await?;
+        let days = windows(&state, &tenant.tenant, m, (from, to), Granularity::Day).await?;
         let weeks = styles::person_weeks(m, &days);
         if weeks.is_empty() {
             continue;
@@ -193,7 +195,7 @@ pub(crate) async fn get_radar(
     }
     state
         .meta
-        .record_released_group(&tenant.0, &members)
+        .record_released_group(&tenant.tenant, &members)
         .await
         .map_err(ApiError::Meta)?;
     let person = vectors
@@ -241,7 +243,7 @@ type GroupQuery = Result<Query<GroupParams>, axum::extract::rejection::QueryReje
 /// events from `lookback_days` before the window; the group is cleared for release.
 async fn group_events(
     state: &AppState,
-    tenant: &str,
+    caller: &Principal,
     params: GroupQuery,
     lookback_days: i64,
 ) -> Result<
@@ -262,7 +264,8 @@ async fn group_events(
             "group event views cover at most {MAX_GROUP_EVENT_DAYS} days; narrow from/to"
         )));
     }
-    let members = resolve_group(state, tenant, &params).await?;
+    let tenant: &str = &caller.tenant;
+    let members = resolve_group(state, caller, &params).await?;
     let (_, _gate) = group_clearance(state, tenant, &members).await?;
     let read_from = EventTime(from.0 - lookback_days * DAY_MS);
     let mut out = Vec::with_capacity(members.len());
@@ -286,13 +289,13 @@ async fn group_events(
 /// aggregated (network size, cross-team breadth, team-to-team links).
 pub(crate) async fn get_network(
     State(state): State<Arc<AppState>>,
-    tenant: AdminTenant,
+    tenant: Principal,
     params: GroupQuery,
 ) -> Result<Response, ApiError> {
-    let (from, to, members) = group_events(&state, &tenant.0, params, 0).await?;
+    let (from, to, members) = group_events(&state, &tenant, params, 0).await?;
     let team_of: std::collections::HashMap<String, String> = state
         .meta
-        .profiles(&tenant.0)
+        .profiles(&tenant.tenant)
         .await
         .map_err(ApiError::Meta)?
         .into_iter()
@@ -310,10 +313,10 @@ pub(crate) async fn get_network(
 /// over the window (default the 90 days before `to`).
 pub(crate) async fn get_flow(
     State(state): State<Arc<AppState>>,
-    tenant: AdminTenant,
+    tenant: Principal,
     params: GroupQuery,
 ) -> Result<Response, ApiError> {
-    let (from, to, members) = group_events(&state, &tenant.0, params, COMMIT_LOOKBACK_DAYS).await?;
+    let (from, to, members) = group_events(&state, &tenant, params, COMMIT_LOOKBACK_DAYS).await?;
     let events: Vec<&digame_schemas::ActivityEvent> =
         members.iter().flat_map(|(_, e)| e.iter()).collect();
     let flow = network::flow(&events, from, to);

@@ -36,6 +36,184 @@ pub struct Config {
     pub query: QueryConfig,
     pub admin: AdminConfig,
     pub meta: MetaConfig,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    pub http: HttpConfig,
+}
+
+/// Accounts and tokens.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Access-token signing keys, `kid:secret` pairs (`DIGAME_AUTH__JWT_KEYS`); the first
+    /// signs, all verify (rotation: put the new key first, drop the old one after
+    /// `access_ttl_secs`). Secrets of at least 32 characters. Empty: one is generated
+    /// into `<data_dir>/jwt.keys` on first start (fine for one node; give every node the
+    /// same keys when there are several).
+    pub jwt_keys: JwtKeys,
+    /// Lifetime of an access token.
+    pub access_ttl_secs: u64,
+    /// Lifetime of a refresh token (each refresh issues a new one).
+    pub refresh_ttl_secs: u64,
+    /// Lifetime of a password-reset token.
+    pub reset_ttl_secs: u64,
+    /// Where password-reset messages are delivered: `file` (one file per message under
+    /// `<data_dir>/outbox`, readable by the operator only) or `log` (the log says a reset
+    /// was issued and for whom, never the token: for deployments with a mail relay
+    /// reading the outbox elsewhere).
+    pub notifier: String,
+    /// Email of the first platform admin, created on first start or by `digame init`.
+    pub bootstrap_email: String,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            jwt_keys: JwtKeys::default(),
+            access_ttl_secs: 900,
+            refresh_ttl_secs: 30 * 86_400,
+            reset_ttl_secs: 1_800,
+            notifier: "file".into(),
+            bootstrap_email: "admin@digame.local".into(),
+        }
+    }
+}
+
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("jwt_keys", &self.jwt_keys)
+            .field("access_ttl_secs", &self.access_ttl_secs)
+            .field("refresh_ttl_secs", &self.refresh_ttl_secs)
+            .field("reset_ttl_secs", &self.reset_ttl_secs)
+            .field("notifier", &self.notifier)
+            .field("bootstrap_email", &self.bootstrap_email)
+            .finish()
+    }
+}
+
+/// Token signing keys, `kid` → secret in order. `Debug` shows only the kids.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct JwtKeys(pub Vec<(String, String)>);
+
+impl fmt::Debug for JwtKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| format!("{k}:<redacted>")))
+            .finish()
+    }
+}
+
+impl JwtKeys {
+    /// Parses `kid1:secret1,kid2:secret2`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut keys = Vec::new();
+        for (i, pair) in text.split(',').map(str::trim).enumerate() {
+            if pair.is_empty() {
+                continue;
+            }
+            let (kid, secret) = pair.split_once(':').ok_or_else(|| {
+                format!(
+                    "auth.jwt_keys entry {} has no `kid:` part; write kid:secret",
+                    i + 1
+                )
+            })?;
+            if kid.is_empty()
+                || !kid
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(format!(
+                    "auth.jwt_keys entry {}: the kid must be letters, digits, - or _",
+                    i + 1
+                ));
+            }
+            if secret.len() < 32 {
+                return Err(format!(
+                    "auth.jwt_keys entry {} (kid {kid}): the secret is shorter than 32 characters; use a long random one",
+                    i + 1
+                ));
+            }
+            if keys.iter().any(|(k, _): &(String, String)| k == kid) {
+                return Err(format!("auth.jwt_keys: kid {kid} appears twice"));
+            }
+            keys.push((kid.to_string(), secret.to_string()));
+        }
+        Ok(JwtKeys(keys))
+    }
+}
+
+impl Serialize for JwtKeys {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let text = self
+            .0
+            .iter()
+            .map(|(k, v)| format!("{k}:{v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        text.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for JwtKeys {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        JwtKeys::parse(&String::deserialize(d)?).map_err(de::Error::custom)
+    }
+}
+
+/// A token bucket: `per_period` tokens per period (second, or minute for sign-in), at
+/// most `burst` saved up.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    pub per_period: u32,
+    pub burst: u32,
+}
+
+/// Request rate limits (429 + `Retry-After` when exceeded).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Requests per second of one API key.
+    pub per_key: Rate,
+    /// Requests per second of one signed-in account.
+    pub per_account: Rate,
+    /// Requests per second of a whole tenant (keys and accounts together).
+    pub per_tenant: Rate,
+    /// Sign-in attempts per minute, per address and per client IP.
+    pub login: Rate,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            per_key: Rate {
+                per_period: 500,
+                burst: 1000,
+            },
+            per_account: Rate {
+                per_period: 50,
+                burst: 100,
+            },
+            per_tenant: Rate {
+                per_period: 5000,
+                burst: 10_000,
+            },
+            login: Rate {
+                per_period: 10,
+                burst: 10,
+            },
+        }
+    }
+}
+
+/// HTTP behaviour shared by every route.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Browser origins allowed to call the API (`https://dash.example.com`); empty: no
+    /// cross-origin access.
+    pub cors_origins: Vec<String>,
 }
 
 /// Where control-plane metadata (tenants, accounts, keys, audit, settings, profiles,
@@ -69,12 +247,13 @@ impl Default for MetaConfig {
     }
 }
 
-/// Tenant administration over the API (deleting a person's data, applying retention).
+/// Service keys for automation that administers a tenant.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// Admin keys, `key:tenant` pairs like ingest keys (`DIGAME_ADMIN_KEYS`). Kept apart
-    /// from ingest keys, which collectors hold. Empty: the admin routes refuse every call.
+    /// Service keys, `key:tenant` pairs like ingest keys (`DIGAME_ADMIN__KEYS`): each acts
+    /// as a `tenant_admin` of its tenant. For deployments that provision from config;
+    /// keys created through the API (`POST /v1/keys`) are the usual way.
     pub keys: IngestKeys,
 }
 
@@ -92,6 +271,9 @@ impl Default for Config {
             query: QueryConfig::default(),
             admin: AdminConfig::default(),
             meta: MetaConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -100,8 +282,9 @@ impl Default for Config {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
-    /// Ingestion keys and their tenants: `key1:tenant-a,key2:tenant-b` or a table
-    /// `{ key1 = "tenant-a" }`. When empty, `serve` generates one key for tenant `default`.
+    /// Ingestion keys from config and their tenants: `key1:tenant-a,key2:tenant-b` or a
+    /// table `{ key1 = "tenant-a" }`; each acts as an `ingestion_agent` of its tenant.
+    /// Keys created through the API (`POST /v1/keys`, stored hashed) are the usual way.
     pub keys: IngestKeys,
     /// Largest request body accepted, as sent (compressed or not).
     pub max_body_bytes: usize,
@@ -458,14 +641,18 @@ impl Config {
             fig = fig.merge(Toml::file(path));
         }
         fig = fig
-            .merge(Env::prefixed("DIGAME_").ignore(&["config"]).map(|key| {
-                let key = key.as_str().to_ascii_lowercase();
-                match key.as_str() {
-                    "ingest_keys" => "ingest.keys".into(),
-                    "admin_keys" => "admin.keys".into(),
-                    _ => key.replace("__", ".").into(),
-                }
-            }))
+            .merge(
+                Env::prefixed("DIGAME_")
+                    .ignore(&["config", "admin_password", "key"])
+                    .map(|key| {
+                        let key = key.as_str().to_ascii_lowercase();
+                        match key.as_str() {
+                            "ingest_keys" => "ingest.keys".into(),
+                            "admin_keys" => "admin.keys".into(),
+                            _ => key.replace("__", ".").into(),
+                        }
+                    }),
+            )
             .merge(Serialized::defaults(overrides));
         fig.extract::<Config>().map_err(|e| {
             e.into_iter()

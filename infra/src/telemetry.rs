@@ -33,6 +33,8 @@ pub struct Metrics {
     pub store_insert_bisections: IntCounterVec,
     pub query_requests: IntCounterVec,
     pub query_seconds: HistogramVec,
+    /// Audit records that could not be written (should stay 0; alert on it).
+    pub audit_failures: IntCounter,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -153,6 +155,15 @@ impl Metrics {
                 LATENCY_BUCKETS.to_vec(),
             ),
             pipeline_open_users,
+            audit_failures: {
+                let c = IntCounter::new(
+                    "digame_audit_write_failures_total",
+                    "Audit records that could not be written",
+                )
+                .expect("valid metric");
+                r.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
             store_rows_written: counter_vec(
                 &r,
                 "digame_store_rows_written_total",

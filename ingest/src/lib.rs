@@ -131,9 +131,13 @@ fn split_events(body: &[u8]) -> Result<Vec<(usize, &str)>, IngestError> {
 
 impl Collector {
     /// Handles one request body for `tenant`.
+    /// Validates and publishes a batch for `tenant`. `sources`, when not empty, are the
+    /// only event sources the credential may send; events of other sources are rejected
+    /// (the rest of the batch is kept).
     pub async fn ingest(
         &self,
         tenant: &str,
+        sources: &[String],
         content_encoding: Option<&str>,
         body: Bytes,
     ) -> Result<IngestOutcome, IngestError> {
@@ -174,7 +178,7 @@ impl Collector {
         let mut dead = Vec::new();
         let redactor = self.redactions.get(tenant);
         for (index, text) in items {
-            match self.admit(tenant, text, now, &policy) {
+            match self.admit(tenant, text, now, &policy, sources) {
                 Ok(mut ev) => {
                     if let Some(r) = &redactor {
                         r.apply(&mut ev);
@@ -245,6 +249,7 @@ impl Collector {
         text: &str,
         now: EventTime,
         policy: &TimePolicy,
+        sources: &[String],
     ) -> Result<ActivityEvent, String> {
         if text.len() > self.config.max_event_bytes {
             return Err(format!(
@@ -259,6 +264,13 @@ impl Collector {
             return Err(format!(
                 "tenant_id `{}` does not match the credential's tenant; omit tenant_id, it is taken from the key",
                 ev.tenant_id
+            ));
+        }
+        if !sources.is_empty() && !sources.contains(&ev.source) {
+            return Err(format!(
+                "source `{}` is not allowed for this API key (it may send {}); use a key scoped to that source",
+                ev.source,
+                sources.join(", ")
             ));
         }
         ev.tenant_id = tenant.to_string();

@@ -255,15 +255,17 @@ impl DigameProcess {
         env: &[(&str, &str)],
         bus: &Bus,
     ) -> Result<Self> {
+        let mut env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .chain(bus.env())
+            .collect();
+        provision_readers(&mut env);
         let mut p = DigameProcess {
             bin: bin.to_path_buf(),
             command,
             data_dir: data_dir.to_path_buf(),
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .chain(bus.env())
-                .collect(),
+            env,
             port: free_port(),
             child: None,
         };
@@ -326,11 +328,25 @@ impl DigameProcess {
             .sum())
     }
 
+    /// A client sending events with `key`. Ingestion keys may only send, so when `key`
+    /// is one of the server's configured ingestion keys the client reads (features, SQL,
+    /// views) with the service key [`provision_readers`] gave the same tenant; any other
+    /// key is used for everything.
     pub fn client(&self, key: &str) -> Client {
+        let is_ingest = self.env.iter().any(|(k, v)| {
+            k == "DIGAME_INGEST_KEYS"
+                && v.split(',')
+                    .any(|pair| pair.rsplit_once(':').is_some_and(|(k, _)| k == key))
+        });
         Client {
             http: reqwest::Client::new(),
             base: self.url(),
             key: key.to_string(),
+            reader: if is_ingest {
+                reader_key(key)
+            } else {
+                key.to_string()
+            },
         }
     }
 
@@ -365,11 +381,43 @@ impl DigameProcess {
     }
 }
 
-/// An HTTP client bound to one server and credential.
+/// The tenant-admin service key the harness provisions beside ingestion key `key`.
+pub fn reader_key(key: &str) -> String {
+    format!("reader-{key}")
+}
+
+/// Adds to `DIGAME_ADMIN_KEYS` a reader key ([`reader_key`]) of the same tenant for each
+/// entry of `DIGAME_INGEST_KEYS`, so tests that read back what they sent can.
+fn provision_readers(env: &mut Vec<(String, String)>) {
+    let readers: Vec<String> = env
+        .iter()
+        .filter(|(k, _)| k == "DIGAME_INGEST_KEYS")
+        .flat_map(|(_, v)| v.split(',').map(str::to_string).collect::<Vec<_>>())
+        .filter_map(|pair| {
+            let (key, tenant) = pair.trim().rsplit_once(':')?;
+            Some(format!("{}:{tenant}", reader_key(key)))
+        })
+        .collect();
+    if readers.is_empty() {
+        return;
+    }
+    match env.iter_mut().find(|(k, _)| k == "DIGAME_ADMIN_KEYS") {
+        Some((_, v)) => {
+            for r in readers {
+                v.push(',');
+                v.push_str(&r);
+            }
+        }
+        None => env.push(("DIGAME_ADMIN_KEYS".into(), readers.join(","))),
+    }
+}
+
+/// An HTTP client bound to one server: `key` sends events, `reader` does the rest.
 pub struct Client {
     http: reqwest::Client,
     base: String,
     key: String,
+    reader: String,
 }
 
 /// Status and JSON body of a response (`Value::Null` when the body is not JSON).
@@ -417,7 +465,7 @@ impl Client {
         let r = self
             .http
             .post(format!("{}/v1/sql", self.base))
-            .bearer_auth(&self.key)
+            .bearer_auth(&self.reader)
             .json(&serde_json::json!({ "sql": sql }))
             .send()
             .await?;
@@ -429,7 +477,7 @@ impl Client {
         let r = self
             .http
             .delete(format!("{}{path}", self.base))
-            .bearer_auth(&self.key)
+            .bearer_auth(&self.reader)
             .send()
             .await?;
         Self::reply(r).await
@@ -445,11 +493,17 @@ impl Client {
         self.send_json(reqwest::Method::PUT, path, body).await
     }
 
-    async fn send_json(&self, method: reqwest::Method, path: &str, body: &Value) -> Result<Reply> {
+    /// A JSON body sent with any method.
+    pub async fn send_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &Value,
+    ) -> Result<Reply> {
         let r = self
             .http
             .request(method, format!("{}{path}", self.base))
-            .bearer_auth(&self.key)
+            .bearer_auth(&self.reader)
             .json(body)
             .send()
             .await?;
@@ -461,7 +515,7 @@ impl Client {
         let r = self
             .http
             .get(format!("{}{path_and_query}", self.base))
-            .bearer_auth(&self.key)
+            .bearer_auth(&self.reader)
             .send()
             .await?;
         Self::reply(r).await

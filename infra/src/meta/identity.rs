@@ -403,6 +403,16 @@ impl MetaStore {
             .transpose()
     }
 
+    /// One account by id alone: for a password reset, whose token names the account.
+    pub async fn account_by_id(&self, account_id: &str) -> Result<Option<Account>> {
+        let sql = format!("SELECT {ACCOUNT_COLUMNS} FROM accounts WHERE account_id = $1");
+        let row = sqlx::query(&sql)
+            .bind(account_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(account_of).transpose()
+    }
+
     /// One account of `tenant`.
     pub async fn account(&self, tenant: &str, account_id: &str) -> Result<Option<Account>> {
         Ok(self
