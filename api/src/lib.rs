@@ -53,7 +53,7 @@ const MAX_SQL_BODY: usize = 64 << 10;
 /// Shared state of the HTTP handlers.
 pub struct AppState {
     /// Credentials, limits, tokens.
-    pub auth: auth::Auth,
+    pub auth: Arc<auth::Auth>,
     /// Delivers password-reset messages.
     pub notifier: Arc<dyn auth::handlers::Notifier>,
     /// Every route's path pattern (API-key endpoint scopes must name one).
@@ -946,12 +946,14 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
             .push((method, access));
         app = app.route(path, handler);
     }
+    let gate = auth::Gate {
+        auth: state.auth.clone(),
+        meta: state.meta.clone(),
+        table: Arc::new(table),
+    };
     let app = app
         .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(
-            (state.clone(), Arc::new(table)),
-            auth::authorize,
-        ));
+        .layer(axum::middleware::from_fn_with_state(gate, auth::authorize));
     security_layers(app, config).with_state(state)
 }
 
@@ -1214,13 +1216,13 @@ impl Server {
         }
 
         let state = Arc::new(AppState {
-            auth: auth::Auth::new(
+            auth: Arc::new(auth::Auth::new(
                 tokens,
                 config.auth.clone(),
                 &config.limits,
                 &config.ingest.keys,
                 &config.admin.keys,
-            ),
+            )),
             notifier,
             route_paths: routes().into_iter().map(|(_, p, _, _)| p).collect(),
             retention_days: config.store.retention_days.clone(),

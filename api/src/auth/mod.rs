@@ -363,13 +363,19 @@ fn request_id(parts: &Parts) -> String {
 /// The route table: path pattern → what each method of it requires.
 pub type AccessTable = HashMap<String, Vec<(Method, Access)>>;
 
+/// What the [`authorize`] middleware works with.
+#[derive(Clone)]
+pub struct Gate {
+    pub auth: Arc<Auth>,
+    /// Where audit records go.
+    pub meta: MetaStore,
+    pub table: Arc<AccessTable>,
+}
+
 /// Authorizes a request against the route table, charges the limits, runs it, and
 /// audits it when it changes something or reads another person's data.
-pub async fn authorize(
-    State((state, table)): State<(Arc<AppState>, Arc<AccessTable>)>,
-    request: Request,
-    next: Next,
-) -> Response {
+pub async fn authorize(State(gate): State<Gate>, request: Request, next: Next) -> Response {
+    let Gate { auth, meta, table } = &gate;
     let (mut parts, body) = request.into_parts();
     let Some(path) = parts
         .extensions
@@ -400,7 +406,7 @@ pub async fn authorize(
             .into_response();
         }
     };
-    let principal = match bearer(&parts).and_then(|b| state.auth.authenticate(b)) {
+    let principal = match bearer(&parts).and_then(|b| auth.authenticate(b)) {
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
@@ -424,8 +430,7 @@ pub async fn authorize(
         .into_response();
     }
     let is_key = principal.kind != ActorKind::Account;
-    if let Err(limited) = state
-        .auth
+    if let Err(limited) = auth
         .limiter
         .charge(&principal.actor, is_key, &principal.tenant)
     {
@@ -456,7 +461,7 @@ pub async fn authorize(
             _ => String::new(),
         };
         record(
-            &state.meta,
+            meta,
             AuditRecord {
                 event_id: uuid::Uuid::now_v7().to_string(),
                 at: digame_schemas::EventTime::now().0,
