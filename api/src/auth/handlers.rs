@@ -39,6 +39,12 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .expect("password hashing does not panic")
 }
 
+/// The argon2id hash of `password`, computed on the blocking pool.
+async fn hash_password(password: &str) -> String {
+    let p = password.to_string();
+    blocking(move || passwords::hash(&p)).await
+}
+
 /// Where password-reset messages go.
 pub trait Notifier: Send + Sync {
     /// Delivers `body` to `to`; the body holds a secret, so implementations must not log it.
@@ -148,11 +154,7 @@ pub async fn bootstrap(
         }
         None => (passwords::generate(), true),
     };
-    let hash = blocking({
-        let p = password.clone();
-        move || passwords::hash(&p)
-    })
-    .await;
+    let hash = hash_password(&password).await;
     let admin = meta
         .create_account(
             &NewAccount {
@@ -222,18 +224,13 @@ async fn issue_tokens(state: &AppState, account: &Account) -> Result<Response, A
 
 fn token_response(state: &AppState, account: &Account, session: &str, refresh: &str) -> Response {
     let access = state.auth.tokens.issue(
-        Claims {
-            sub: account.account_id.clone(),
-            tid: account.tenant_id.clone(),
-            role: account.role.clone(),
-            person: account.person_id.clone(),
-            sid: session.into(),
-            iat: 0,
-            nbf: 0,
-            exp: 0,
-            iss: String::new(),
-            aud: String::new(),
-        },
+        Claims::new(
+            &account.account_id,
+            &account.tenant_id,
+            &account.role,
+            account.person_id.as_deref(),
+            session,
+        ),
         now_ms() / 1000,
     );
     Json(json!({
@@ -466,7 +463,7 @@ async fn set_password(
 ) -> Result<(), ApiError> {
     passwords::check_policy(&password, &[&account.email, &account.display_name])
         .map_err(ApiError::BadRequest)?;
-    let hash = blocking(move || passwords::hash(&password)).await;
+    let hash = hash_password(&password).await;
     state
         .meta
         .set_password(&account.account_id, &hash)
@@ -650,11 +647,7 @@ pub async fn create_account(
         }
         None => (passwords::generate(), true),
     };
-    let hash = blocking({
-        let p = password.clone();
-        move || passwords::hash(&p)
-    })
-    .await;
+    let hash = hash_password(&password).await;
     let account = state
         .meta
         .create_account(
@@ -940,11 +933,7 @@ pub async fn create_tenant(
         .await
         .map_err(ApiError::Meta)?;
     let password = passwords::generate();
-    let hash = blocking({
-        let p = password.clone();
-        move || passwords::hash(&p)
-    })
-    .await;
+    let hash = hash_password(&password).await;
     let admin = state
         .meta
         .create_account(

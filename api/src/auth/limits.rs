@@ -7,6 +7,7 @@
 //! number of recently active callers.
 
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use digame_infra::config::{LimitsConfig, Rate};
@@ -59,11 +60,13 @@ fn quota(rate: &Rate, per: Duration) -> Quota {
 /// Every bucket of the server.
 pub struct Limiter {
     clock: DefaultClock,
-    key: DefaultKeyedRateLimiter<String>,
-    account: DefaultKeyedRateLimiter<String>,
-    tenant: DefaultKeyedRateLimiter<String>,
-    login: DefaultKeyedRateLimiter<String>,
-    login_ip: DefaultKeyedRateLimiter<String>,
+    // Callers and tenants are keyed by the principal's shared strings: charging a
+    // request clones two `Arc`s, not two strings.
+    key: DefaultKeyedRateLimiter<Arc<str>>,
+    account: DefaultKeyedRateLimiter<Arc<str>>,
+    tenant: DefaultKeyedRateLimiter<Arc<str>>,
+    login: DefaultKeyedRateLimiter<Arc<str>>,
+    login_ip: DefaultKeyedRateLimiter<Arc<str>>,
 }
 
 impl std::fmt::Debug for Limiter {
@@ -95,22 +98,24 @@ impl Limiter {
 
     fn check(
         &self,
-        limiter: &DefaultKeyedRateLimiter<String>,
+        limiter: &DefaultKeyedRateLimiter<Arc<str>>,
         bucket: Bucket,
-        key: &str,
+        key: &Arc<str>,
     ) -> Result<(), Limited> {
-        // The key is owned per call: the bucket maps need it, and it is short.
-        limiter
-            .check_key(&key.to_string())
-            .map_err(|not_until| Limited {
-                bucket,
-                retry_after: not_until.wait_time_from(self.clock.now()),
-            })
+        limiter.check_key(key).map_err(|not_until| Limited {
+            bucket,
+            retry_after: not_until.wait_time_from(self.clock.now()),
+        })
     }
 
     /// Charges one request of a caller (`is_key`: an API key, else an account) of
     /// `tenant`.
-    pub fn charge(&self, caller: &str, is_key: bool, tenant: &str) -> Result<(), Limited> {
+    pub fn charge(
+        &self,
+        caller: &Arc<str>,
+        is_key: bool,
+        tenant: &Arc<str>,
+    ) -> Result<(), Limited> {
         if is_key {
             self.check(&self.key, Bucket::Key, caller)?;
         } else {
@@ -122,8 +127,8 @@ impl Limiter {
     /// Charges one sign-in attempt for `email` and one for the client address (which
     /// may make ten times as many).
     pub fn charge_login(&self, email: &str, ip: &str) -> Result<(), Limited> {
-        self.check(&self.login, Bucket::Login, email)?;
-        self.check(&self.login_ip, Bucket::Login, ip)
+        self.check(&self.login, Bucket::Login, &Arc::from(email))?;
+        self.check(&self.login_ip, Bucket::Login, &Arc::from(ip))
     }
 
     /// Drops the buckets that are full again (callers not seen recently).
@@ -169,22 +174,24 @@ mod tests {
     #[test]
     fn buckets_empty_in_order_and_say_when_to_retry() {
         let l = Limiter::new(&config());
-        assert!(l.charge("ana", false, "acme").is_ok());
-        assert!(l.charge("ana", false, "acme").is_ok());
-        let refused = l.charge("ana", false, "acme").unwrap_err();
+        assert!(l.charge(&"ana".into(), false, &"acme".into()).is_ok());
+        assert!(l.charge(&"ana".into(), false, &"acme".into()).is_ok());
+        let refused = l.charge(&"ana".into(), false, &"acme".into()).unwrap_err();
         assert_eq!(refused.bucket, Bucket::Account);
         assert!(refused.retry_after <= Duration::from_millis(10));
         assert_eq!(refused.retry_after_secs(), 1);
         // Another account of the tenant still has its own bucket, until the tenant's
         // (4, two spent above) is empty.
-        assert!(l.charge("bob", false, "acme").is_ok());
-        assert!(l.charge("bob", false, "acme").is_ok());
+        assert!(l.charge(&"bob".into(), false, &"acme".into()).is_ok());
+        assert!(l.charge(&"bob".into(), false, &"acme".into()).is_ok());
         assert_eq!(
-            l.charge("cy", false, "acme").unwrap_err().bucket,
+            l.charge(&"cy".into(), false, &"acme".into())
+                .unwrap_err()
+                .bucket,
             Bucket::Tenant
         );
         // Other tenants are unaffected.
-        assert!(l.charge("cy", false, "globex").is_ok());
+        assert!(l.charge(&"cy".into(), false, &"globex".into()).is_ok());
     }
 
     #[test]

@@ -447,36 +447,30 @@ pub async fn authorize(State(gate): State<Gate>, request: Request, next: Next) -
         Err(_) => None,
     };
     let audit = (mutating && path != "/v1/events") || other_person.is_some();
-    let (ip, rid, target) = (
-        client_ip(&parts),
-        request_id(&parts),
-        parts.uri.path().to_string(),
-    );
-    let action = format!("{} {path}", parts.method);
-    parts.extensions.insert(principal.clone());
-    let response = next.run(Request::from_parts(parts, body)).await;
-    if audit {
-        let detail = match &other_person {
+    // The record's request fields, taken only for requests that are audited (most reads
+    // are not).
+    let pending = audit.then(|| AuditRecord {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        at: 0,
+        tenant_id: principal.tenant.to_string(),
+        actor: principal.actor.to_string(),
+        actor_kind: principal.kind.name().into(),
+        action: format!("{} {path}", parts.method),
+        target: parts.uri.path().to_string(),
+        source_ip: client_ip(&parts),
+        request_id: request_id(&parts),
+        outcome: 0,
+        detail: match &other_person {
             Some(u) if !mutating => format!("read person-level data of {u}"),
             _ => String::new(),
-        };
-        record(
-            meta,
-            AuditRecord {
-                event_id: uuid::Uuid::now_v7().to_string(),
-                at: digame_schemas::EventTime::now().0,
-                tenant_id: principal.tenant.to_string(),
-                actor: principal.actor.to_string(),
-                actor_kind: principal.kind.name().into(),
-                action,
-                target,
-                source_ip: ip,
-                request_id: rid,
-                outcome: i32::from(response.status().as_u16()),
-                detail,
-            },
-        )
-        .await;
+        },
+    });
+    parts.extensions.insert(principal);
+    let response = next.run(Request::from_parts(parts, body)).await;
+    if let Some(mut entry) = pending {
+        entry.at = digame_schemas::EventTime::now().0;
+        entry.outcome = i32::from(response.status().as_u16());
+        record(meta, entry).await;
     }
     response
 }

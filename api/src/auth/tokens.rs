@@ -45,6 +45,24 @@ pub struct Claims {
     pub aud: String,
 }
 
+impl Claims {
+    /// The identity claims; times, issuer and audience are set by [`TokenKeys::issue`].
+    pub fn new(sub: &str, tid: &str, role: &str, person: Option<&str>, sid: &str) -> Claims {
+        Claims {
+            sub: sub.into(),
+            tid: tid.into(),
+            role: role.into(),
+            person: person.map(str::to_string),
+            sid: sid.into(),
+            iat: 0,
+            nbf: 0,
+            exp: 0,
+            iss: String::new(),
+            aud: String::new(),
+        }
+    }
+}
+
 /// Why a token was refused (the caller answers 401 with the message).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
@@ -183,18 +201,7 @@ mod tests {
     }
 
     fn claims() -> Claims {
-        Claims {
-            sub: "acct-1".into(),
-            tid: "acme".into(),
-            role: "member".into(),
-            person: Some("u-ana".into()),
-            sid: "s1".into(),
-            iat: 0,
-            nbf: 0,
-            exp: 0,
-            iss: String::new(),
-            aud: String::new(),
-        }
+        Claims::new("acct-1", "acme", "member", Some("u-ana"), "s1")
     }
 
     fn now() -> i64 {

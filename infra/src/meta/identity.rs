@@ -135,13 +135,7 @@ pub struct RoleEntry {
 /// SHA-256 of a secret, in hex: how token and key secrets are stored and looked up.
 pub fn digest(secret: &str) -> String {
     use sha2::Digest;
-    let d = sha2::Sha256::digest(secret.as_bytes());
-    let mut out = String::with_capacity(64);
-    for b in d {
-        use std::fmt::Write;
-        let _ = write!(out, "{b:02x}");
-    }
-    out
+    format!("{:x}", sha2::Sha256::digest(secret.as_bytes()))
 }
 
 fn is_unique_violation(e: &sqlx::Error) -> bool {
