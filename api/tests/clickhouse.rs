@@ -179,8 +179,12 @@ async fn admins_delete_a_person_and_apply_retention_in_their_tenant_only() {
     assert!(alice_features > 0, "{before:?}");
 
     // Ingest keys are not admin keys; admins act in their own tenant only.
-    let (status, _) = acme.delete("/v1/users/alice/data").await.unwrap();
-    assert_eq!(status, 401);
+    let (status, body) = digame
+        .key_client(KEY)
+        .delete("/v1/users/alice/data")
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "{body}");
     let globex_admin = digame.client("globex-admin-0123456789abcdef");
     let acme_admin = digame.client("acme-admin-0123456789abcdef");
     let (status, report) = acme_admin.delete("/v1/users/alice/data").await.unwrap();

@@ -161,8 +161,12 @@ async fn heatmap_sankey_radar_and_styles() {
             .clone()
     };
     assert_ne!(cluster_of("p0"), cluster_of("p1"));
-    let (status, _) = ingest.get(&format!("/v1/styles?{range}")).await.unwrap();
-    assert_eq!(status, 401, "styles are for admins");
+    let (status, body) = server
+        .key_client(INGEST_KEY)
+        .get(&format!("/v1/styles?{range}"))
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "styles are for admins: {body}");
 
     let exit = server.terminate().await.unwrap();
     assert!(exit.success(), "{exit}");

@@ -333,20 +333,25 @@ impl DigameProcess {
     /// views) with the service key [`provision_readers`] gave the same tenant; any other
     /// key is used for everything.
     pub fn client(&self, key: &str) -> Client {
+        let mut client = self.key_client(key);
         let is_ingest = self.env.iter().any(|(k, v)| {
             k == "DIGAME_INGEST_KEYS"
                 && v.split(',')
                     .any(|pair| pair.rsplit_once(':').is_some_and(|(k, _)| k == key))
         });
+        if is_ingest {
+            client.reader = reader_key(key);
+        }
+        client
+    }
+
+    /// A client using `key` for every request, whatever the key may do.
+    pub fn key_client(&self, key: &str) -> Client {
         Client {
             http: reqwest::Client::new(),
             base: self.url(),
             key: key.to_string(),
-            reader: if is_ingest {
-                reader_key(key)
-            } else {
-                key.to_string()
-            },
+            reader: key.to_string(),
         }
     }
 
