@@ -91,6 +91,9 @@ pub enum ApiError {
     Meta(MetaError),
     /// A group view that would single people out.
     GroupRefused(digame_query::groups::Refusal),
+    /// A body refused before it was read as JSON: too large (413) or not sent as
+    /// `application/json` (415).
+    BodyRefused(StatusCode, String),
 }
 
 impl IntoResponse for ApiError {
@@ -102,6 +105,14 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m.clone()),
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m.clone()),
             ApiError::GroupRefused(r) => (StatusCode::FORBIDDEN, r.code(), r.to_string()),
+            ApiError::BodyRefused(status, m) => {
+                let code = if *status == StatusCode::PAYLOAD_TOO_LARGE {
+                    "body_too_large"
+                } else {
+                    "unsupported_media_type"
+                };
+                (*status, code, m.clone())
+            }
             ApiError::Meta(MetaError::Invalid(m)) => {
                 (StatusCode::BAD_REQUEST, "invalid_parameters", m.clone())
             }
@@ -210,9 +221,7 @@ async fn post_retention(
     tenant: Principal,
     body: Result<Json<RetentionRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<DeletionReport>, ApiError> {
-    let Json(req) = body.map_err(|e| {
-        ApiError::BadRequest(format!("{}; send {{\"keep_days\": N}}", e.body_text()))
-    })?;
+    let req = json_body(body, r#"{"keep_days": N}"#)?;
     let days = req
         .keep_days
         .or_else(|| state.retention_days.get(&*tenant.tenant).copied())
@@ -232,13 +241,21 @@ async fn post_retention(
     Ok(Json(report))
 }
 
-/// A JSON body, or a 400 naming what is wrong and what to send.
+/// A JSON body, or an error naming what is wrong and what to send: 413 for a body over
+/// the limit, 415 for one not sent as `application/json`, 400 for anything else.
 pub(crate) fn json_body<T>(
     body: Result<Json<T>, axum::extract::rejection::JsonRejection>,
     what: &str,
 ) -> Result<T, ApiError> {
-    body.map(|Json(v)| v)
-        .map_err(|e| ApiError::BadRequest(format!("{}; send {what}", e.body_text())))
+    body.map(|Json(v)| v).map_err(|e| {
+        let message = format!("{}; send {what}", e.body_text());
+        match e.status() {
+            s @ (StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) => {
+                ApiError::BodyRefused(s, message)
+            }
+            _ => ApiError::BadRequest(message),
+        }
+    })
 }
 
 /// `GET /v1/settings`: the tenant's effective settings (defaults until some are set).
@@ -656,7 +673,12 @@ async fn post_sql(
 ) -> Result<Response, ApiError> {
     let bytes = axum::body::to_bytes(body, MAX_SQL_BODY)
         .await
-        .map_err(|_| ApiError::BadRequest(format!("body exceeds {MAX_SQL_BODY} bytes")))?;
+        .map_err(|_| {
+            ApiError::BodyRefused(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body exceeds {MAX_SQL_BODY} bytes; send a shorter query"),
+            )
+        })?;
     let req: SqlRequest = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::BadRequest(format!("body must be {{\"sql\": \"SELECT …\"}}: {e}"))
     })?;

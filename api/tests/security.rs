@@ -379,6 +379,32 @@ async fn security(meta_url: String) {
         );
     }
 
+    // Bodies refused before they are read say why with the fitting status: a form post
+    // where JSON is expected 415, a body over the limit 413 (neither uses up sign-ins).
+    let raw = reqwest::Client::new();
+    let reset = format!("{}/v1/auth/password-reset", server.url());
+    let form = raw
+        .post(&reset)
+        .body("email=bob")
+        .header("content-type", "application/x-www-form-urlencoded");
+    let r = form.send().await.unwrap();
+    assert_eq!(r.status(), 415);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unsupported_media_type", "{body}");
+    let huge = format!(r#"{{"email": "{}"}}"#, "a".repeat(3 << 20));
+    let r = raw
+        .post(&reset)
+        .header("content-type", "application/json")
+        .body(huge)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "body_too_large", "{body}");
+    let long_sql = format!("SELECT 1 AS one -- {}", "x".repeat(100 << 10));
+    assert_refused(&bob.sql(&long_sql).await.unwrap(), 413, "body exceeds");
+
     // Brute force: 6 attempts a minute per address, then 429 with Retry-After.
     let mut last = 0;
     for _ in 0..7 {
