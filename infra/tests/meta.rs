@@ -41,6 +41,32 @@ on_both_backends!(
 );
 use digame_schemas::profile::{PersonProfile, TenantSettings};
 
+/// The SQLite file holds password hashes and key digests: a new one is its owner's alone;
+/// one its owner made keeps their mode.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_new_sqlite_file_is_readable_by_its_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let dir = tempfile::tempdir().unwrap();
+    let meta = MetaStore::open("sqlite://", dir.path()).await.unwrap();
+    meta.create_tenant("acme", "Acme").await.unwrap();
+    assert_eq!(mode(&dir.path().join("meta.db")), 0o600);
+    for side in ["meta.db-wal", "meta.db-shm"] {
+        let p = dir.path().join(side);
+        if p.exists() {
+            assert_eq!(mode(&p), 0o600, "{side}");
+        }
+    }
+
+    let own = dir.path().join("shared.db");
+    std::fs::write(&own, b"").unwrap();
+    std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let url = format!("sqlite://{}", own.display());
+    MetaStore::open(&url, dir.path()).await.unwrap();
+    assert_eq!(mode(&own), 0o640);
+}
+
 fn profile(team: &str, tz: &str) -> PersonProfile {
     PersonProfile {
         timezone: Some(tz.into()),

@@ -140,6 +140,20 @@ fn now_ms() -> i64 {
     digame_schemas::EventTime::now().0
 }
 
+/// Creates `path` empty with mode 0600 unless it exists (an empty file is a new SQLite
+/// database); an existing file keeps the mode its owner gave it.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    match opts.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// The SQLite file a `meta.url` names: `sqlite://` is `<data_dir>/meta.db`.
 pub fn sqlite_path(url: &str, data_dir: &Path) -> Result<std::path::PathBuf> {
     match url.strip_prefix("sqlite://") {
@@ -191,6 +205,12 @@ impl MetaStore {
                     reason: format!("{}: {e}", dir.display()),
                 })?;
             }
+            // The file holds password hashes, key digests and the audit log: create it
+            // readable by its owner only (SQLite gives its WAL and SHM files the same mode).
+            create_private(&path).map_err(|e| MetaError::Open {
+                url: shown.clone(),
+                reason: format!("{}: {e}", path.display()),
+            })?;
             // sqlx opens SQLite in WAL mode with a 5 s busy timeout.
             let conn = format!("sqlite://{}?mode=rwc", path.display());
             let pool = AnyPoolOptions::new()
