@@ -41,7 +41,7 @@ use digame_pipelines::{FeaturePipeline, PipelineStatus, Processor, RuntimeSettin
 use digame_query::{QueryEngine, QueryError};
 use digame_schemas::profile::{PersonProfile, TenantSettings};
 use digame_schemas::{EventTime, Granularity};
-use recompute::{RecomputeSpec, Recomputer};
+use recompute::{RecomputeSpec, Recomputer, StoredEvents};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
@@ -506,13 +506,20 @@ pub(crate) fn time_range(
     from: Option<&str>,
     to: Option<&str>,
 ) -> Result<(EventTime, EventTime), ApiError> {
+    let now = EventTime::now().0;
+    let to_given = to.is_some();
     let to = match to {
         Some(t) => parse_time("to", t)?,
-        None => EventTime(EventTime::now().0 + EventTime::DAY),
+        None => EventTime(now + EventTime::DAY),
     };
     let from = match from {
         Some(t) => parse_time("from", t)?,
-        None => EventTime(to.0 - 7 * EventTime::DAY),
+        None if to_given => EventTime(to.0 - 7 * EventTime::DAY),
+        // The last 7 local days, whole: from 6 UTC midnights ago, less the largest zone
+        // offset (UTC+14), so every person's first local day starts inside the range.
+        None => EventTime(
+            now.div_euclid(EventTime::DAY) * EventTime::DAY - 6 * EventTime::DAY - 14 * 3_600_000,
+        ),
     };
     if to <= from {
         return Err(ApiError::BadRequest(format!(
@@ -662,6 +669,49 @@ async fn get_features(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct ReconcileParams {
+    /// `user`: one line per person too.
+    by: Option<String>,
+}
+
+/// `GET /v1/reconciliation`: does every stored event count in the features? The tenant's
+/// stored raw events against the sum of its day `event_count` features, dead letters by
+/// stage and reason, and what the pipeline has not read or counted yet.
+async fn get_reconciliation(
+    State(state): State<Arc<AppState>>,
+    tenant: Principal,
+    params: Result<Query<ReconcileParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    let people = match params.by.as_deref() {
+        None => false,
+        Some("user") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "by `{other}` is not supported; use by=user for one line per person"
+            )));
+        }
+    };
+    let r = state
+        .query
+        .reconcile(&tenant.tenant, people)
+        .await
+        .map_err(ApiError::Query)?;
+    let p = &state.pipeline;
+    let (lag, unflushed) = (
+        p.lag.load(Ordering::Relaxed),
+        p.unflushed.load(Ordering::Relaxed),
+    );
+    let mut body = serde_json::to_value(&r).expect("reconciliations serialize");
+    body["uncounted"] = json!(r.total.stored.saturating_sub(r.total.counted));
+    // Not per tenant: the bus and the pipeline's memory hold every tenant's events.
+    body["pipeline"] = json!({"lag_records": lag, "unflushed_events": unflushed,
+                              "caught_up": lag == 0 && unflushed == 0});
+    Ok(Json(body).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct SqlRequest {
     sql: String,
 }
@@ -690,6 +740,19 @@ async fn post_sql(
     Ok(Json(result).into_response())
 }
 
+/// `GET /v1/sql/tables`: the tables of `POST /v1/sql` with their columns.
+async fn get_sql_tables(
+    State(state): State<Arc<AppState>>,
+    tenant: Principal,
+) -> Result<Response, ApiError> {
+    let tables = state
+        .query
+        .tables(&tenant.tenant)
+        .await
+        .map_err(ApiError::Query)?;
+    Ok(Json(json!({"tables": tables})).into_response())
+}
+
 async fn healthz() -> &'static str {
     "ok"
 }
@@ -698,6 +761,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let bus = state.bus.status();
     let store = state.store.status();
     let lag = state.pipeline.lag.load(Ordering::Relaxed);
+    let unflushed = state.pipeline.unflushed.load(Ordering::Relaxed);
     // An ingest-only node has no pipeline to wait for.
     let running = !state.pipeline_enabled || state.pipeline.running.load(Ordering::Relaxed);
     let lag_ok = lag <= state.max_ready_lag;
@@ -706,7 +770,11 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         "ready": ready,
         "bus": {"ok": bus.healthy, "detail": bus.detail},
         "store": {"ok": store.healthy && !state.pipeline.store_failing.load(Ordering::Relaxed), "detail": store.detail},
-        "pipeline": {"ok": running && lag_ok, "running": running, "lag_records": lag, "max_lag_records": state.max_ready_lag,
+        // Until every accepted event is counted in stored features: records on the bus not
+        // yet read, and events read but not yet flushed.
+        "pipeline": {"ok": running && lag_ok, "running": running, "lag_records": lag,
+                     "unflushed_events": unflushed, "uncounted": lag + unflushed,
+                     "max_lag_records": state.max_ready_lag,
                      "settings_revision": state.pipeline.settings_revision.load(Ordering::Relaxed)},
     });
     let status = if ready {
@@ -902,6 +970,12 @@ fn routes() -> Vec<(Method, &'static str, auth::Access, Handler)> {
         ),
         (
             Method::GET,
+            "/v1/sql/tables",
+            Requires(P::SqlQuery),
+            get(get_sql_tables),
+        ),
+        (
+            Method::GET,
             "/v1/settings",
             Requires(P::SettingsRead),
             get(get_settings),
@@ -911,6 +985,12 @@ fn routes() -> Vec<(Method, &'static str, auth::Access, Handler)> {
             "/v1/settings",
             Requires(P::SettingsWrite),
             axum::routing::put(put_settings),
+        ),
+        (
+            Method::GET,
+            "/v1/reconciliation",
+            Requires(P::FeaturesReadTenant),
+            get(get_reconciliation),
         ),
         (
             Method::POST,
@@ -1164,13 +1244,14 @@ impl Server {
         let pipeline = FeaturePipeline {
             bus: bus.clone(),
             store: store.clone(),
-            processor: Processor::new(&config.pipeline)?,
+            processor: Processor::new(&config.pipeline, config.ingest.longest_horizon_days())?,
             settings: RuntimeSettings {
                 meta_refresh: Duration::from_millis(config.meta.refresh_ms.max(10)),
                 ..RuntimeSettings::from_config(&config.pipeline, &config.data_dir)
             },
             status: pipeline_status.clone(),
             meta: Some(meta.clone()),
+            history: Arc::new(StoredEvents(query.clone())),
         };
         let mut tasks = Vec::new();
         if config.pipeline.enabled {
@@ -1264,6 +1345,7 @@ impl Server {
                 store,
                 meta: meta.clone(),
                 pipeline: config.pipeline.clone(),
+                horizon_days: config.ingest.longest_horizon_days(),
             },
             meta,
             job_slots: Arc::new(tokio::sync::Semaphore::new(1)),

@@ -49,7 +49,7 @@ enum Command {
     Retention(RetentionArgs),
     /// Print the JSON Schema of the wire event.
     Schema,
-    /// Print the effective configuration (secrets redacted) and exit.
+    /// Print the effective configuration as TOML (secrets redacted) and exit.
     Config(ServeArgs),
     /// Prepare the metadata store: apply migrations, store the role catalogue and, on a
     /// fresh installation, create the tenant `default`, its first platform admin (password
@@ -216,7 +216,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Config(args) => {
             let cfg = load_config(&args)?;
-            println!("{cfg:#?}");
+            // TOML, so what it prints can be saved as a config file and edited.
+            print!("{}", cfg.to_redacted_toml().map_err(anyhow::Error::msg)?);
             Ok(())
         }
     }

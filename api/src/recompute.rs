@@ -25,7 +25,7 @@ use digame_infra::config::PipelineConfig;
 use digame_infra::meta::{JobState, MetaStore};
 use digame_infra::store::{StoreBatch, StoreSink};
 use digame_pipelines::Processor;
-use digame_pipelines::runtime::apply_changes;
+use digame_pipelines::runtime::{EventHistory, apply_changes};
 use digame_query::QueryEngine;
 use digame_schemas::{EventTime, FeatureRow, Granularity};
 use serde::{Deserialize, Serialize};
@@ -39,6 +39,35 @@ pub const MAX_EVENTS_PER_PERSON: usize = 5_000_000;
 const DAY_MS: i64 = 86_400_000;
 /// Rows per store write.
 const WRITE_CHUNK: usize = 50_000;
+
+/// The stored raw events, as the live pipeline reads them to reopen days no longer in its
+/// memory.
+pub struct StoredEvents(pub Arc<QueryEngine>);
+
+/// Most events one reopening read takes (a few days of one person).
+const MAX_REOPEN_EVENTS: usize = 5_000_000;
+
+#[async_trait::async_trait]
+impl EventHistory for StoredEvents {
+    async fn person_events(
+        &self,
+        tenant: &str,
+        user: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<digame_schemas::ActivityEvent>, String> {
+        self.0
+            .person_events(
+                tenant,
+                user,
+                EventTime(from),
+                EventTime(to),
+                MAX_REOPEN_EVENTS,
+            )
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
 
 /// What to recompute.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -94,6 +123,8 @@ pub struct Recomputer {
     pub store: Arc<dyn StoreSink>,
     pub meta: MetaStore,
     pub pipeline: PipelineConfig,
+    /// The longest tenant horizon (days), for the replay's state.
+    pub horizon_days: u32,
 }
 
 impl Recomputer {
@@ -167,7 +198,7 @@ impl Recomputer {
                 .await?;
         }
         // The current parameters, loaded once and copied per person.
-        let mut template = Processor::new(&self.pipeline)?;
+        let mut template = Processor::new(&self.pipeline, self.horizon_days)?;
         apply_changes(&mut template.directory, self.meta.changes_since(0).await?);
         let directory = template.directory.clone();
 
@@ -178,22 +209,25 @@ impl Recomputer {
                 .person_events(tenant, user, read_from, spec.to, MAX_EVENTS_PER_PERSON)
                 .await?;
             report.events_read += events.len();
-            let mut p = Processor::new(&self.pipeline)?;
+            let mut p = Processor::new(&self.pipeline, self.horizon_days)?;
             p.directory = directory.clone();
             p.keep_raw_events = false;
             p.revisions_after(started);
             let mut rows = Vec::new();
             let mut last_day = i64::MIN;
-            for ev in &events {
+            for (i, ev) in events.iter().enumerate() {
                 let clock = ev.timestamp.0;
                 let payload = serde_json::to_vec(ev)?;
                 p.process(0, &payload, clock);
                 // Close days as the replay passes them, so memory stays at a few days.
                 if clock.div_euclid(DAY_MS) != last_day {
                     last_day = clock.div_euclid(DAY_MS);
+                    // The events replayed so far are what the store held live.
+                    p.resolve_reopens_from(&events[..=i], clock);
                     rows.extend(p.emit(clock));
                 }
             }
+            p.resolve_reopens_from(&events, EventTime::now().0);
             rows.extend(p.emit(EventTime::now().0));
             let mut latest = latest_in_range(rows, spec.from, spec.to);
             let retracted = self.retractions(tenant, user, spec, &latest).await?;
@@ -273,6 +307,7 @@ impl Recomputer {
                             params_version,
                             is_final: w.is_final,
                             revision: 0,
+                            final_revision: 0,
                         });
                     }
                 };

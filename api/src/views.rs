@@ -13,7 +13,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use digame_query::{charts, groups, network, styles};
+use digame_query::{QueryError, charts, groups, network, styles};
 use digame_schemas::{EventTime, Granularity};
 use serde::Deserialize;
 use serde_json::json;
@@ -74,17 +74,27 @@ pub(crate) async fn get_styles(
     params: Params,
 ) -> Result<Response, ApiError> {
     let (from, to) = range(params, 56)?;
-    let users = state
+    // Everyone's day windows in one read, only the features the weeks are made of.
+    let by_user = state
         .query
-        .event_users(&tenant.tenant, from, to)
+        .tenant_features(
+            &tenant.tenant,
+            from,
+            to,
+            Granularity::Day,
+            styles::WEEK_INPUTS,
+        )
         .await
         .map_err(ApiError::Query)?;
-    let mut weeks = Vec::new();
-    for user in &users {
-        let days = windows(&state, &tenant.tenant, user, (from, to), Granularity::Day).await?;
-        weeks.extend(styles::person_weeks(user, &days));
-    }
-    let model = styles::cluster(&weeks).map_err(ApiError::BadRequest)?;
+    let weeks: Vec<_> = by_user
+        .iter()
+        .flat_map(|(user, days)| styles::person_weeks(user, days))
+        .collect();
+    // k-means over k = 2…8 and the silhouettes are CPU work: off the async workers.
+    let model = tokio::task::spawn_blocking(move || styles::cluster(&weeks))
+        .await
+        .map_err(|e| ApiError::Query(QueryError::Internal(format!("clustering stopped: {e}"))))?
+        .map_err(ApiError::BadRequest)?;
     Ok(Json(model).into_response())
 }
 

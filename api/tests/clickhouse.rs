@@ -98,13 +98,15 @@ async fn clickhouse_restart_while_events_flow_loses_nothing() {
         .await_rows(EVENT_COUNTS_BY_USER, &expected, Duration::from_secs(90))
         .await
         .unwrap();
-    assert_eq!(
-        client
-            .rows("SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM events")
-            .await
-            .unwrap(),
-        vec![json!({"n": requests * 48, "d": requests * 48})]
-    );
+    // Feature rows are written before the raw events they come from: wait for both.
+    client
+        .await_rows(
+            "SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM events",
+            &[json!({"n": requests * 48, "d": requests * 48})],
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
     let (status, ready) = client.get("/readyz").await.unwrap();
     assert_eq!(status, 200, "{ready}");
 }

@@ -216,13 +216,15 @@ async fn broker_restart_loses_nothing_acknowledged() {
         .await_rows(EVENT_COUNTS_BY_USER, &expected, Duration::from_secs(60))
         .await
         .unwrap();
-    assert_eq!(
-        client
-            .rows("SELECT count(DISTINCT event_id) AS d FROM events")
-            .await
-            .unwrap(),
-        vec![json!({"d": total})]
-    );
+    // Feature rows are written before the raw events they come from: wait for both.
+    client
+        .await_rows(
+            "SELECT count(DISTINCT event_id) AS d FROM events",
+            &[json!({"d": total})],
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
 }
 
 /// The Python interpreter of the virtualenv with kafka-python that the test script makes.

@@ -29,6 +29,7 @@ fn row(user: &str, start: &str, feature: &str, dimension: &str, value: f64) -> F
         params_version: 1,
         is_final: true,
         revision: 1,
+        final_revision: 1,
     }
 }
 
@@ -87,6 +88,7 @@ async fn a_recompute_from_stored_events_reproduces_the_golden_days() {
         store: store.clone(),
         meta: meta.clone(),
         pipeline: PipelineConfig::default(),
+        horizon_days: 120,
     };
     let spec = RecomputeSpec {
         from: EventTime(golden::at("2026-10-01T00:00:00Z")),

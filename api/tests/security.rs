@@ -330,6 +330,21 @@ async fn security(meta_url: String) {
         "revoked",
     );
 
+    // A key of another role, endpoints omitted, may call what its role allows (not only
+    // /v1/events), and never more.
+    let (status, made) = acme
+        .post_json("/v1/keys", &json!({"name": "analysis", "role": "analyst"}))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{made}");
+    assert_eq!(made["details"]["endpoints"], json!([]), "{made}");
+    let analyst_key = server.key_client(made["key"].as_str().unwrap());
+    assert_eq!(
+        analyst_key.get("/v1/users/m2/features").await.unwrap().0,
+        200
+    );
+    assert_eq!(analyst_key.get("/v1/keys").await.unwrap().0, 403);
+
     // Refresh tokens rotate; presenting a spent one revokes the session, and with it the
     // access token and the newest refresh token.
     let (status, rotated) = anon

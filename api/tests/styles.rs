@@ -19,14 +19,23 @@ const ARI_BOUND: f64 = 0.8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clustering_recovers_the_planted_archetypes() {
-    let now = EventTime::now().0;
+    // Whatever the time of day the data ends at (a night owl's day in progress at noon
+    // looks nothing like their finished days), and today.
+    let midnight = EventTime::now().0.div_euclid(86_400_000) * 86_400_000;
+    for hour in [6, 14, 22] {
+        recovers_at(midnight + hour * 3_600_000).await;
+    }
+    recovers_at(EventTime::now().0).await;
+}
+
+async fn recovers_at(now: i64) {
     let spec = SimulationSpec {
         people: PEOPLE,
         days: DAYS,
         seed: 42,
         until_ms: now - 60_000,
     };
-    let mut p = Processor::new(&PipelineConfig::default()).unwrap();
+    let mut p = Processor::new(&PipelineConfig::default(), 30).unwrap();
     p.keep_raw_events = false;
     let mut rows = Vec::new();
     for (n, v) in generate(&spec).into_iter().enumerate() {
@@ -39,7 +48,8 @@ async fn clustering_recovers_the_planted_archetypes() {
             rows.extend(p.emit(now));
         }
     }
-    rows.extend(p.emit(now + 30 * 86_400_000));
+    // As a live server sees them at `now`: every past day final, today still in progress.
+    rows.extend(p.emit(now));
     assert!(p.pending_dead.is_empty(), "{:?}", &p.pending_dead[..1]);
 
     let dir = tempfile::tempdir().unwrap();

@@ -315,6 +315,15 @@ impl Default for IngestConfig {
 }
 
 impl IngestConfig {
+    /// The longest horizon of any tenant: how far back the pipeline must be able to
+    /// reopen a day.
+    pub fn longest_horizon_days(&self) -> u32 {
+        self.tenant_horizon_days
+            .values()
+            .copied()
+            .fold(self.horizon_days, u32::max)
+    }
+
     pub fn horizon_days_for(&self, tenant: &str) -> u32 {
         self.tenant_horizon_days
             .get(tenant)
@@ -474,9 +483,17 @@ pub struct PipelineConfig {
     /// Run the feature pipeline in this process. Off for ingest-only nodes, whose events
     /// are processed by pipeline workers elsewhere.
     pub enabled: bool,
-    /// How far behind a person's newest event time an event may arrive and still update
-    /// its windows; later events are recorded as too late. At least the keystroke timeout.
+    /// How long after its end a window stays provisional, by the person's newest event
+    /// time or by the wall clock, whichever passes first; then it is marked final. Later
+    /// events still count: they revise the final window.
     pub allowed_lateness_secs: u64,
+    /// Final days within this many days of a person's newest event keep their activities
+    /// in memory, so late events revise them without reading the store; older days are
+    /// reopened from the stored raw events.
+    pub hold_days: u32,
+    /// A final day that events just reached stays in memory at least this many seconds,
+    /// so a backfill spread over several polls reads the store once.
+    pub hold_touched_secs: u64,
     /// Heartbeats with identical data at most this far apart are merged (ActivityWatch's
     /// pulsetime), in milliseconds.
     pub pulsetime_ms: u64,
@@ -486,9 +503,6 @@ pub struct PipelineConfig {
     pub flush_interval_ms: u64,
     /// How often state and offsets are checkpointed, in milliseconds.
     pub checkpoint_interval_ms: u64,
-    /// When a person sends nothing for this long (wall clock), their event time is assumed
-    /// to advance with the wall clock, so their windows close. Seconds; 0 disables.
-    pub idle_advance_secs: u64,
     /// Time zone for people without a profile (IANA name).
     pub default_timezone: String,
     /// Records taken from the bus per poll.
@@ -502,11 +516,12 @@ impl Default for PipelineConfig {
         PipelineConfig {
             enabled: true,
             allowed_lateness_secs: 900,
+            hold_days: 2,
+            hold_touched_secs: 300,
             pulsetime_ms: 2_000,
             presence_flood_ms: 5_000,
             flush_interval_ms: 500,
             checkpoint_interval_ms: 5_000,
-            idle_advance_secs: 600,
             default_timezone: "UTC".into(),
             poll_batch: 10_000,
             max_ready_lag: 1_000_000,
@@ -630,6 +645,41 @@ impl Default for QueryConfig {
 }
 
 impl Config {
+    /// The configuration as TOML a config file can hold, every secret replaced by
+    /// `<redacted>` (signing secrets, passwords in URLs and settings, key strings, secret
+    /// librdkafka properties), for `digame config`.
+    pub fn to_redacted_toml(&self) -> Result<String, String> {
+        const R: &str = "<redacted>";
+        let mut c = self.clone();
+        for (_, secret) in &mut c.auth.jwt_keys.0 {
+            *secret = R.into();
+        }
+        let hide = |keys: &IngestKeys| {
+            IngestKeys(
+                keys.0
+                    .values()
+                    .enumerate()
+                    .map(|(i, tenant)| (format!("{R}-{}", i + 1), tenant.clone()))
+                    .collect(),
+            )
+        };
+        c.ingest.keys = hide(&c.ingest.keys);
+        c.admin.keys = hide(&c.admin.keys);
+        c.meta.url = crate::meta::redact_url(&c.meta.url);
+        c.store.url = crate::meta::redact_url(&c.store.url);
+        c.bus.url = crate::meta::redact_url(&c.bus.url);
+        if !c.store.clickhouse.password.is_empty() {
+            c.store.clickhouse.password = R.into();
+        }
+        for (k, v) in &mut c.bus.kafka.0 {
+            if ["password", "secret", "key"].iter().any(|s| k.contains(s)) {
+                *v = R.into();
+            }
+        }
+        toml::to_string_pretty(&c)
+            .map_err(|e| format!("the configuration does not print as TOML: {e}"))
+    }
+
     /// Layers defaults, the optional TOML file, `DIGAME_*` environment variables, and
     /// `overrides` (command-line flags, serialized with absent flags skipped).
     pub fn load(file: Option<&Path>, overrides: impl Serialize) -> Result<Self, String> {
@@ -831,6 +881,23 @@ mod tests {
         }
         cfg.store.clickhouse.password = "hunter2-secret".into();
         cfg.meta.url = "postgres://digame:hunter3-secret@db:5432/meta".into();
+        cfg.auth.jwt_keys = JwtKeys::parse("k1:hunter4-secret-0123456789abcdefghijkl").unwrap();
+        cfg.ingest.keys = IngestKeys::parse("hunter5-secret-0123456789:acme").unwrap();
+        let toml = cfg.to_redacted_toml().unwrap();
+        for secret in ["hunter2", "hunter3", "hunter4", "hunter5"] {
+            assert!(!toml.contains(secret), "{toml}");
+        }
+        assert!(toml.contains("[pipeline]"), "{toml}");
+        assert!(toml.contains("allowed_lateness_secs = 900"), "{toml}");
+        // What it prints (without secrets to redact) loads again as a config file.
+        let mut plain = Config::default();
+        plain.pipeline.hold_days = 5;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("printed.toml");
+        std::fs::write(&path, plain.to_redacted_toml().unwrap()).unwrap();
+        let again = Config::load(Some(&path), serde_json::json!({})).unwrap();
+        assert_eq!(again.pipeline.hold_days, 5);
+        assert_eq!(format!("{again:?}"), format!("{plain:?}"));
         let shown = format!("{cfg:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(!shown.contains("hunter3"), "{shown}");

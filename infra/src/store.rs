@@ -187,6 +187,9 @@ pub enum Deletion<'a> {
 /// Where pipelines write. Returning `Ok` means every row is durable.
 #[async_trait]
 pub trait StoreSink: Send + Sync + 'static {
+    /// Writes a batch durably. Feature rows are written before the raw events of the same
+    /// batch (the pipeline reopens a day from its stored events), so a
+    /// crash between the two leaves rows ahead of events, never behind.
     async fn write(&self, batch: &StoreBatch) -> Result<()>;
     fn status(&self) -> StoreStatus;
     /// Deletes rows of `tenant` from every table and reports how many went.
@@ -496,8 +499,10 @@ impl StoreSink for ParquetStore {
         // Parquet encoding and fsync are blocking work; keep them off the async workers.
         // (Requires the multi-threaded runtime, which the server always uses.)
         let result: Result<()> = tokio::task::block_in_place(|| {
-            self.write_rows(Table::Events, &batch.events)?;
+            // Feature rows before the raw events they come from: the pipeline reopens a day
+            // from its stored events and takes them as what its rows were computed from.
             self.write_rows(Table::Features, &batch.features)?;
+            self.write_rows(Table::Events, &batch.events)?;
             self.write_rows(Table::DeadLetters, &batch.dead_letters)?;
             Ok(())
         });
@@ -682,6 +687,7 @@ mod tests {
             params_version: 0,
             is_final: false,
             revision,
+            final_revision: 0,
         }
     }
 

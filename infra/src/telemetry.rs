@@ -16,6 +16,9 @@ pub struct Metrics {
     pub registry: Registry,
     pub ingest_requests: IntCounterVec,
     pub ingest_events: IntCounterVec,
+    /// Reconciliation per tenant: accepted and rejected at ingest, counted (in order or
+    /// late), duplicate and undecodable in the pipeline.
+    pub tenant_events: IntCounterVec,
     pub ingest_request_seconds: Histogram,
     pub ingest_body_bytes: IntCounter,
     pub bus_appended_records: IntCounterVec,
@@ -26,6 +29,7 @@ pub struct Metrics {
     pub pipeline_lag_records: IntGaugeVec,
     pub pipeline_rows_emitted: IntCounter,
     pub pipeline_checkpoint_seconds: Histogram,
+    pub pipeline_reopen_seconds: Histogram,
     pub pipeline_open_users: IntGauge,
     pub store_rows_written: IntCounterVec,
     pub store_files_written: IntCounterVec,
@@ -109,6 +113,12 @@ impl Metrics {
                 "Events received by ingest, by result (accepted, rejected)",
                 &["result"],
             ),
+            tenant_events: counter_vec(
+                &r,
+                "digame_tenant_events_total",
+                "Events per tenant by outcome: accepted or rejected by ingest; counted, duplicate or undecodable in the pipeline. accepted - counted - duplicate is what the pipeline has yet to count",
+                &["tenant", "outcome"],
+            ),
             ingest_request_seconds: histogram(
                 &r,
                 "digame_ingest_request_duration_seconds",
@@ -143,7 +153,7 @@ impl Metrics {
             pipeline_events: counter_vec(
                 &r,
                 "digame_pipeline_events_total",
-                "Events seen by the pipeline by result (processed, duplicate, late, undecodable)",
+                "Events seen by the pipeline by result (processed: counted in order; late: counted, revising windows that may be final; duplicate; undecodable)",
                 &["result"],
             ),
             pipeline_lag_records,
@@ -152,6 +162,12 @@ impl Metrics {
                 &r,
                 "digame_pipeline_checkpoint_duration_seconds",
                 "Time to flush outputs and write one checkpoint",
+                LATENCY_BUCKETS.to_vec(),
+            ),
+            pipeline_reopen_seconds: histogram(
+                &r,
+                "digame_pipeline_reopen_duration_seconds",
+                "Time to read one person's stored events and rebuild their reopened days",
                 LATENCY_BUCKETS.to_vec(),
             ),
             pipeline_open_users,

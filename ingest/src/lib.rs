@@ -220,6 +220,10 @@ impl Collector {
                     .ingest_events
                     .with_label_values(&["not_acknowledged"])
                     .inc_by(not_acknowledged.len() as u64);
+                metrics()
+                    .tenant_events
+                    .with_label_values(&[tenant, "accepted"])
+                    .inc_by((accepted - not_acknowledged.len()) as u64);
                 return Err(IngestError::PartlyAccepted {
                     accepted: accepted - not_acknowledged.len(),
                     rejected,
@@ -231,14 +235,21 @@ impl Collector {
         if let Err(e) = dead_published {
             tracing::error!(tenant, error = %e, rejected = rejected.len(), "could not record rejected events in the dead-letter stream");
         }
-        metrics()
-            .ingest_events
+        let m = metrics();
+        m.ingest_events
             .with_label_values(&["accepted"])
             .inc_by(accepted as u64);
-        metrics()
-            .ingest_events
+        m.ingest_events
             .with_label_values(&["rejected"])
             .inc_by(rejected.len() as u64);
+        m.tenant_events
+            .with_label_values(&[tenant, "accepted"])
+            .inc_by(accepted as u64);
+        if !rejected.is_empty() {
+            m.tenant_events
+                .with_label_values(&[tenant, "rejected"])
+                .inc_by(rejected.len() as u64);
+        }
         Ok(IngestOutcome { accepted, rejected })
     }
 

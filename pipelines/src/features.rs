@@ -2,10 +2,13 @@
 //! the feature values of that day and each of its hours, as `METRICS.md` defines them.
 //!
 //! Building blocks (all interval sets are merged, so overlap counts once):
-//! - presence: not-AFK intervals (gaps ≤ flood between them filled), the first
-//!   `afk_timeout` of every AFK interval (input idle time is still under the timeout
-//!   there), attended meetings (≥ 2 people, not declined), calls (not declined), and focus
-//!   on always-active applications;
+//! - presence: where an AFK watcher reports (any `afk` event with a status), its not-AFK
+//!   intervals (gaps ≤ flood between them filled), every AFK interval absent in full (the
+//!   watcher has applied its timeout and backdated the span to the last input already);
+//!   without one, presence is inferred from input activity (focus events and editor
+//!   heartbeats, each followed by `afk_timeout` while input idle time is under it); in both
+//!   cases also attended meetings (≥ 2 people, not declined), calls (not declined), and
+//!   focus on always-active applications;
 //! - focus: `window_focus` heartbeats with identical app and title merge when the next
 //!   starts within `pulsetime` of the previous end; where focus intervals overlap, the one
 //!   that started first keeps the overlap;
@@ -384,17 +387,26 @@ fn clip(spans: Vec<Span>, day: Span) -> Vec<Span> {
 
 /// Presence intervals of the given activities, unclipped.
 pub fn presence(acts: &[Activity], params: &PersonParams, fp: &FeatureParams) -> Vec<Span> {
-    let not_afk: Vec<Span> = acts
+    let watcher = acts
         .iter()
-        .filter(|a| a.kind == EventKind::Afk && a.status.as_deref() == Some("not-afk"))
-        .map(|a| (a.start, a.end))
-        .collect();
-    let mut spans = union(not_afk, fp.flood_ms);
+        .any(|a| a.kind == EventKind::Afk && a.status.is_some());
+    let mut spans = if watcher {
+        // `afk` spans are simply not presence: the timeout is never applied twice.
+        let not_afk: Vec<Span> = acts
+            .iter()
+            .filter(|a| a.kind == EventKind::Afk && a.status.as_deref() == Some("not-afk"))
+            .map(|a| (a.start, a.end))
+            .collect();
+        union(not_afk, fp.flood_ms)
+    } else {
+        // Only input activity is known: present while idle time is under the timeout.
+        acts.iter()
+            .filter(|a| matches!(a.kind, EventKind::WindowFocus | EventKind::IdeHeartbeat))
+            .map(|a| (a.start, a.end.max(a.start) + params.afk_timeout_ms))
+            .collect()
+    };
     for a in acts {
         let span = match a.kind {
-            EventKind::Afk if a.status.as_deref() == Some("afk") => {
-                (a.start, a.end.min(a.start + params.afk_timeout_ms))
-            }
             EventKind::Meeting if a.counts_as_meeting() => (a.start, a.end),
             EventKind::Call if a.counts_as_call() => (a.start, a.end),
             EventKind::WindowFocus
@@ -1195,13 +1207,13 @@ mod tests {
         let p = utc();
         let c = ctx(&p);
         let f = compute_day(&acts, &c, &params());
-        // Presence: 09:00–10:30 (flooded), the first 180 s (afk timeout) of the AFK span
-        // from 10:30, and the meeting 11:00–11:30; the declined meeting adds nothing.
-        assert_eq!(get(&f.day, F::PresenceSeconds, ""), 5400.0 + 180.0 + 1800.0);
-        // Active: Code 1200 + Slack 720 + Firefox 480 + Spotify 300 + Code 2880 (09:45 to
-        // 10:33) + Zoom 1800.
-        assert_eq!(get(&f.day, F::ActiveSeconds, ""), 7380.0);
-        assert_eq!(get(&f.day, F::ActiveSecondsByApp, "Code"), 4080.0);
+        // Presence: 09:00–10:30 (flooded) and the meeting 11:00–11:30; the AFK span from
+        // 10:30 is absent in full, the declined meeting adds nothing.
+        assert_eq!(get(&f.day, F::PresenceSeconds, ""), 5400.0 + 1800.0);
+        // Active: Code 1200 + Slack 720 + Firefox 480 + Spotify 300 + Code 2700 (09:45 to
+        // 10:30) + Zoom 1800.
+        assert_eq!(get(&f.day, F::ActiveSeconds, ""), 7200.0);
+        assert_eq!(get(&f.day, F::ActiveSecondsByApp, "Code"), 3900.0);
         assert_eq!(get(&f.day, F::ActiveSecondsByApp, "Slack"), 720.0);
         assert_eq!(get(&f.day, F::ActiveSecondsByApp, "Firefox"), 480.0);
         assert_eq!(
@@ -1210,7 +1222,7 @@ mod tests {
         );
         assert_eq!(
             get(&f.day, F::ActiveSecondsByCategory, "development"),
-            4080.0
+            3900.0
         );
         assert_eq!(
             get(&f.day, F::ActiveSecondsByCategory, "entertainment"),
@@ -1233,7 +1245,8 @@ mod tests {
         assert_eq!(get(h9, F::ContextSwitches, ""), 4.0);
         assert_eq!(get(h9, F::EventCount, ""), 8.0);
         let h10 = &f.hours[&t(10, 0, 0)];
-        assert_eq!(get(h10, F::ActiveSeconds, ""), 1980.0);
+        // Code 10:00–10:30; absent from 10:30.
+        assert_eq!(get(h10, F::ActiveSeconds, ""), 1800.0);
         assert_eq!(get(h10, F::ContextSwitches, ""), 0.0);
         assert_eq!(get(h10, F::EventCount, ""), 2.0);
         let h11 = &f.hours[&t(11, 0, 0)];
@@ -1250,6 +1263,30 @@ mod tests {
         reversed.reverse();
         let again = compute_day(&reversed, &c, &params());
         assert_eq!(again, f);
+    }
+
+    #[test]
+    fn without_an_afk_watcher_presence_follows_input_activity() {
+        let p = utc();
+        let c = ctx(&p);
+        // Code 09:00–09:10 and 09:20–09:30, no AFK watcher: present while idle time is
+        // under the 180 s timeout, 09:00–09:13 and 09:20–09:33.
+        let acts = [
+            focus_on("Code", t(9, 0, 0), t(9, 10, 0)),
+            focus_on("Code", t(9, 20, 0), t(9, 30, 0)),
+        ];
+        let f = compute_day(&acts, &c, &params());
+        assert_eq!(get(&f.day, F::PresenceSeconds, ""), 2.0 * 780.0);
+        assert_eq!(get(&f.day, F::ActiveSeconds, ""), 1200.0);
+        // With a watcher reporting, its spans decide: not-afk 09:00–09:05 only.
+        let mut watched = acts.to_vec();
+        watched.push(with_status(
+            act(EventKind::Afk, t(9, 0, 0), t(9, 5, 0)),
+            "not-afk",
+        ));
+        let f = compute_day(&watched, &c, &params());
+        assert_eq!(get(&f.day, F::PresenceSeconds, ""), 300.0);
+        assert_eq!(get(&f.day, F::ActiveSeconds, ""), 300.0);
     }
 
     #[test]

@@ -1,5 +1,8 @@
-//! The stream processor: event-time windows in each person's time zone, watermarks with
-//! allowed lateness, keyed per-person state, checkpoints, and the feature operators.
+//! The stream processor: event-time windows in each person's time zone, keyed per-person
+//! state, checkpoints, and the feature operators. Results never depend on arrival order:
+//! each poll is admitted in event-time order, late events reopen their days (from memory,
+//! or from the stored raw events through [`runtime::EventHistory`]), and watermarks only
+//! mark windows final for readers ([`state`] says how).
 
 pub mod directory;
 pub mod features;

@@ -14,6 +14,12 @@
 //! Checkpoints live in a directory every worker of the group can reach
 //! (`<data_dir>/pipeline/<group>/p<N>.bin`).
 //!
+//! Before step 1, late events for days no longer held in memory are resolved: the person's
+//! stored events of those days are read through [`EventHistory`] (the raw events of every
+//! earlier flush are durable by then) and the days rebuilt, so the emit publishes what the
+//! late events changed. Within one poll, events are admitted in event-time order, so the
+//! events of one request or one upload never reach a late path at all.
+//!
 //! A crash between any two steps replays events after the last checkpoint into the state
 //! restored from it; the outputs they produce carry the same keys and newer revisions, so
 //! the store's upsert semantics make the replay invisible in results. Nothing is
@@ -40,19 +46,44 @@ use digame_infra::meta::{Changes, MetaStore};
 
 use crate::directory::Directory;
 use crate::features::FeatureParams;
-use crate::state::{Admission, PersonState, StateParams};
+use crate::state::{Admission, PersonState, ReopenRange, StateParams};
 use crate::{Error, Result};
 
 /// Consumer group of the feature pipeline.
 pub const GROUP: &str = "features";
 /// Consumer group of the dead-letter sink.
 pub const DEAD_LETTER_GROUP: &str = "dead-letter-sink";
-const CHECKPOINT_VERSION: u32 = 4;
+const CHECKPOINT_VERSION: u32 = 5;
+const DAY_MS: i64 = 86_400_000;
+
+/// Where the runtime reads a person's stored raw events to reopen days no longer in memory.
+#[async_trait::async_trait]
+pub trait EventHistory: Send + Sync {
+    /// The person's stored events starting in `[from, to)` (ms), in any order.
+    async fn person_events(
+        &self,
+        tenant: &str,
+        user: &str,
+        from: i64,
+        to: i64,
+    ) -> std::result::Result<Vec<ActivityEvent>, String>;
+}
+
+/// A person whose late events wait for their stored events.
+#[derive(Clone, Debug)]
+pub struct ReopenRequest {
+    pub tenant: Arc<str>,
+    pub user: Arc<str>,
+    pub range: ReopenRange,
+}
 
 /// Live status, read by `/readyz` and metrics.
 #[derive(Debug, Default)]
 pub struct PipelineStatus {
+    /// Records on the bus not yet read.
     pub lag: AtomicU64,
+    /// Events read but not yet counted in stored features (they are, at the next flush).
+    pub unflushed: AtomicU64,
     pub processed: AtomicU64,
     pub running: AtomicBool,
     /// Set while the store refuses writes.
@@ -80,9 +111,12 @@ pub struct Processor {
     outcomes: [u64; 4],
     /// Reused buffer for the `tenant:user` state key.
     key: String,
+    /// State keys of the people with reopened days waiting for the store.
+    reopen_pending: std::collections::BTreeSet<String>,
 }
 
-/// Indexes into `Processor::outcomes`, with their metric labels.
+/// Indexes into `Processor::outcomes`, with their metric labels: counted in order, seen
+/// before, counted late (revising windows that may be final), not a canonical event.
 const OUTCOMES: [&str; 4] = ["processed", "duplicate", "late", "undecodable"];
 const PROCESSED: usize = 0;
 const DUPLICATE: usize = 1;
@@ -90,13 +124,17 @@ const LATE: usize = 2;
 const UNDECODABLE: usize = 3;
 
 impl Processor {
-    pub fn new(cfg: &PipelineConfig) -> Result<Self> {
+    /// `horizon_days` is the longest tenant horizon of ingest: how far back events may be
+    /// accepted, so how far back days must stay reopenable.
+    pub fn new(cfg: &PipelineConfig, horizon_days: u32) -> Result<Self> {
         let directory = Directory::new(&cfg.default_timezone).map_err(Error::Config)?;
         Ok(Processor {
             people: HashMap::default(),
             params: StateParams {
                 lateness_ms: (cfg.allowed_lateness_secs * 1000) as i64,
-                idle_advance_ms: (cfg.idle_advance_secs * 1000) as i64,
+                hold_ms: i64::from(cfg.hold_days) * DAY_MS,
+                touch_hold_ms: (cfg.hold_touched_secs * 1000) as i64,
+                horizon_ms: i64::from(horizon_days) * DAY_MS,
                 features: FeatureParams {
                     pulsetime_ms: cfg.pulsetime_ms as i64,
                     flood_ms: cfg.presence_flood_ms as i64,
@@ -110,28 +148,101 @@ impl Processor {
             keep_raw_events: true,
             outcomes: [0; 4],
             key: String::new(),
+            reopen_pending: Default::default(),
         })
+    }
+
+    /// Processes the payloads of one poll: each person's events are admitted in event-time
+    /// order (stable for equal times), so one request or one upload, in whatever order it
+    /// was written, is read as if sorted.
+    pub fn process_batch<'a>(
+        &mut self,
+        records: impl IntoIterator<Item = (u32, &'a [u8])>,
+        now_wall: i64,
+    ) {
+        let mut events = Vec::new();
+        for (partition, payload) in records {
+            if let Some(ev) = self.decode(payload, now_wall) {
+                events.push((partition, ev));
+            }
+        }
+        // Sorting all by time sorts each person's events; already sorted runs (the usual
+        // case) cost one pass.
+        events.sort_by_key(|(_, ev)| ev.timestamp.0);
+        for (partition, ev) in events {
+            self.admit(partition, ev, now_wall);
+        }
+    }
+
+    /// The people whose late events wait for their stored events, and what to read.
+    pub fn reopen_requests(&self) -> Vec<ReopenRequest> {
+        self.reopen_pending
+            .iter()
+            .filter_map(|key| {
+                let person = self.people.get(key.as_str())?;
+                Some(ReopenRequest {
+                    tenant: person.tenant.clone(),
+                    user: person.user.clone(),
+                    range: person.reopen_range()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Hands a person's stored events (of their [`ReopenRequest`]) to their reopened days.
+    pub fn reopen(&mut self, tenant: &str, user: &str, stored: &[ActivityEvent], now_wall: i64) {
+        let key = digame_schemas::partition_key(tenant, user);
+        self.reopen_pending.remove(&key);
+        if let Some(person) = self.people.get_mut(key.as_str()) {
+            refresh_params(&mut self.directory, person);
+            person.reopen(stored, now_wall, &self.params);
+        }
+    }
+
+    /// Resolves every waiting reopening from `events`, a stand-in for the store holding
+    /// them (a replay of stored events, tests).
+    pub fn resolve_reopens_from(&mut self, events: &[ActivityEvent], now_wall: i64) {
+        for req in self.reopen_requests() {
+            let stored: Vec<ActivityEvent> = events
+                .iter()
+                .filter(|e| {
+                    *e.tenant_id == *req.tenant
+                        && *e.user_id == *req.user
+                        && (req.range.from..req.range.to).contains(&e.timestamp.0)
+                })
+                .cloned()
+                .collect();
+            self.reopen(&req.tenant, &req.user, &stored, now_wall);
+        }
     }
 
     /// Processes one bus payload read from `partition`.
     pub fn process(&mut self, partition: u32, payload: &[u8], now_wall: i64) {
-        let ev = match decode_event(payload) {
-            Ok(ev) if ev.event_id.is_some() && !ev.tenant_id.is_empty() => ev,
+        if let Some(ev) = self.decode(payload, now_wall) {
+            self.admit(partition, ev, now_wall);
+        }
+    }
+
+    /// Decodes a payload; what cannot be read is dead-lettered with the reason.
+    fn decode(&mut self, payload: &[u8], now_wall: i64) -> Option<ActivityEvent> {
+        match decode_event(payload) {
+            Ok(ev) if ev.event_id.is_some() && !ev.tenant_id.is_empty() => Some(ev),
             Ok(_) => {
                 self.dead(
                     payload,
-                    None,
-                    "undecodable",
                     "events on the bus need event_id and tenant_id".into(),
                     now_wall,
                 );
-                return;
+                None
             }
             Err(reason) => {
-                self.dead(payload, None, "undecodable", reason, now_wall);
-                return;
+                self.dead(payload, reason, now_wall);
+                None
             }
-        };
+        }
+    }
+
+    fn admit(&mut self, partition: u32, ev: ActivityEvent, now_wall: i64) {
         self.key.clear();
         self.key.push_str(&ev.tenant_id);
         self.key.push(':');
@@ -148,58 +259,56 @@ impl Processor {
             }),
         };
         refresh_params(directory, person);
-        match person.admit(&ev, now_wall, &self.params) {
-            Admission::Accepted => {
-                self.outcomes[PROCESSED] += 1;
-                if self.keep_raw_events {
-                    self.pending_events.push(ev);
-                }
-            }
-            Admission::Duplicate => self.outcomes[DUPLICATE] += 1,
-            Admission::TooLate { watermark } => {
-                self.outcomes[LATE] += 1;
-                let reason = format!(
-                    "event time {} is before this person's watermark {} (newest event time minus the allowed lateness of {} s), so its windows are final; raise pipeline.allowed_lateness_secs to accept later deliveries",
-                    ev.timestamp,
-                    EventTime(watermark),
-                    self.params.lateness_ms / 1000
-                );
-                self.dead(payload, Some(&ev), "too_late", reason, now_wall);
-            }
+        let outcome = match person.admit(&ev, now_wall, &self.params) {
+            Admission::Accepted => PROCESSED,
+            Admission::Late => LATE,
+            Admission::Duplicate => DUPLICATE,
+        };
+        if outcome == DUPLICATE {
+            person.tally.1 += 1;
+        } else {
+            person.tally.0 += 1;
+        }
+        if person.has_reopenings() && !self.reopen_pending.contains(&self.key) {
+            self.reopen_pending.insert(self.key.clone());
+        }
+        self.outcomes[outcome] += 1;
+        if outcome != DUPLICATE && self.keep_raw_events {
+            self.pending_events.push(ev);
         }
     }
 
-    fn dead(
-        &mut self,
-        payload: &[u8],
-        ev: Option<&ActivityEvent>,
-        code: &str,
-        reason: String,
-        now_wall: i64,
-    ) {
-        if ev.is_none() {
-            self.outcomes[UNDECODABLE] += 1;
-        }
+    /// Records a payload that is not a canonical event (the only reason the pipeline
+    /// turns an event away: lateness never is one).
+    fn dead(&mut self, payload: &[u8], reason: String, now_wall: i64) {
+        self.outcomes[UNDECODABLE] += 1;
+        let record = |tenant: &str| {
+            metrics()
+                .tenant_events
+                .with_label_values(&[tenant, "undecodable"])
+                .inc()
+        };
         let text = String::from_utf8_lossy(&payload[..payload.len().min(64 << 10)]).into_owned();
+        let value = serde_json::from_slice::<serde_json::Value>(payload).ok();
+        let field = |name: &str| {
+            value
+                .as_ref()
+                .and_then(|v| v[name].as_str().map(str::to_string))
+        };
         self.pending_dead.push(DeadLetter {
-            tenant_id: ev
-                .map(|e| e.tenant_id.clone())
-                .or_else(|| {
-                    serde_json::from_slice::<serde_json::Value>(payload)
-                        .ok()
-                        .and_then(|v| v["tenant_id"].as_str().map(str::to_string))
-                        .filter(|t| digame_schemas::validate::validate_tenant_id(t).is_ok())
-                })
+            tenant_id: field("tenant_id")
+                .filter(|t| digame_schemas::validate::validate_tenant_id(t).is_ok())
                 .unwrap_or_else(|| "_unknown".into()),
             rejected_at: EventTime(now_wall),
             stage: "pipeline".into(),
-            reason_code: code.into(),
+            reason_code: "undecodable".into(),
             reason,
             request_index: -1,
-            event_id: ev.and_then(|e| e.event_id).map(|u| u.to_string()),
-            user_id: ev.map(|e| e.user_id.clone()),
+            event_id: field("event_id"),
+            user_id: field("user_id"),
             payload: text,
         });
+        record(&self.pending_dead.last().expect("just pushed").tenant_id);
     }
 
     /// Emits every changed or newly final feature row and drops closed state.
@@ -211,12 +320,28 @@ impl Processor {
             *last = (*last + 1).max(now_micros);
             *last
         };
+        let mut by_tenant: HashMap<Arc<str>, (u64, u64)> = HashMap::new();
         for person in self.people.values_mut() {
             refresh_params(&mut self.directory, person);
             person.emit(now_wall, &self.params, &mut next, &mut rows);
+            if person.tally != (0, 0) {
+                let t = by_tenant.entry(person.tenant.clone()).or_default();
+                t.0 += person.tally.0;
+                t.1 += person.tally.1;
+                person.tally = (0, 0);
+            }
         }
         self.people.retain(|_, p| !p.is_idle());
         let m = metrics();
+        for (tenant, (counted, duplicate)) in by_tenant {
+            for (outcome, n) in [("counted", counted), ("duplicate", duplicate)] {
+                if n > 0 {
+                    m.tenant_events
+                        .with_label_values(&[&tenant, outcome])
+                        .inc_by(n);
+                }
+            }
+        }
         for (label, n) in OUTCOMES.iter().zip(&mut self.outcomes) {
             if *n > 0 {
                 m.pipeline_events
@@ -239,6 +364,49 @@ impl Processor {
     /// event times as its clock, yet its rows must supersede the live ones).
     pub fn revisions_after(&mut self, wall_ms: i64) {
         self.last_revision = self.last_revision.max(wall_ms.saturating_mul(1000));
+    }
+
+    /// The checkpoint of one partition: the state of the people whose events it carries
+    /// and `offset`, the next offset to read.
+    pub fn encode_partition(&self, partition: u32, offset: u64) -> Result<Vec<u8>> {
+        let cp = Checkpoint {
+            version: CHECKPOINT_VERSION,
+            partition,
+            offset,
+            last_revision: self.last_revision,
+            people: self
+                .people
+                .values()
+                .filter(|p| p.partition == partition)
+                .collect(),
+        };
+        postcard::to_allocvec(&cp).map_err(|e| Error::Checkpoint(e.to_string()))
+    }
+
+    /// Restores a partition's state from [`Self::encode_partition`]'s bytes; returns the
+    /// offset it covers. `what` names the source in errors.
+    pub fn restore_partition(&mut self, partition: u32, bytes: &[u8], what: &str) -> Result<u64> {
+        let cp: Checkpoint<PersonState> = postcard::from_bytes(bytes).map_err(|e| {
+            Error::Checkpoint(format!(
+                "{what} cannot be read ({e}); move it away to rebuild this partition's state from the bus"
+            ))
+        })?;
+        if cp.version != CHECKPOINT_VERSION || cp.partition != partition {
+            return Err(Error::Checkpoint(format!(
+                "{what} holds version {} of partition {}, this build reads version {CHECKPOINT_VERSION}; move it away to rebuild from the bus",
+                cp.version, cp.partition
+            )));
+        }
+        self.last_revision = self.last_revision.max(cp.last_revision);
+        self.people.retain(|_, p| p.partition != partition);
+        for person in cp.people {
+            let key = digame_schemas::partition_key(&person.tenant, &person.user);
+            if person.has_reopenings() {
+                self.reopen_pending.insert(key.clone());
+            }
+            self.people.insert(key, person);
+        }
+        Ok(cp.offset)
     }
 
     /// Bytes of all people's state as checkpointed (open days with their activities,
@@ -276,6 +444,7 @@ fn refresh_params(directory: &mut Directory, person: &mut PersonState) {
 /// The checkpoint of one partition.
 #[derive(Serialize, Deserialize)]
 struct Checkpoint<P> {
+    /// Bumped whenever the layout of the state changes (postcard is not self-describing).
     version: u32,
     partition: u32,
     /// Next offset to read.
@@ -321,6 +490,8 @@ pub struct FeaturePipeline {
     /// Where tenant settings and person profiles come from; `None` keeps whatever the
     /// processor's directory was given (tests, benchmarks).
     pub meta: Option<MetaStore>,
+    /// The stored raw events, read to reopen days no longer in memory.
+    pub history: Arc<dyn EventHistory>,
 }
 
 /// Applies settings and profile changes to `directory`. Content was validated when it was
@@ -341,19 +512,19 @@ pub fn apply_changes(directory: &mut Directory, changes: Changes) {
 
 /// Runs `attempt` until it succeeds, backing off from 100 ms to 10 s; gives up only when
 /// shutdown is requested, returning the last error.
-async fn retrying<F, Fut>(
+async fn retrying<T, F, Fut>(
     what: &str,
     shutdown: &watch::Receiver<bool>,
     mut attempt: F,
-) -> Result<()>
+) -> Result<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<()>>,
+    Fut: std::future::Future<Output = Result<T>>,
 {
     let mut backoff = Duration::from_millis(100);
     loop {
         match attempt().await {
-            Ok(()) => return Ok(()),
+            Ok(v) => return Ok(v),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "{what} failed; retrying");
                 if *shutdown.borrow() {
@@ -392,36 +563,17 @@ impl FeaturePipeline {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::Io(format!("{}: {e}", path.display()))),
         };
-        let cp: Checkpoint<PersonState> = postcard::from_bytes(&bytes).map_err(|e| {
-            Error::Checkpoint(format!(
-                "{} cannot be read ({e}); move it away to rebuild this partition's state from the bus",
-                path.display()
-            ))
-        })?;
-        if cp.version != CHECKPOINT_VERSION || cp.partition != partition {
-            return Err(Error::Checkpoint(format!(
-                "{} holds version {} of partition {}, this build reads version {CHECKPOINT_VERSION}; move it away to rebuild from the bus",
-                path.display(),
-                cp.version,
-                cp.partition
-            )));
-        }
-        let p = &mut self.processor;
-        p.last_revision = p.last_revision.max(cp.last_revision);
-        let people = cp.people.len();
-        for person in cp.people {
-            p.people.insert(
-                digame_schemas::partition_key(&person.tenant, &person.user),
-                person,
-            );
-        }
-        tracing::info!(
-            partition,
-            people,
-            offset = cp.offset,
-            "restored partition state"
-        );
-        Ok(Some(cp.offset))
+        let offset =
+            self.processor
+                .restore_partition(partition, &bytes, &path.display().to_string())?;
+        let people = self
+            .processor
+            .people
+            .values()
+            .filter(|p| p.partition == partition)
+            .count();
+        tracing::info!(partition, people, offset, "restored partition state");
+        Ok(Some(offset))
     }
 
     /// Writes the checkpoint of every partition in `offsets`, then syncs the directory.
@@ -429,22 +581,8 @@ impl FeaturePipeline {
         let dir = &self.settings.checkpoint_dir;
         let io = |e: std::io::Error| Error::Io(format!("{}: {e}", dir.display()));
         std::fs::create_dir_all(dir).map_err(io)?;
-        let mut by_partition: BTreeMap<u32, Vec<&PersonState>> = BTreeMap::new();
-        for person in self.processor.people.values() {
-            by_partition
-                .entry(person.partition)
-                .or_default()
-                .push(person);
-        }
         for (&partition, &offset) in offsets {
-            let cp = Checkpoint {
-                version: CHECKPOINT_VERSION,
-                partition,
-                offset,
-                last_revision: self.processor.last_revision,
-                people: by_partition.remove(&partition).unwrap_or_default(),
-            };
-            let bytes = postcard::to_allocvec(&cp).map_err(|e| Error::Checkpoint(e.to_string()))?;
+            let bytes = self.processor.encode_partition(partition, offset)?;
             let path = self.checkpoint_path(partition);
             let tmp = path.with_extension("tmp");
             {
@@ -478,9 +616,11 @@ impl FeaturePipeline {
             offsets.remove(p);
         }
         if !lost.is_empty() {
-            self.processor
-                .people
+            let p = &mut self.processor;
+            p.people
                 .retain(|_, person| !lost.contains(&person.partition));
+            p.reopen_pending
+                .retain(|key| p.people.contains_key(key.as_str()));
             tracing::info!(partitions = ?lost, "dropped state of partitions no longer owned");
         }
         for p in now {
@@ -500,6 +640,7 @@ impl FeaturePipeline {
     /// Emits and writes everything pending; retries the store until it accepts or
     /// shutdown is requested.
     async fn flush(&mut self, shutdown: &watch::Receiver<bool>) -> Result<()> {
+        self.resolve_reopens(shutdown).await?;
         let features = self.processor.emit(now_ms());
         let batch = StoreBatch {
             events: std::mem::take(&mut self.processor.pending_events),
@@ -517,6 +658,7 @@ impl FeaturePipeline {
             r.map_err(|e| Error::Store(e.to_string()))
         })
         .await?;
+        self.status.unflushed.store(0, Ordering::Relaxed);
         // The derived stream, for consumers outside Digame; after the store so that a
         // row on the topic is always also queryable.
         if !batch.features.is_empty() {
@@ -538,6 +680,33 @@ impl FeaturePipeline {
                     .map_err(|e| Error::Bus(e.to_string()))
             })
             .await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the stored events of every person with reopened days and rebuilds those days;
+    /// a store that does not answer is asked again (the late events wait, nothing is
+    /// dropped).
+    async fn resolve_reopens(&mut self, shutdown: &watch::Receiver<bool>) -> Result<()> {
+        let requests = self.processor.reopen_requests();
+        for req in requests {
+            let started = Instant::now();
+            let history = self.history.clone();
+            let stored = retrying("stored-event read for a reopened day", shutdown, || {
+                let (history, req) = (history.clone(), req.clone());
+                async move {
+                    history
+                        .person_events(&req.tenant, &req.user, req.range.from, req.range.to)
+                        .await
+                        .map_err(Error::Store)
+                }
+            })
+            .await?;
+            self.processor
+                .reopen(&req.tenant, &req.user, &stored, now_ms());
+            metrics()
+                .pipeline_reopen_seconds
+                .observe(started.elapsed().as_secs_f64());
         }
         Ok(())
     }
@@ -625,6 +794,7 @@ impl FeaturePipeline {
             // partitions before processing their records.
             self.follow_assignment(&mut consumer, &mut offsets).await?;
             let now = now_ms();
+            let mut fresh = Vec::with_capacity(batch.len());
             for rec in &batch {
                 // Already in the restored state (a bus may redeliver from an older
                 // committed offset than the checkpoint's).
@@ -632,9 +802,10 @@ impl FeaturePipeline {
                 if offsets.get(&rec.partition).is_none_or(|&o| rec.offset < o) {
                     continue;
                 }
-                self.processor.process(rec.partition, &rec.payload, now);
+                fresh.push((rec.partition, &rec.payload[..]));
                 offsets.insert(rec.partition, rec.offset + 1);
             }
+            self.processor.process_batch(fresh, now);
             if !batch.is_empty() {
                 dirty_since_checkpoint = true;
                 self.status
@@ -643,6 +814,10 @@ impl FeaturePipeline {
             }
             let lag = consumer.lag();
             self.status.lag.store(lag, Ordering::Relaxed);
+            self.status.unflushed.store(
+                self.processor.pending_events.len() as u64,
+                Ordering::Relaxed,
+            );
             metrics()
                 .pipeline_lag_records
                 .with_label_values(&[Topic::Events.name()])

@@ -1,25 +1,40 @@
-//! Keyed state of one person: open days, event-time watermark, duplicate filter, and what
-//! was last emitted per window.
+//! Keyed state of one person: days in memory, event-time watermark, duplicate filter, and
+//! what was last emitted per window.
 //!
-//! Watermark: `newest event start − allowed lateness`, never moving back. An event starting
-//! before the watermark is too late: its hour may already be final. When a person sends
-//! nothing for `idle_advance` of wall-clock time, their event time is assumed to follow the
-//! wall clock, so their last windows close too. A window is final once the watermark passes
-//! its end; a day whose every window is final is emitted a last time and dropped from state.
+//! Arrival order never changes a result. An event reaches every local day it touches,
+//! however late it comes:
+//! - a day held in memory (open, or final but recent) takes it at once and is recomputed
+//!   at the next emit;
+//! - a day computed before but no longer held is *reopened*: the event waits in
+//!   [`PersonState::reopen_requests`] until the runtime reads the person's stored events of
+//!   that day and hands them to [`PersonState::reopen`], which rebuilds the day (and what
+//!   was emitted for it, computed from the stored events without the late ones), so the
+//!   next emit publishes exactly the windows the late events changed, as new revisions.
+//!
+//! Finality is for readers only. The watermark is the later of `newest event start −
+//! allowed lateness` and `wall clock − allowed lateness`; a window whose end it has passed
+//! is emitted once more with `is_final = true`. A final window can still be revised by a
+//! late event; its later rows keep `is_final` and carry a newer revision. Final days stay in
+//! memory while they are within `hold` of the person's newest event (or were touched in the
+//! last `touch_hold`), so ordinary stragglers never need the store.
 //!
 //! Emission is by difference: after new events, the touched days are recomputed and only
 //! values that changed are emitted, each with a fresh revision; final windows are emitted
 //! once more with `is_final = true`.
 //!
-//! Beyond open days the state keeps what rolling and weekly features need, updated
+//! Beyond the days in memory the state keeps what rolling and weekly features need, updated
 //! incrementally from each computed day's [`DaySummary`] (subtract the day's previous
 //! summary, add the new one), never recomputed from raw events:
-//! - F11 network and F12's weekly 1:1 minutes over the 28 local days ending at each open
-//!   day: one running sum for the window ending at the newest day, corrected by the few
-//!   days between an older open day and the newest;
+//! - F11 network and F12's weekly 1:1 minutes over the 28 local days ending at each day:
+//!   one running sum for the window ending at the newest day, corrected by the few days
+//!   between an older day and the newest; when a reopened day changes them, the later days
+//!   no longer in memory get revised rolling values too;
 //! - week totals (local Monday to Monday) for F13's week, F14 and the week data-quality
-//!   flags, kept for 15 weeks, with week rows emitted like day rows;
-//! - day summaries for 35 days (interactions only as long as a window can need them).
+//!   flags, with week rows emitted like day rows; a changed week re-emits the later weeks
+//!   whose F14 and inactive-week flags look back at it;
+//! - day summaries for the tenant horizon plus the rolling window, and week totals for the
+//!   horizon plus the 12 weeks the inactive-week flag looks back, so any day ingest still
+//!   accepts can be reopened with its rolling and weekly context.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -42,7 +57,7 @@ const DAY_MS: i64 = 86_400_000;
 const ROLLING_WINDOW_MS: i64 = 27 * DAY_MS + DAY_MS / 2;
 /// Day summaries kept (beyond the rolling window, for older open days' corrections).
 const HISTORY_MS: i64 = 35 * DAY_MS;
-/// Week totals kept: F14 looks 4 weeks back, the inactive-week flag 12.
+/// Week totals kept at least: F14 looks 4 weeks back, the inactive-week flag 12.
 const WEEKS_KEPT: i64 = 15;
 /// Interaction units of one meaningful interaction (F11: 1 email, meeting or call = 3
 /// units, a chat message = 1).
@@ -51,18 +66,58 @@ const MEANINGFUL: u32 = 3;
 /// Runtime settings the state needs.
 #[derive(Clone, Copy, Debug)]
 pub struct StateParams {
+    /// How long after its end a window stays provisional (by event time or wall clock).
     pub lateness_ms: i64,
-    /// 0 disables idle advance.
-    pub idle_advance_ms: i64,
+    /// Final days within this span of the person's newest event keep their activities in
+    /// memory; older ones are reopened from the store.
+    pub hold_ms: i64,
+    /// A final day touched by an event stays in memory at least this long (wall clock),
+    /// so a backfill delivering one old day over several polls reads the store once.
+    pub touch_hold_ms: i64,
+    /// The longest tenant horizon: how far back ingest accepts events, so how far back a
+    /// day may be reopened.
+    pub horizon_ms: i64,
     pub features: FeatureParams,
 }
 
+impl StateParams {
+    /// Day summaries kept: a reopened day at the horizon needs its own summary and the 28
+    /// days before it.
+    fn history_ms(&self) -> i64 {
+        HISTORY_MS.max(self.horizon_ms + ROLLING_WINDOW_MS + DAY_MS)
+    }
+
+    /// Week totals kept: a reopened week at the horizon needs the 12 weeks before it.
+    fn weeks_ms(&self) -> i64 {
+        (WEEKS_KEPT * 7 * DAY_MS).max(self.horizon_ms + 14 * 7 * DAY_MS)
+    }
+}
+
 /// What happened to one event.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admission {
+    /// Counted, in event-time order.
     Accepted,
+    /// Counted, but it starts before the watermark: it revises windows that may already
+    /// be final (from memory, or once the store has been read for a reopened day).
+    Late,
+    /// Seen before; counted once.
     Duplicate,
-    TooLate { watermark: i64 },
+}
+
+/// Late events for a day no longer held in memory, waiting for the person's stored events.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Reopening {
+    end: i64,
+    late: Vec<(u128, Activity)>,
+}
+
+/// A read of one person's stored events that reopening their days needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReopenRange {
+    /// Events starting in `[from, to)` can touch the days being reopened.
+    pub from: i64,
+    pub to: i64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -70,6 +125,8 @@ struct DayState {
     end: i64,
     acts: Vec<Activity>,
     dirty: bool,
+    /// Wall clock of the last event placed in the day.
+    touched: i64,
     /// What was last emitted per window (granularity, window start).
     windows: BTreeMap<(Granularity, i64), EmittedWindow>,
 }
@@ -81,6 +138,30 @@ struct EmittedWindow {
     end: i64,
     values: Vec<((Feature, String), f64)>,
     is_final: bool,
+    /// The revision that first marked the window final (0 while provisional).
+    final_revision: i64,
+}
+
+impl EmittedWindow {
+    /// Marks the window final at `revision` unless it already is; returns whether it just
+    /// became final (then every value is emitted once more).
+    fn finalize(&mut self, is_final: bool, revision: i64) -> bool {
+        let first = is_final && !self.is_final;
+        if first {
+            self.is_final = true;
+            self.final_revision = revision;
+        }
+        first
+    }
+
+    /// The final revision rows of this window carry: 0 while provisional.
+    fn final_revision(&self) -> i64 {
+        if self.is_final {
+            self.final_revision
+        } else {
+            0
+        }
+    }
 }
 
 impl EmittedWindow {
@@ -183,6 +264,11 @@ struct WeekState {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct DayRecord {
     week: i64,
+    /// End of the day window.
+    end: i64,
+    /// The revision that first marked the day window final (0 while provisional); a day
+    /// reopened from the store reports it for all its windows.
+    final_revision: i64,
     summary: DaySummary,
 }
 
@@ -198,11 +284,12 @@ pub struct PersonState {
     pub partition: u32,
     newest_start: i64,
     watermark: i64,
-    /// Wall clock (ms) of the last accepted event, for idle advance.
-    last_arrival: i64,
-    /// Event ids seen in open windows, with their start, for duplicate filtering.
+    /// Event ids of the events in the days held in memory, with the last instant each
+    /// reaches, for duplicate filtering (the store filters those of reopened days).
     seen: HashMap<u128, i64, foldhash::fast::RandomState>,
     days: BTreeMap<i64, DayState>,
+    /// Days no longer in memory that late events reopen, by day start.
+    reopening: BTreeMap<i64, Reopening>,
     /// Summaries of computed days, by day start.
     history: BTreeMap<i64, DayRecord>,
     /// F11 interaction units per person over the 28 days ending at `rolling_newest`.
@@ -220,6 +307,9 @@ pub struct PersonState {
     /// (nearly every event falls in the day of the one before it).
     #[serde(skip)]
     day_cache: Option<(Tz, (i64, i64))>,
+    /// Events counted and duplicates seen since the last emit, for the per-tenant metrics.
+    #[serde(skip)]
+    pub tally: (u64, u64),
 }
 
 impl PersonState {
@@ -231,9 +321,9 @@ impl PersonState {
             partition: 0,
             newest_start: i64::MIN,
             watermark: i64::MIN,
-            last_arrival: 0,
             seen: HashMap::default(),
             days: BTreeMap::new(),
+            reopening: BTreeMap::new(),
             history: BTreeMap::new(),
             rolling: HashMap::new(),
             rolling_one_on_one_ms: 0,
@@ -242,6 +332,7 @@ impl PersonState {
             params: Some(params),
             generation,
             day_cache: None,
+            tally: (0, 0),
         }
     }
 
@@ -295,104 +386,215 @@ impl PersonState {
 
     /// Whether nothing is held: every day closed and the history aged out.
     pub fn is_idle(&self) -> bool {
-        self.days.is_empty() && self.history.is_empty() && self.weeks.is_empty()
+        self.days.is_empty()
+            && self.reopening.is_empty()
+            && self.history.is_empty()
+            && self.weeks.is_empty()
     }
 
-    /// Admits one event.
-    pub fn admit(&mut self, ev: &ActivityEvent, now_wall: i64, p: &StateParams) -> Admission {
-        let id = ev.event_id.map(|u| u.as_u128()).unwrap_or_default();
-        let start = ev.timestamp.0;
-        if start < self.watermark {
-            // A duplicate of an admitted event is a duplicate, however late.
-            if self.seen.contains_key(&id) {
-                return Admission::Duplicate;
-            }
-            return Admission::TooLate {
-                watermark: self.watermark,
-            };
-        }
-        // One probe on the common path: look up and record together.
-        match self.seen.entry(id) {
-            std::collections::hash_map::Entry::Occupied(_) => return Admission::Duplicate,
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(start);
-            }
-        }
-        self.last_arrival = now_wall;
-        self.newest_start = self.newest_start.max(start);
-        self.watermark = self.watermark.max(self.newest_start - p.lateness_ms);
-
-        let end = ev.end().0;
-        // Sorted and distinct, without the subject.
-        let mut participants: Vec<String> = ev
-            .attributes
-            .participants
-            .iter()
-            .filter(|p| **p != ev.user_id)
-            .cloned()
-            .collect();
-        participants.sort_unstable();
-        participants.dedup();
-        let a = &ev.attributes;
-        let act = Activity {
-            start,
-            end,
-            kind: ev.kind,
-            app: a.app.clone(),
-            title: a.title.clone(),
-            url: a.url.clone(),
-            project: a.project.clone(),
-            status: a.status.clone(),
-            participants,
-        };
-        let params = self
-            .params
-            .as_ref()
-            .expect("parameters are installed before events are admitted");
-        // Editor heartbeats also reach the days within the keystroke timeout, so a coding
-        // span across local midnight is credited to both days.
-        let reach = if ev.kind == digame_schemas::EventKind::IdeHeartbeat {
+    /// The span of local days an activity reaches: editor heartbeats also reach the days
+    /// within the keystroke timeout, so a coding span across local midnight is credited to
+    /// both days.
+    fn reach(params: &PersonParams, act: &Activity) -> (i64, i64) {
+        let reach = if act.kind == digame_schemas::EventKind::IdeHeartbeat {
             params.keystroke_timeout_ms
         } else {
             0
         };
-        let tz = params.tz;
-        let from = start - reach;
-        let to = end.max(start + 1) + reach;
-        let mut days = days_from(tz, self.day_of(tz, from), to).peekable();
-        let mut act = Some(act);
-        while let Some((day_start, day_end)) = days.next() {
-            if day_end <= self.watermark {
-                continue;
-            }
-            let day = self.days.entry(day_start).or_default();
-            day.end = day_end;
-            // The activity itself goes to its last day; earlier days get copies.
-            let a = if days.peek().is_none() {
-                act.take()
-            } else {
-                act.clone()
-            };
-            day.acts.extend(a);
-            day.dirty = true;
-        }
-        Admission::Accepted
+        (act.start - reach, act.end.max(act.start + 1) + reach)
     }
 
-    /// Advances the watermark for idleness; returns the effective watermark.
-    fn advance_idle(&mut self, now_wall: i64, p: &StateParams) -> i64 {
-        if p.idle_advance_ms > 0 && self.newest_start != i64::MIN {
-            let idle = now_wall - self.last_arrival;
-            if idle >= p.idle_advance_ms {
-                self.watermark = self.watermark.max(self.newest_start + idle - p.lateness_ms);
+    /// Admits one event: it is placed in every day it touches, whatever the watermark.
+    pub fn admit(&mut self, ev: &ActivityEvent, now_wall: i64, p: &StateParams) -> Admission {
+        let id = ev.event_id.map(|u| u.as_u128()).unwrap_or_default();
+        let start = ev.timestamp.0;
+        // One probe on the common path: look up and record together (the reach is filled
+        // in below).
+        let slot = match self.seen.entry(id) {
+            std::collections::hash_map::Entry::Occupied(_) => return Admission::Duplicate,
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(0),
+        };
+        let late = start < self.watermark;
+        let act = activity(ev);
+        let params = self
+            .params
+            .as_ref()
+            .expect("parameters are installed before events are admitted");
+        let tz = params.tz;
+        let (from, to) = Self::reach(params, &act);
+        *slot = to;
+        self.newest_start = self.newest_start.max(start);
+        self.watermark = self.watermark.max(self.newest_start - p.lateness_ms);
+        let first = self.day_of(tz, from);
+        let mut days = days_from(tz, first, to).peekable();
+        let mut act = Some(act);
+        while let Some((day_start, day_end)) = days.next() {
+            // The activity itself goes to its last day; earlier days get copies.
+            let a = if days.peek().is_none() {
+                act.take().expect("taken once")
+            } else {
+                act.clone().expect("not taken yet")
+            };
+            self.place(day_start, day_end, id, a, now_wall);
+        }
+        if late {
+            Admission::Late
+        } else {
+            Admission::Accepted
+        }
+    }
+
+    /// Puts an activity into its day: the day in memory, a reopening waiting for the store,
+    /// or a new day.
+    fn place(&mut self, day_start: i64, day_end: i64, id: u128, act: Activity, now_wall: i64) {
+        if let Some(day) = self.days.get_mut(&day_start) {
+            day.acts.push(act);
+            day.dirty = true;
+            day.touched = now_wall;
+        } else if let Some(r) = self.reopening.get_mut(&day_start) {
+            r.late.push((id, act));
+        } else if self.history.contains_key(&day_start) {
+            // Computed before and no longer held: its other events are in the store.
+            self.reopening.insert(
+                day_start,
+                Reopening {
+                    end: day_end,
+                    late: vec![(id, act)],
+                },
+            );
+        } else {
+            self.days.insert(
+                day_start,
+                DayState {
+                    end: day_end,
+                    acts: vec![act],
+                    dirty: true,
+                    touched: now_wall,
+                    windows: BTreeMap::new(),
+                },
+            );
+        }
+    }
+
+    /// Whether late events wait for the store.
+    pub fn has_reopenings(&self) -> bool {
+        !self.reopening.is_empty()
+    }
+
+    /// The stored events the waiting reopenings need, if any.
+    pub fn reopen_range(&self) -> Option<ReopenRange> {
+        let first = self.reopening.keys().next()?;
+        let last = self.reopening.values().map(|r| r.end).max()?;
+        let reach = self.params.as_ref().map_or(0, |p| p.keystroke_timeout_ms);
+        // An event touches a day when it starts up to its longest duration (plus the
+        // editor reach) before the day, or up to the reach before the day's end.
+        let longest = digame_schemas::validate::MAX_DURATION_MS as i64;
+        Some(ReopenRange {
+            from: first - longest - reach,
+            to: last + reach,
+        })
+    }
+
+    /// Rebuilds the waiting reopened days from the person's stored events (those of
+    /// [`Self::reopen_range`]; any others are ignored, duplicates count once). What was
+    /// emitted for each day is recomputed from the stored events, so the next emit
+    /// publishes exactly what the late events changed; a late event already stored (a
+    /// client's retry, a replay after a crash) counts once and changes nothing.
+    ///
+    /// This relies on the store writing a flush's feature rows before its raw events: the
+    /// rows of a day then never lag behind its stored events, so the stored events say
+    /// what was emitted (rows ahead of them, after a crash between the two writes, are
+    /// those of the replayed events and are emitted again anyway).
+    pub fn reopen(&mut self, stored: &[ActivityEvent], now_wall: i64, p: &StateParams) {
+        let pending = std::mem::take(&mut self.reopening);
+        if pending.is_empty() {
+            return;
+        }
+        let params = self.params();
+        let tz = params.tz;
+        let mut before: BTreeMap<i64, Vec<Activity>> =
+            pending.keys().map(|d| (*d, Vec::new())).collect();
+        let mut ids = std::collections::HashSet::with_capacity(stored.len());
+        for ev in stored {
+            let id = ev.event_id.map(|u| u.as_u128()).unwrap_or_default();
+            if !ids.insert(id) {
+                continue;
+            }
+            let act = activity(ev);
+            let (from, to) = Self::reach(&params, &act);
+            let mut held = false;
+            for (day_start, _) in days_from(tz, day_window(tz, from), to) {
+                if let Some(acts) = before.get_mut(&day_start) {
+                    acts.push(act.clone());
+                    held = true;
+                }
+            }
+            // Back in memory: a later duplicate is filtered here again.
+            if held {
+                self.seen.insert(id, to);
             }
         }
-        self.watermark
+        for (day_start, r) in pending {
+            let mut acts = before.remove(&day_start).unwrap_or_default();
+            let windows = self.emitted_from(day_start, r.end, &acts, &params, p);
+            acts.extend(
+                r.late
+                    .into_iter()
+                    .filter(|(id, _)| !ids.contains(id))
+                    .map(|(_, a)| a),
+            );
+            self.days.insert(
+                day_start,
+                DayState {
+                    end: r.end,
+                    acts,
+                    dirty: true,
+                    touched: now_wall,
+                    windows,
+                },
+            );
+        }
+    }
+
+    /// What the emits of a day computed from `acts` reported, every window final (a day is
+    /// only dropped from memory once final).
+    fn emitted_from(
+        &self,
+        day_start: i64,
+        day_end: i64,
+        acts: &[Activity],
+        params: &PersonParams,
+        p: &StateParams,
+    ) -> BTreeMap<(Granularity, i64), EmittedWindow> {
+        let ctx = day_context(params, (day_start, day_end));
+        let mut features = compute_day(acts, &ctx, &p.features);
+        self.rolling_values(day_start, params, &mut features.day);
+        let final_revision = self.history.get(&day_start).map_or(0, |r| r.final_revision);
+        let mut windows = BTreeMap::new();
+        let hours = features
+            .hours
+            .iter()
+            .map(|(start, values)| (Granularity::Hour, *start, hour_end(&ctx, *start), values));
+        for (g, ws, we, values) in
+            hours.chain([(Granularity::Day, day_start, day_end, &features.day)])
+        {
+            windows.insert(
+                (g, ws),
+                EmittedWindow {
+                    end: we,
+                    values: owned_values(values),
+                    is_final: true,
+                    final_revision,
+                },
+            );
+        }
+        windows
     }
 
     /// Replaces the summary of a computed day, updating the rolling sums and week totals
     /// by difference.
-    fn record_day(&mut self, day_start: i64, week: (i64, i64), summary: DaySummary) {
+    fn record_day(&mut self, day: (i64, i64), week: (i64, i64), summary: DaySummary) {
+        let day_start = day.0;
         if day_start > self.rolling_newest {
             // The window moves forward: days falling out of it leave the sums.
             let old = self.rolling_newest;
@@ -410,7 +612,9 @@ impl PersonState {
             self.rolling_newest = day_start;
         }
         let in_window = self.rolling_newest - day_start < ROLLING_WINDOW_MS;
+        let mut final_revision = 0;
         if let Some(old) = self.history.remove(&day_start) {
+            final_revision = old.final_revision;
             if in_window {
                 add_interactions(&mut self.rolling, &old.summary.interactions, -1);
                 self.rolling_one_on_one_ms -= old.summary.one_on_one_ms;
@@ -432,6 +636,8 @@ impl PersonState {
             day_start,
             DayRecord {
                 week: week.0,
+                end: day.1,
+                final_revision,
                 summary,
             },
         );
@@ -554,8 +760,8 @@ impl PersonState {
         v
     }
 
-    /// Emits changed and newly final rows; drops closed days. `revision` yields a fresh,
-    /// increasing revision per call.
+    /// Emits changed and newly final rows; drops final days no longer held. `revision`
+    /// yields a fresh, increasing revision per call.
     pub fn emit(
         &mut self,
         now_wall: i64,
@@ -563,14 +769,28 @@ impl PersonState {
         mut revision: impl FnMut() -> i64,
         out: &mut Vec<FeatureRow>,
     ) {
-        let wm = self.advance_idle(now_wall, p);
+        let wm = self.watermark.max(now_wall.saturating_sub(p.lateness_ms));
+        let hold_floor = self.newest_start.max(wm) - p.hold_ms;
         let params = self.params();
-        let tz = params.tz;
-        // A recomputed day changes the rolling values of the open days after it.
-        if let Some(first_dirty) = self.days.iter().find(|(_, d)| d.dirty).map(|(k, _)| *k) {
-            for (_, d) in self.days.range_mut(first_dirty..) {
+        // A recomputed day changes the rolling values of the days after it: those in memory
+        // are recomputed, those only in the history get their rolling values revised.
+        let first_dirty = self.days.iter().find(|(_, d)| d.dirty).map(|(k, _)| *k);
+        let mut later: Vec<(i64, WindowValues<'static>)> = Vec::new();
+        if let Some(first) = first_dirty {
+            for (_, d) in self.days.range_mut(first..) {
                 d.dirty = true;
             }
+            later = self
+                .history
+                .range(first + 1..first + ROLLING_WINDOW_MS)
+                .map(|(d, _)| *d)
+                .filter(|d| !self.days.contains_key(d))
+                .map(|d| {
+                    let mut v = BTreeMap::new();
+                    self.rolling_values(d, &params, &mut v);
+                    (d, v)
+                })
+                .collect();
         }
         let mut closed = Vec::new();
         let starts: Vec<i64> = self.days.keys().copied().collect();
@@ -582,72 +802,107 @@ impl PersonState {
                         .windows
                         .get(&(Granularity::Day, day_start))
                         .is_some_and(|w| w.is_final));
-            if !day.dirty && !newly_final {
-                continue;
+            if day.dirty || newly_final {
+                self.emit_day(day_start, wm, &params, p, &mut revision, out);
             }
-            let day_end = day.end;
-            let hours = hours_of_day(tz, (day_start, day_end));
-            let (work, workday) = work_intervals(
-                tz,
-                (day_start, day_end),
-                &params.work_days,
-                params.work_start_min,
-                params.work_end_min,
-            );
-            let ctx = DayContext {
-                day: (day_start, day_end),
-                hours,
-                work,
-                workday,
-                params: &params,
-            };
-            let mut day = self.days.remove(&day_start).expect("listed above");
-            let mut features = compute_day(&day.acts, &ctx, &p.features);
-            let week = week_window(tz, day_start);
-            self.record_day(day_start, week, std::mem::take(&mut features.summary));
-            self.rolling_values(day_start, &params, &mut features.day);
-            let rev = revision();
-            let windows = features
-                .hours
-                .iter()
-                .map(|(start, values)| {
-                    let end = ctx
-                        .hours
-                        .iter()
-                        .find(|h| h.0 == *start)
-                        .map(|h| h.1)
-                        .unwrap_or(start + 3_600_000);
-                    (Granularity::Hour, *start, end, values)
-                })
-                .chain([(Granularity::Day, day_start, day_end, &features.day)]);
-            for (g, ws, we, values) in windows {
-                let is_final = we <= wm;
-                let emitted = day.windows.entry((g, ws)).or_default();
-                emitted.end = we;
-                let first_final = is_final && !emitted.is_final;
-                emitted.is_final |= is_final;
-                emitted.diff(values, first_final, |feature, dimension, value| {
-                    out.push(
-                        self.row(g, ws, we, feature, dimension, value, is_final, rev, &params),
-                    );
-                });
-            }
-            day.dirty = false;
-            if day.end <= wm {
+            let day = &self.days[&day_start];
+            if day.end <= wm && day.end <= hold_floor && now_wall - day.touched >= p.touch_hold_ms {
                 closed.push(day_start);
             }
-            self.days.insert(day_start, day);
         }
         for day_start in closed {
             self.days.remove(&day_start);
         }
-        self.emit_weeks(wm, &params, &mut revision, out);
-        self.prune(wm);
-        if !self.days.is_empty() || !self.seen.is_empty() {
-            let oldest_open = self.days.keys().next().copied().unwrap_or(i64::MAX);
-            let horizon = oldest_open.min(wm);
-            self.seen.retain(|_, start| *start >= horizon);
+        if !later.is_empty() {
+            let rev = revision();
+            for (d, before) in later {
+                let mut after = BTreeMap::new();
+                self.rolling_values(d, &params, &mut after);
+                let rec = &self.history[&d];
+                let end = rec.end;
+                let mut emitted = EmittedWindow {
+                    end,
+                    values: owned_values(&before),
+                    is_final: end <= wm,
+                    final_revision: rec.final_revision,
+                };
+                let final_revision = emitted.final_revision();
+                emitted.diff(&after, false, |feature, dimension, value| {
+                    out.push(self.row(
+                        Granularity::Day,
+                        d,
+                        end,
+                        feature,
+                        dimension,
+                        value,
+                        final_revision,
+                        rev,
+                        &params,
+                    ));
+                });
+            }
         }
+        self.emit_weeks(wm, &params, &mut revision, out);
+        self.prune(wm, p);
+        // Duplicates are filtered here for the days in memory; the store filters those of
+        // reopened days.
+        let oldest = self.days.keys().chain(self.reopening.keys()).min().copied();
+        match oldest {
+            Some(oldest) => self.seen.retain(|_, reach_end| *reach_end > oldest),
+            None => self.seen.clear(),
+        }
+    }
+
+    /// Recomputes one day in memory and emits what changed (all of it once final).
+    fn emit_day(
+        &mut self,
+        day_start: i64,
+        wm: i64,
+        params: &PersonParams,
+        p: &StateParams,
+        revision: &mut impl FnMut() -> i64,
+        out: &mut Vec<FeatureRow>,
+    ) {
+        let mut day = self.days.remove(&day_start).expect("a day in memory");
+        let ctx = day_context(params, (day_start, day.end));
+        let mut features = compute_day(&day.acts, &ctx, &p.features);
+        let week = week_window(params.tz, day_start);
+        self.record_day(ctx.day, week, std::mem::take(&mut features.summary));
+        self.rolling_values(day_start, params, &mut features.day);
+        let rev = revision();
+        let hours = features
+            .hours
+            .iter()
+            .map(|(start, values)| (Granularity::Hour, *start, hour_end(&ctx, *start), values));
+        for (g, ws, we, values) in
+            hours.chain([(Granularity::Day, day_start, day.end, &features.day)])
+        {
+            let emitted = day.windows.entry((g, ws)).or_default();
+            emitted.end = we;
+            let first_final = emitted.finalize(we <= wm, rev);
+            let final_revision = emitted.final_revision();
+            emitted.diff(values, first_final, |feature, dimension, value| {
+                out.push(self.row(
+                    g,
+                    ws,
+                    we,
+                    feature,
+                    dimension,
+                    value,
+                    final_revision,
+                    rev,
+                    params,
+                ));
+            });
+        }
+        if let (Some(w), Some(rec)) = (
+            day.windows.get(&(Granularity::Day, day_start)),
+            self.history.get_mut(&day_start),
+        ) {
+            rec.final_revision = w.final_revision();
+        }
+        day.dirty = false;
+        self.days.insert(day_start, day);
     }
 
     fn emit_weeks(
@@ -657,6 +912,12 @@ impl PersonState {
         revision: &mut impl FnMut() -> i64,
         out: &mut Vec<FeatureRow>,
     ) {
+        // F14 and the inactive-week flag of later weeks look back at a changed week.
+        if let Some(first) = self.weeks.iter().find(|(_, w)| w.dirty).map(|(s, _)| *s) {
+            for (_, w) in self.weeks.range_mut(first..) {
+                w.dirty = true;
+            }
+        }
         let due: Vec<i64> = self
             .weeks
             .iter()
@@ -667,9 +928,8 @@ impl PersonState {
             let values = self.week_values(start, params);
             let rev = revision();
             let mut w = self.weeks.remove(&start).expect("listed above");
-            let is_final = w.end <= wm;
-            let first_final = is_final && !w.emitted.is_final;
-            w.emitted.is_final |= is_final;
+            let first_final = w.emitted.finalize(w.end <= wm, rev);
+            let final_revision = w.emitted.final_revision();
             w.emitted.end = w.end;
             let end = w.end;
             w.emitted
@@ -681,30 +941,37 @@ impl PersonState {
                         feature,
                         dimension,
                         value,
-                        is_final,
+                        final_revision,
                         rev,
                         params,
                     ));
                 });
             w.dirty = false;
-            if w.emitted.is_final {
-                // Only the totals are needed from here on.
-                w.emitted.values.clear();
-            }
             self.weeks.insert(start, w);
         }
     }
 
     /// Ages out day summaries and week totals no feature can need any more.
-    fn prune(&mut self, wm: i64) {
+    fn prune(&mut self, wm: i64, p: &StateParams) {
         let newest = self.rolling_newest.max(wm);
-        let keep_from = newest - HISTORY_MS;
+        // A day in memory (or waiting for the store) is recomputed later: its own summary
+        // and the context before it must outlive it, whatever the clock says (replays run
+        // on event time, tests on any clock).
+        let oldest_held = self
+            .days
+            .keys()
+            .chain(self.reopening.keys())
+            .min()
+            .copied()
+            .unwrap_or(i64::MAX);
+        let keep_from = (newest - p.history_ms()).min(oldest_held - ROLLING_WINDOW_MS - DAY_MS);
         let old: Vec<i64> = self.history.range(..keep_from).map(|(d, _)| *d).collect();
         for d in old {
-            // Out of every window by now (HISTORY_MS > ROLLING_WINDOW_MS).
+            // Out of every window by now (history_ms > ROLLING_WINDOW_MS), and before the
+            // horizon, so never reopened.
             self.history.remove(&d);
         }
-        let week_horizon = newest - WEEKS_KEPT * 7 * DAY_MS;
+        let week_horizon = (newest - p.weeks_ms()).min(oldest_held - 14 * 7 * DAY_MS);
         self.weeks
             .retain(|s, w| *s >= week_horizon || !w.emitted.is_final || w.dirty);
     }
@@ -718,7 +985,7 @@ impl PersonState {
         feature: &'static str,
         dimension: &str,
         value: f64,
-        is_final: bool,
+        final_revision: i64,
         revision: i64,
         params: &PersonParams,
     ) -> FeatureRow {
@@ -734,10 +1001,73 @@ impl PersonState {
             value,
             feature_version: FEATURE_VERSION,
             params_version: params.version,
-            is_final,
+            is_final: final_revision != 0,
             revision,
+            final_revision,
         }
     }
+}
+
+/// What the operators need of one event: its span and attributes, participants sorted and
+/// distinct, without the subject.
+fn activity(ev: &ActivityEvent) -> Activity {
+    let mut participants: Vec<String> = ev
+        .attributes
+        .participants
+        .iter()
+        .filter(|p| **p != ev.user_id)
+        .cloned()
+        .collect();
+    participants.sort_unstable();
+    participants.dedup();
+    let a = &ev.attributes;
+    Activity {
+        start: ev.timestamp.0,
+        end: ev.end().0,
+        kind: ev.kind,
+        app: a.app.clone(),
+        title: a.title.clone(),
+        url: a.url.clone(),
+        project: a.project.clone(),
+        status: a.status.clone(),
+        participants,
+    }
+}
+
+/// The local day `day` with its hours and working intervals, in the person's zone.
+fn day_context(params: &PersonParams, day: (i64, i64)) -> DayContext<'_> {
+    let tz = params.tz;
+    let (work, workday) = work_intervals(
+        tz,
+        day,
+        &params.work_days,
+        params.work_start_min,
+        params.work_end_min,
+    );
+    DayContext {
+        day,
+        hours: hours_of_day(tz, day),
+        work,
+        workday,
+        params,
+    }
+}
+
+/// End of the hour window starting at `start` in the day of `ctx`.
+fn hour_end(ctx: &DayContext<'_>, start: i64) -> i64 {
+    ctx.hours
+        .iter()
+        .find(|h| h.0 == start)
+        .map(|h| h.1)
+        .unwrap_or(start + 3_600_000)
+}
+
+/// Window values as [`EmittedWindow`] records them.
+fn owned_values(values: &WindowValues<'_>) -> Vec<((Feature, String), f64)> {
+    values
+        .iter()
+        .map(|(&(f, Dim(d)), &v)| ((f, d.to_string()), v))
+        .collect()
 }
 
 fn add_interactions(into: &mut HashMap<String, u32>, from: &[(String, u32)], sign: i64) {
@@ -779,7 +1109,9 @@ mod tests {
     fn params() -> StateParams {
         StateParams {
             lateness_ms: 15 * MIN,
-            idle_advance_ms: 0,
+            hold_ms: 2 * DAY_MS,
+            touch_hold_ms: 5 * MIN,
+            horizon_ms: 30 * DAY_MS,
             features: FeatureParams {
                 pulsetime_ms: 2000,
                 flood_ms: 5000,
@@ -803,30 +1135,36 @@ mod tests {
             .map(|r| (r.value, r.is_final))
     }
 
-    #[test]
-    fn duplicates_count_once_and_late_events_are_refused() {
-        let p = params();
-        let mut s = PersonState::new(
+    fn state() -> PersonState {
+        PersonState::new(
             "t",
             "u",
             Arc::new(PersonParams::defaults("UTC").unwrap()),
             1,
-        );
+        )
+    }
+
+    #[test]
+    fn duplicates_count_once_and_late_events_revise_final_windows() {
+        let p = params();
+        let mut s = state();
         let mut rev = 0;
         let mut next = || {
             rev += 1;
             rev
         };
+        // Wall clock: the day is still going on.
+        let now = D + 12 * 60 * MIN;
         assert_eq!(
-            s.admit(&event(1, D + 9 * 60 * MIN, "commit"), 0, &p),
+            s.admit(&event(1, D + 9 * 60 * MIN, "commit"), now, &p),
             Admission::Accepted
         );
         assert_eq!(
-            s.admit(&event(1, D + 9 * 60 * MIN, "commit"), 0, &p),
+            s.admit(&event(1, D + 9 * 60 * MIN, "commit"), now, &p),
             Admission::Duplicate
         );
         let mut rows = Vec::new();
-        s.emit(0, &p, &mut next, &mut rows);
+        s.emit(D + 9 * 60 * MIN, &p, &mut next, &mut rows);
         assert_eq!(
             value(&rows, Granularity::Hour, "event_count"),
             Some((1.0, false))
@@ -834,78 +1172,145 @@ mod tests {
 
         // Within lateness: 10 min before the newest event.
         assert_eq!(
-            s.admit(&event(2, D + 9 * 60 * MIN - 10 * MIN, "commit"), 0, &p),
+            s.admit(&event(2, D + 9 * 60 * MIN - 10 * MIN, "commit"), now, &p),
             Admission::Accepted
         );
         // A later event moves the watermark to 10:45; the 9:00 hour becomes final.
         assert_eq!(
-            s.admit(&event(3, D + 11 * 60 * MIN, "commit"), 0, &p),
+            s.admit(&event(3, D + 11 * 60 * MIN, "commit"), now, &p),
             Admission::Accepted
         );
         rows.clear();
-        s.emit(0, &p, &mut next, &mut rows);
-        let nine: Vec<&FeatureRow> = rows
-            .iter()
-            .filter(|r| {
-                r.window_start.0 == D + 9 * 60 * MIN
-                    && r.feature == "event_count"
-                    && r.dimension.is_empty()
-            })
-            .collect();
-        assert_eq!(nine.len(), 1);
-        assert!(nine[0].is_final);
-        assert_eq!(nine[0].value, 1.0);
+        s.emit(D + 11 * 60 * MIN, &p, &mut next, &mut rows);
+        let nine = |rows: &[FeatureRow]| -> Vec<(f64, bool, i64)> {
+            rows.iter()
+                .filter(|r| {
+                    r.window_start.0 == D + 9 * 60 * MIN
+                        && r.granularity == Granularity::Hour
+                        && r.feature == "event_count"
+                        && r.dimension.is_empty()
+                })
+                .map(|r| (r.value, r.is_final, r.revision))
+                .collect()
+        };
+        let first_final = nine(&rows);
+        assert_eq!(first_final.len(), 1);
+        assert_eq!((first_final[0].0, first_final[0].1), (1.0, true));
+        // 10:00 is before the watermark: the final 9:00 hour is untouched, the 10:00 hour
+        // (still open) counts it.
         assert_eq!(
-            s.admit(&event(4, D + 10 * 60 * MIN, "commit"), 0, &p),
-            Admission::TooLate {
-                watermark: D + 11 * 60 * MIN - 15 * MIN
-            }
+            s.admit(&event(4, D + 10 * 60 * MIN, "commit"), now, &p),
+            Admission::Late
+        );
+        // 09:30 is late too, and revises the final 9:00 hour: 2 events, still final, newer.
+        assert_eq!(
+            s.admit(&event(5, D + 9 * 60 * MIN + 30 * MIN, "commit"), now, &p),
+            Admission::Late
+        );
+        rows.clear();
+        s.emit(D + 11 * 60 * MIN, &p, &mut next, &mut rows);
+        let revised = nine(&rows);
+        assert_eq!(revised.len(), 1, "{rows:?}");
+        assert_eq!((revised[0].0, revised[0].1), (2.0, true));
+        assert!(revised[0].2 > first_final[0].2);
+        // 08:50, 09:00, 09:30, 10:00, 11:00.
+        assert_eq!(
+            value(&rows, Granularity::Day, "event_count"),
+            Some((5.0, false))
         );
         // Unchanged windows are not emitted again.
         rows.clear();
-        s.emit(0, &p, &mut next, &mut rows);
+        s.emit(D + 11 * 60 * MIN, &p, &mut next, &mut rows);
         assert!(rows.is_empty(), "{rows:?}");
     }
 
     #[test]
-    fn idle_advance_closes_the_day_and_frees_state() {
-        let p = StateParams {
-            idle_advance_ms: 60 * MIN,
-            ..params()
-        };
-        let mut s = PersonState::new(
-            "t",
-            "u",
-            Arc::new(PersonParams::defaults("UTC").unwrap()),
-            1,
-        );
-        s.admit(&event(1, D + 23 * 60 * MIN, "message"), 1_000, &p);
-        let mut rows = Vec::new();
+    fn a_past_day_is_final_at_once_and_reopens_from_stored_events() {
+        let p = params();
+        let mut s = state();
         let mut rev = 0;
-        s.emit(
-            1_000,
-            &p,
-            || {
-                rev += 1;
-                rev
-            },
-            &mut rows,
-        );
+        let mut next = || {
+            rev += 1;
+            rev
+        };
+        // Posted five days later: final at the first emit, without waiting.
+        let now = D + 5 * DAY_MS;
+        let stored: Vec<ActivityEvent> = (0..3)
+            .map(|i| event(10 + i, D + (9 + i as i64) * 60 * MIN, "message"))
+            .collect();
+        for ev in &stored {
+            assert_eq!(s.admit(ev, now, &p), Admission::Accepted);
+        }
+        let mut rows = Vec::new();
+        s.emit(now, &p, &mut next, &mut rows);
         assert_eq!(
             value(&rows, Granularity::Day, "event_count"),
-            Some((1.0, false))
+            Some((3.0, true))
         );
+        // Touched just now, the day stays in memory for a while, then leaves it.
+        assert!(s.days.contains_key(&D));
         rows.clear();
-        // Two hours of silence: event time is assumed to reach 01:00 next day.
-        s.emit(1_000 + 120 * MIN, &p, || 99, &mut rows);
+        s.emit(now + p.touch_hold_ms, &p, &mut next, &mut rows);
+        assert!(rows.is_empty(), "{rows:?}");
+        assert!(s.days.is_empty());
+        assert!(!s.is_idle(), "its summary stays for rolling features");
+
+        // A late event and a duplicate of a stored one: the day waits for the store.
+        let later = now + p.touch_hold_ms + MIN;
+        assert_eq!(
+            s.admit(
+                &event(20, D + 10 * 60 * MIN + 30 * MIN, "message"),
+                later,
+                &p
+            ),
+            Admission::Late
+        );
+        assert_eq!(
+            s.admit(&stored[1], later, &p),
+            Admission::Late,
+            "not in memory any more: the store decides"
+        );
+        let range = s.reopen_range().expect("a reopening");
+        assert!(range.from <= D - DAY_MS && range.to >= D + DAY_MS);
+        s.reopen(&stored, later, &p);
+        rows.clear();
+        s.emit(later, &p, &mut next, &mut rows);
+        // 3 stored + 1 new; the duplicate counts once. Only the changed windows: the day,
+        // the 10:00 hour (and the week), not the untouched hours.
+        assert_eq!(
+            value(&rows, Granularity::Day, "event_count"),
+            Some((4.0, true))
+        );
+        let hours: Vec<i64> = rows
+            .iter()
+            .filter(|r| r.granularity == Granularity::Hour)
+            .map(|r| r.window_start.0)
+            .collect();
+        assert!(
+            hours.iter().all(|h| *h == D + 10 * 60 * MIN) && !hours.is_empty(),
+            "{hours:?}"
+        );
+        assert_eq!(value(&rows, Granularity::Week, "active_day"), None);
+    }
+
+    #[test]
+    fn state_ages_out_after_the_horizon() {
+        let p = params();
+        let mut s = state();
+        s.admit(&event(1, D + 23 * 60 * MIN, "message"), D, &p);
+        let mut rows = Vec::new();
+        s.emit(D + DAY_MS + 15 * MIN, &p, || 1, &mut rows);
         assert_eq!(
             value(&rows, Granularity::Day, "event_count"),
             Some((1.0, true))
         );
+        s.emit(D + 40 * DAY_MS, &p, || 2, &mut rows);
         assert!(s.days.is_empty());
-        // The day's summary stays for rolling features until it ages out.
-        assert!(!s.is_idle());
-        s.emit(1_000 + 110 * 24 * 60 * MIN, &p, || 100, &mut rows);
+        assert!(
+            !s.is_idle(),
+            "reopenable until the horizon plus the rolling window"
+        );
+        s.emit(D + 200 * DAY_MS, &p, || 3, &mut rows);
         assert!(s.is_idle());
     }
 }

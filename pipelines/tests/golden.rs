@@ -19,10 +19,9 @@ fn processor() -> Processor {
     let cfg = PipelineConfig {
         // Reversed delivery reaches 4.5 h back (ana's day runs 09:00–13:30).
         allowed_lateness_secs: 6 * 3600,
-        idle_advance_secs: 3600,
         ..Default::default()
     };
-    let mut p = Processor::new(&cfg).unwrap();
+    let mut p = Processor::new(&cfg, 30).unwrap();
     for (user, profile) in golden::profiles() {
         let profile: PersonProfile = serde_json::from_value(profile).unwrap();
         p.directory

@@ -193,6 +193,7 @@ mod tests {
             window_end: EventTime(start + 3_600_000),
             timezone: tz.into(),
             is_final: true,
+            finality: Default::default(),
             features: [("active_seconds".to_string(), Value::from(active))]
                 .into_iter()
                 .collect::<Map<_, _>>(),

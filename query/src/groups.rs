@@ -228,6 +228,7 @@ mod tests {
             window_end: EventTime(start + 86_400_000),
             timezone: tz.into(),
             is_final: true,
+            finality: Default::default(),
             features: features
                 .iter()
                 .map(|(k, v)| (k.to_string(), Value::from(*v)))

@@ -15,11 +15,13 @@
 //! `POST /v1/sql` accepts only queries: DDL, DML and other statements are refused by
 //! DataFusion's SQL options before planning completes. Results are capped in rows and time.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use datafusion::arrow::array::{
-    Array, BooleanArray, Float64Array, RecordBatch, StringArray, TimestampMillisecondArray,
+    Array, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
+    TimestampMillisecondArray,
 };
 use datafusion::arrow::datatypes::DataType;
 use datafusion::catalog::TableProvider;
@@ -73,6 +75,13 @@ pub struct ColumnInfo {
     pub data_type: String,
 }
 
+/// A table `POST /v1/sql` reads, with its columns as SQL sees them.
+#[derive(Debug, Serialize)]
+pub struct TableInfo {
+    pub name: &'static str,
+    pub columns: Vec<ColumnInfo>,
+}
+
 /// One window of a person's features.
 #[derive(Debug, Serialize, PartialEq)]
 pub struct FeatureWindow {
@@ -80,10 +89,38 @@ pub struct FeatureWindow {
     pub window_end: EventTime,
     pub timezone: String,
     pub is_final: bool,
+    /// When and how the window was last written.
+    #[serde(flatten)]
+    pub finality: Finality,
     /// Totals: feature → value.
     pub features: Map<String, Value>,
     /// Breakdowns: feature → dimension → value.
     pub breakdowns: Map<String, Value>,
+}
+
+/// When a window became final and when it was last revised.
+#[derive(Debug, Default, Serialize, PartialEq)]
+pub struct Finality {
+    /// When the window was first marked final; absent while provisional.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub final_at: Option<EventTime>,
+    /// When its newest value was written.
+    pub revised_at: EventTime,
+    /// Whether a value was revised after the window was final (a late event reopened it).
+    pub revised: bool,
+}
+
+impl Finality {
+    /// Folds in one value's revision and final revision (µs; 0 while provisional).
+    fn add(&mut self, revision: i64, final_revision: i64) {
+        let ms = |us: i64| EventTime(us.div_euclid(1000));
+        self.revised_at = self.revised_at.max(ms(revision));
+        if final_revision > 0 {
+            let at = ms(final_revision);
+            self.final_at = Some(self.final_at.map_or(at, |f| f.min(at)));
+            self.revised |= revision > final_revision;
+        }
+    }
 }
 
 /// Result of the features endpoint.
@@ -101,6 +138,7 @@ pub mod clickhouse_sql;
 pub mod events;
 pub mod groups;
 pub mod network;
+pub mod reconcile;
 pub mod styles;
 
 /// Where the engine reads.
@@ -241,6 +279,16 @@ impl QueryEngine {
         self.run("sql", async {
             let ctx = self.tenant_context(tenant)?;
             let df = plan_query(&ctx, sql).await?;
+            // From the plan, so an empty answer still names its columns.
+            let columns: Vec<ColumnInfo> = df
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| ColumnInfo {
+                    name: f.name().clone(),
+                    data_type: f.data_type().to_string(),
+                })
+                .collect();
             let max = self.config.max_rows;
             let batches = df
                 .limit(0, Some(max + 1))
@@ -248,21 +296,9 @@ impl QueryEngine {
                 .collect()
                 .await
                 .map_err(|e| QueryError::Invalid(clean_error(&e.to_string())))?;
-            let schema = batches.first().map(|b| b.schema());
             let mut rows = batches_to_json(&batches)?;
             let truncated = rows.len() > max;
             rows.truncate(max);
-            let columns = schema
-                .map(|s| {
-                    s.fields()
-                        .iter()
-                        .map(|f| ColumnInfo {
-                            name: f.name().clone(),
-                            data_type: f.data_type().to_string(),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
             Ok(SqlResult {
                 columns,
                 row_count: rows.len(),
@@ -271,6 +307,22 @@ impl QueryEngine {
             })
         })
         .await
+    }
+
+    /// The tables of `POST /v1/sql` and their columns, as the engine itself plans them
+    /// for the tenant (so the list is what a query sees, on either backend).
+    pub async fn tables(&self, tenant: &str) -> Result<Vec<TableInfo>> {
+        let mut out = Vec::new();
+        for table in Table::ALL {
+            let result = self
+                .sql(tenant, &format!("SELECT * FROM {} LIMIT 0", table.name()))
+                .await?;
+            out.push(TableInfo {
+                name: table.name(),
+                columns: result.columns,
+            });
+        }
+        Ok(out)
     }
 
     /// A person's feature windows with `from <= window_start < to`.
@@ -282,27 +334,64 @@ impl QueryEngine {
         to: EventTime,
         granularity: Granularity,
     ) -> Result<FeatureSeries> {
+        let scope = CellScope {
+            user: Some(user),
+            granularity,
+            from,
+            to,
+            features: &[],
+        };
+        let windows = self
+            .run("features", self.cells(tenant, &scope))
+            .await?
+            .remove(user)
+            .unwrap_or_default();
+        Ok(FeatureSeries {
+            user_id: user.to_string(),
+            granularity,
+            from,
+            to,
+            windows,
+        })
+    }
+
+    /// Every person's windows with `from <= window_start < to`, only `features` (their
+    /// totals and breakdowns), in one read of the store: user → windows. For views over
+    /// the whole tenant, which would otherwise plan and scan once per person.
+    pub async fn tenant_features(
+        &self,
+        tenant: &str,
+        from: EventTime,
+        to: EventTime,
+        granularity: Granularity,
+        features: &[&str],
+    ) -> Result<BTreeMap<String, Vec<FeatureWindow>>> {
+        let scope = CellScope {
+            user: None,
+            granularity,
+            from,
+            to,
+            features,
+        };
+        self.run("tenant_features", self.cells(tenant, &scope))
+            .await
+    }
+
+    /// The feature values in `scope`, shaped into windows per user.
+    async fn cells(
+        &self,
+        tenant: &str,
+        scope: &CellScope<'_>,
+    ) -> Result<BTreeMap<String, Vec<FeatureWindow>>> {
+        let (from, to) = (scope.from, scope.to);
         if to <= from {
             return Err(QueryError::Invalid(format!(
                 "`to` ({to}) must be after `from` ({from})"
             )));
         }
-        if let Backend::ClickHouse(client) = &self.backend {
-            return self
-                .run("features", async {
-                    let cells =
-                        clickhouse_features(client, tenant, user, from, to, granularity).await?;
-                    Ok(FeatureSeries {
-                        user_id: user.to_string(),
-                        granularity,
-                        from,
-                        to,
-                        windows: shape_cells(cells),
-                    })
-                })
-                .await;
-        }
-        self.run("features", async {
+        let cells = if let Backend::ClickHouse(client) = &self.backend {
+            clickhouse_features(client, tenant, scope).await?
+        } else {
             let ctx = self.tenant_context(tenant)?;
             let ts = |t: EventTime| {
                 lit(ScalarValue::TimestampMillisecond(
@@ -310,19 +399,25 @@ impl QueryEngine {
                     Some("UTC".into()),
                 ))
             };
+            let mut filter = col("granularity")
+                .eq(lit(scope.granularity.as_str()))
+                .and(col("window_start").gt_eq(ts(from)))
+                .and(col("window_start").lt(ts(to)));
+            if let Some(user) = scope.user {
+                filter = col("user_id").eq(lit(user)).and(filter);
+            }
+            if !scope.features.is_empty() {
+                let names = scope.features.iter().map(|f| lit(*f)).collect();
+                filter = filter.and(col("feature").in_list(names, false));
+            }
             let df = ctx
                 .table(Table::Features.name())
                 .await
                 .map_err(internal)?
-                .filter(
-                    col("user_id")
-                        .eq(lit(user))
-                        .and(col("granularity").eq(lit(granularity.as_str())))
-                        .and(col("window_start").gt_eq(ts(from)))
-                        .and(col("window_start").lt(ts(to))),
-                )
+                .filter(filter)
                 .map_err(internal)?
                 .select_columns(&[
+                    "user_id",
                     "window_start",
                     "window_end",
                     "timezone",
@@ -330,25 +425,39 @@ impl QueryEngine {
                     "dimension",
                     "value",
                     "is_final",
+                    "revision",
+                    "final_revision",
                 ])
                 .map_err(internal)?
                 .sort(vec![
+                    col("user_id").sort(true, false),
                     col("window_start").sort(true, false),
                     col("feature").sort(true, false),
                     col("dimension").sort(true, false),
                 ])
                 .map_err(internal)?;
-            let batches = df.collect().await.map_err(internal)?;
-            Ok(FeatureSeries {
-                user_id: user.to_string(),
-                granularity,
-                from,
-                to,
-                windows: shape_windows(&batches)?,
-            })
-        })
-        .await
+            read_cells(&df.collect().await.map_err(internal)?)?
+        };
+        let mut by_user: BTreeMap<String, Vec<FeatureCell>> = BTreeMap::new();
+        for (user, cell) in cells {
+            by_user.entry(user).or_default().push(cell);
+        }
+        Ok(by_user
+            .into_iter()
+            .map(|(user, cells)| (user, shape_cells(cells)))
+            .collect())
     }
+}
+
+/// Which feature values a read takes.
+struct CellScope<'a> {
+    /// One person, or everyone.
+    user: Option<&'a str>,
+    granularity: Granularity,
+    from: EventTime,
+    to: EventTime,
+    /// Only these features; all when empty.
+    features: &'a [&'a str],
 }
 
 /// Plans `sql` in `ctx`, refusing anything but a query (DDL, DML, `SET`, …).
@@ -397,11 +506,15 @@ struct FeatureCell {
     dimension: String,
     value: f64,
     is_final: bool,
+    revision: i64,
+    final_revision: i64,
 }
 
-fn shape_windows(batches: &[RecordBatch]) -> Result<Vec<FeatureWindow>> {
+/// The (user, value) cells of feature batches, in batch order.
+fn read_cells(batches: &[RecordBatch]) -> Result<Vec<(String, FeatureCell)>> {
     let mut cells = Vec::new();
     for b in batches {
+        let user = column::<StringArray>(b, "user_id")?;
         let start = column::<TimestampMillisecondArray>(b, "window_start")?;
         let end = column::<TimestampMillisecondArray>(b, "window_end")?;
         let tz = column::<StringArray>(b, "timezone")?;
@@ -409,8 +522,11 @@ fn shape_windows(batches: &[RecordBatch]) -> Result<Vec<FeatureWindow>> {
         let dim = column::<StringArray>(b, "dimension")?;
         let value = column::<Float64Array>(b, "value")?;
         let fin = column::<BooleanArray>(b, "is_final")?;
+        let revision = column::<Int64Array>(b, "revision")?;
+        // Absent (null) in files written before windows recorded it.
+        let final_revision = column::<Int64Array>(b, "final_revision")?;
         for i in 0..b.num_rows() {
-            cells.push(FeatureCell {
+            let cell = FeatureCell {
                 window_start: EventTime(start.value(i)),
                 window_end: EventTime(end.value(i)),
                 timezone: tz.value(i).to_string(),
@@ -418,10 +534,17 @@ fn shape_windows(batches: &[RecordBatch]) -> Result<Vec<FeatureWindow>> {
                 dimension: dim.value(i).to_string(),
                 value: value.value(i),
                 is_final: fin.value(i),
-            });
+                revision: revision.value(i),
+                final_revision: if final_revision.is_null(i) {
+                    0
+                } else {
+                    final_revision.value(i)
+                },
+            };
+            cells.push((user.value(i).to_string(), cell));
         }
     }
-    Ok(shape_cells(cells))
+    Ok(cells)
 }
 
 /// Groups cells, sorted by window start, into windows of totals and breakdowns.
@@ -434,12 +557,14 @@ fn shape_cells(cells: Vec<FeatureCell>) -> Vec<FeatureWindow> {
                 window_end: c.window_end,
                 timezone: c.timezone,
                 is_final: true,
+                finality: Finality::default(),
                 features: Map::new(),
                 breakdowns: Map::new(),
             });
         }
         let w = out.last_mut().expect("just pushed");
         w.is_final &= c.is_final;
+        w.finality.add(c.revision, c.final_revision);
         let v = Value::from(c.value);
         if c.dimension.is_empty() {
             w.features.insert(c.feature, v);
@@ -460,13 +585,11 @@ fn shape_cells(cells: Vec<FeatureCell>) -> Vec<FeatureWindow> {
 async fn clickhouse_features(
     client: &clickhouse::Client,
     tenant: &str,
-    user: &str,
-    from: EventTime,
-    to: EventTime,
-    granularity: Granularity,
-) -> Result<Vec<FeatureCell>> {
+    scope: &CellScope<'_>,
+) -> Result<Vec<(String, FeatureCell)>> {
     #[derive(clickhouse::Row, serde::Deserialize)]
     struct Cell {
+        user_id: String,
         window_start: u32,
         window_start_ms: u16,
         window_end: u32,
@@ -476,39 +599,62 @@ async fn clickhouse_features(
         dimension: String,
         value: f64,
         is_final: u8,
+        revision: u64,
+        final_revision: i64,
     }
+    let (from, to) = (scope.from, scope.to);
     let ms = |s: u32, m: u16| EventTime(i64::from(s) * 1000 + i64::from(m));
     // Whole seconds around [from, to); the exact bounds are applied below.
     let from_s = from.0.div_euclid(1000).clamp(0, i64::from(u32::MAX));
     let to_s = (to.0 + 999).div_euclid(1000).clamp(0, i64::from(u32::MAX));
-    let rows: Vec<Cell> = client
-        .query(
-            "SELECT window_start, window_start_ms, window_end, window_end_ms, timezone, \
-             feature, dimension, value, is_final FROM features FINAL \
-             WHERE tenant_id = ? AND user_id = ? AND granularity = ? \
-             AND window_start >= toDateTime(?, 'UTC') AND window_start <= toDateTime(?, 'UTC') \
-             ORDER BY window_start, window_start_ms, feature, dimension",
-        )
+    // Placeholders only: every value below is bound.
+    let mut sql = String::from(
+        "SELECT user_id, window_start, window_start_ms, window_end, window_end_ms, timezone, \
+         feature, dimension, value, is_final, revision, final_revision FROM features FINAL \
+         WHERE tenant_id = ? AND granularity = ? \
+         AND window_start >= toDateTime(?, 'UTC') AND window_start <= toDateTime(?, 'UTC')",
+    );
+    if scope.user.is_some() {
+        sql.push_str(" AND user_id = ?");
+    }
+    if !scope.features.is_empty() {
+        let marks = vec!["?"; scope.features.len()].join(", ");
+        sql.push_str(&format!(" AND feature IN ({marks})"));
+    }
+    sql.push_str(" ORDER BY user_id, window_start, window_start_ms, feature, dimension");
+    let mut query = client
+        .query(&sql)
         .bind(tenant)
-        .bind(user)
-        .bind(granularity.as_str())
+        .bind(scope.granularity.as_str())
         .bind(from_s as u32)
-        .bind(to_s as u32)
+        .bind(to_s as u32);
+    if let Some(user) = scope.user {
+        query = query.bind(user);
+    }
+    for f in scope.features {
+        query = query.bind(*f);
+    }
+    let rows: Vec<Cell> = query
         .fetch_all()
         .await
         .map_err(|e| internal(format!("clickhouse: {e}")))?;
     Ok(rows
         .into_iter()
-        .map(|r| FeatureCell {
-            window_start: ms(r.window_start, r.window_start_ms),
-            window_end: ms(r.window_end, r.window_end_ms),
-            timezone: r.timezone,
-            feature: r.feature,
-            dimension: r.dimension,
-            value: r.value,
-            is_final: r.is_final != 0,
+        .map(|r| {
+            let cell = FeatureCell {
+                window_start: ms(r.window_start, r.window_start_ms),
+                window_end: ms(r.window_end, r.window_end_ms),
+                timezone: r.timezone,
+                feature: r.feature,
+                dimension: r.dimension,
+                value: r.value,
+                is_final: r.is_final != 0,
+                revision: r.revision as i64,
+                final_revision: r.final_revision,
+            };
+            (r.user_id, cell)
         })
-        .filter(|c| c.window_start >= from && c.window_start < to)
+        .filter(|(_, c)| c.window_start >= from && c.window_start < to)
         .collect())
 }
 
@@ -556,6 +702,7 @@ mod tests {
             params_version: 0,
             is_final: revision > 1,
             revision,
+            final_revision: if revision > 1 { 2 } else { 0 },
         }
     }
 

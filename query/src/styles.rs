@@ -78,11 +78,25 @@ fn breakdown(w: &FeatureWindow, feature: &str, pick: impl Fn(&str) -> bool) -> f
         .unwrap_or(0.0)
 }
 
-/// A person's weeks from their day windows.
+/// The day features [`person_weeks`] reads, so a caller can fetch only those.
+pub const WEEK_INPUTS: &[&str] = &[
+    "active_seconds",
+    "presence_seconds",
+    "meeting_seconds",
+    "active_seconds_by_category",
+    "deep_work_seconds",
+    "context_switches",
+    "after_hours_active_seconds",
+    "active_seconds_by_level",
+    "multitasking_seconds",
+];
+
+/// A person's weeks from their final day windows. A day still in progress is left out: its
+/// shape (a night owl's day cut at noon, say) is not yet the person's.
 pub fn person_weeks(user: &str, days: &[FeatureWindow]) -> Vec<PersonWeek> {
     use chrono::Datelike;
     let mut weeks: BTreeMap<String, [f64; 12]> = BTreeMap::new();
-    for w in days {
+    for w in days.iter().filter(|w| w.is_final) {
         let tz: chrono_tz::Tz = w.timezone.parse().unwrap_or(chrono_tz::UTC);
         let Some(local) = chrono::DateTime::from_timestamp_millis(w.window_start.0)
             .map(|t| t.with_timezone(&tz).date_naive())

@@ -91,7 +91,10 @@ pub fn tables() -> Vec<TableSpec> {
 /// Columns added to a table after the migration that created it: (table, column, the
 /// migration that adds it). Earlier migrations are derived without them, so their text and
 /// checksums never change when a record gains a field.
-pub const ADDED_COLUMNS: &[(&str, &str, u32)] = &[("features", "params_version", 4)];
+pub const ADDED_COLUMNS: &[(&str, &str, u32)] = &[
+    ("features", "params_version", 4),
+    ("features", "final_revision", 5),
+];
 
 /// The table engine family of a table.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -340,8 +343,9 @@ mod tests {
         assert_eq!(find("value"), "Float64");
         assert_eq!(find("granularity"), "String");
         assert_eq!(find("params_version"), "UInt64");
-        // FeatureRow has 13 fields, two of them timestamps.
-        assert_eq!(cols.len(), 15);
+        assert_eq!(find("final_revision"), "Int64");
+        // FeatureRow has 14 fields, two of them timestamps.
+        assert_eq!(cols.len(), 16);
     }
 
     #[test]
@@ -349,8 +353,9 @@ mod tests {
         let spec = features();
         let v1 = spec.as_of(1);
         assert!(v1.columns().iter().all(|c| c.name != "params_version"));
-        assert_eq!(v1.columns().len() + 1, spec.columns().len());
-        assert_eq!(spec.as_of(4).columns(), spec.columns());
+        assert_eq!(v1.columns().len() + 2, spec.columns().len());
+        assert_eq!(spec.as_of(4).columns().len() + 1, spec.columns().len());
+        assert_eq!(spec.as_of(5).columns(), spec.columns());
         // Only the spec that has the column can place it.
         assert!(
             spec.as_of(3)

@@ -71,11 +71,19 @@ pub struct FeatureRow {
     /// ([`crate::params_version`]); 0 in rows written before parameters existed.
     #[serde(default)]
     pub params_version: u64,
-    /// Whether the watermark has passed the window end plus the allowed lateness; a final
-    /// row no longer changes.
+    /// Whether the person's newest event time or the wall clock has passed the window end
+    /// plus the allowed lateness. Final windows are not expected to change, but a late
+    /// event still revises them (see `final_revision`).
     pub is_final: bool,
-    /// Monotonic per key; readers keep the highest.
+    /// Monotonic per key; readers keep the highest. Revisions are the wall clock of the
+    /// emit in microseconds (or just after the previous one), so they also say when the
+    /// value was written.
     pub revision: i64,
+    /// The revision at which the window was first marked final; 0 while provisional. A row
+    /// with `revision > final_revision` revises a window that was already final (a late
+    /// event reopened it).
+    #[serde(default)]
+    pub final_revision: i64,
 }
 
 /// A rejected or too-late event, kept with the reason.

@@ -776,7 +776,8 @@ pub struct NewKeyRequest {
     /// Event sources the key may send (empty or omitted: any).
     #[serde(default)]
     sources: Vec<String>,
-    /// Routes the key may call, as path patterns (default: `/v1/events`).
+    /// Routes the key may call, as path patterns; `[]` means every route its role allows.
+    /// Default: `/v1/events` for an ingestion agent, every route for any other role.
     endpoints: Option<Vec<String>>,
 }
 
@@ -796,7 +797,12 @@ pub async fn create_key(
         ));
     }
     let role = grantable(&me, req.role.as_deref().unwrap_or("ingestion_agent"))?;
-    let endpoints = req.endpoints.unwrap_or_else(|| vec!["/v1/events".into()]);
+    // Omitted endpoints follow the role: a collector sends events, an admin or analyst
+    // key is for automation over the routes its permissions allow.
+    let endpoints = req.endpoints.unwrap_or_else(|| match role {
+        Role::IngestionAgent => vec!["/v1/events".into()],
+        _ => Vec::new(),
+    });
     for e in &endpoints {
         if !state.route_paths.iter().any(|p| p == e) {
             return Err(ApiError::BadRequest(format!(

@@ -87,6 +87,7 @@ fn features(rows: usize) -> Vec<FeatureRow> {
                 params_version: 0,
                 is_final: true,
                 revision: 1_767_225_600_000_000 + i as i64,
+                final_revision: 1_767_225_600_000_000 + i as i64,
             }
         })
         .collect()
@@ -99,7 +100,7 @@ fn tsv(rows: &[FeatureRow]) -> Vec<u8> {
         let (ws, we) = (f.window_start.0 / 1000, f.window_end.0 / 1000);
         writeln!(
             out,
-            "{}\t{}\t{}\t{ws}\t0\t{we}\t0\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
+            "{}\t{}\t{}\t{ws}\t0\t{we}\t0\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             f.tenant_id,
             f.user_id,
             f.granularity.as_str(),
@@ -108,8 +109,10 @@ fn tsv(rows: &[FeatureRow]) -> Vec<u8> {
             f.dimension,
             f.value,
             f.feature_version,
+            f.params_version,
             u8::from(f.is_final),
-            f.revision
+            f.revision,
+            f.final_revision
         )
         .expect("write to a Vec");
     }

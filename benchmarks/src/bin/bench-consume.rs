@@ -15,12 +15,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
+use digame_api::recompute::StoredEvents;
 use digame_api::simulate::{SimulationSpec, generate};
 use digame_benchmarks::{process_cpu, thousands};
 use digame_infra::bus::{Record, Topic};
 use digame_infra::config::{Config, PipelineConfig};
 use digame_infra::store::{ParquetStore, StoreSink};
 use digame_pipelines::{FeaturePipeline, PipelineStatus, Processor, RuntimeSettings};
+use digame_query::QueryEngine;
 use digame_schemas::{ActivityEvent, EventTime};
 
 /// The allocator, as in the `digame` binary.
@@ -85,13 +87,18 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let status = Arc::new(PipelineStatus::default());
     let pipeline_cfg = PipelineConfig::default();
+    let store_root = dir.path().join("store");
     let pipeline = FeaturePipeline {
         bus: bus.clone(),
-        store: Arc::new(ParquetStore::open(dir.path().join("store"))?) as Arc<dyn StoreSink>,
-        processor: Processor::new(&pipeline_cfg)?,
+        store: Arc::new(ParquetStore::open(&store_root)?) as Arc<dyn StoreSink>,
+        processor: Processor::new(&pipeline_cfg, config.ingest.longest_horizon_days())?,
         settings: RuntimeSettings::from_config(&pipeline_cfg, dir.path()),
         status: status.clone(),
         meta: None,
+        history: Arc::new(StoredEvents(Arc::new(QueryEngine::new(
+            store_root,
+            Default::default(),
+        )))),
     };
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let cpu0 = process_cpu(std::process::id())?;

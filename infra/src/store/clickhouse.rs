@@ -146,6 +146,11 @@ pub fn migrations(database: &str, cluster: Option<&ClusterSpec>) -> Vec<Migratio
             name: "features.params_version",
             statements: add_column_statements(database, cluster, "features", "params_version", 4),
         },
+        Migration {
+            version: 5,
+            name: "features.final_revision",
+            statements: add_column_statements(database, cluster, "features", "final_revision", 5),
+        },
     ]
 }
 
@@ -582,6 +587,7 @@ struct FeatureCh<'a> {
     params_version: u64,
     is_final: u8,
     revision: u64,
+    final_revision: i64,
 }
 
 impl<'a> FeatureCh<'a> {
@@ -605,6 +611,7 @@ impl<'a> FeatureCh<'a> {
             is_final: u8::from(f.is_final),
             revision: u64::try_from(f.revision)
                 .map_err(|_| format!("revision {} is negative", f.revision))?,
+            final_revision: f.final_revision,
         })
     }
 }
@@ -929,28 +936,27 @@ fn dead_letter<R: Serialize>(
 #[async_trait]
 impl StoreSink for ClickHouseStore {
     async fn write(&self, batch: &StoreBatch) -> Result<()> {
-        let (events, features) = futures::future::join(
-            self.write_table::<_, EventCh<'_>>("events", &batch.events, EventCh::from, |e| {
+        // Feature rows first, then the raw events they come from (see `StoreSink::write`).
+        let features = self
+            .write_table::<_, FeatureCh<'_>>("features", &batch.features, FeatureCh::from, |f| {
+                DeadLetterSeed {
+                    tenant_id: f.tenant_id.to_string(),
+                    user_id: Some(f.user_id.to_string()),
+                    event_id: None,
+                }
+            })
+            .await;
+        let events = self
+            .write_table::<_, EventCh<'_>>("events", &batch.events, EventCh::from, |e| {
                 DeadLetterSeed {
                     tenant_id: e.tenant_id.clone(),
                     user_id: Some(e.user_id.clone()),
                     event_id: e.event_id.map(|u| u.to_string()),
                 }
-            }),
-            self.write_table::<_, FeatureCh<'_>>(
-                "features",
-                &batch.features,
-                FeatureCh::from,
-                |f| DeadLetterSeed {
-                    tenant_id: f.tenant_id.to_string(),
-                    user_id: Some(f.user_id.to_string()),
-                    event_id: None,
-                },
-            ),
-        )
-        .await;
-        let mut dead = events?;
-        dead.extend(features?);
+            })
+            .await;
+        let mut dead = features?;
+        dead.extend(events?);
         dead.extend(batch.dead_letters.iter().cloned());
         let failed = self
             .write_table::<_, DeadLetterCh<'_>>("dead_letters", &dead, DeadLetterCh::from, |d| {
@@ -1046,7 +1052,7 @@ mod tests {
     fn migrations_are_stable_and_checksummed() {
         let a = migrations("d", None);
         let b = migrations("d", None);
-        assert_eq!(a.len(), 4);
+        assert_eq!(a.len(), 5);
         assert_eq!(a[0].checksum(), b[0].checksum());
         // v4 adds the column where v1's full layout would have it, then rebuilds the view.
         assert_eq!(a[3].statements.len(), 3, "{:?}", a[3].statements);
@@ -1055,6 +1061,10 @@ mod tests {
                 .starts_with("ALTER TABLE `d`.`features` ADD COLUMN `params_version` UInt64 AFTER"),
             "{}",
             a[3].statements[0]
+        );
+        assert_eq!(
+            a[4].statements[0],
+            "ALTER TABLE `d`.`features` ADD COLUMN `final_revision` Int64 AFTER `revision`"
         );
         assert_eq!(a[0].checksum().len(), 64);
         assert_ne!(a[0].checksum(), migrations("other", None)[0].checksum());

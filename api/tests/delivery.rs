@@ -1,0 +1,297 @@
+//! Acknowledged = counted, through the real binary: what `digame simulate` sends (the
+//! README's own command, at its default concurrency and at 16 requests in flight) ends with
+//! every accepted event in the day `event_count` features and nothing dead-lettered; a day
+//! posted newest first in one request gives the features of the same day posted in order.
+//! Embedded bus and store, and Kafka with ClickHouse.
+
+use std::time::Duration;
+
+use chrono::{Days, Utc};
+use digame_testkit::{Bus, Client, DigameProcess, TestClickHouse, eventually};
+use serde_json::{Value, json};
+
+const KEY: &str = "acme-key-0123456789abcdef";
+
+fn env() -> Vec<(&'static str, &'static str)> {
+    vec![("DIGAME_INGEST_KEYS", "acme-key-0123456789abcdef:acme")]
+}
+
+async fn start(bus: &Bus, store: Option<&TestClickHouse>) -> (tempfile::TempDir, DigameProcess) {
+    let data = tempfile::tempdir().unwrap();
+    let server = DigameProcess::start_backends(
+        std::path::Path::new(env!("CARGO_BIN_EXE_digame")),
+        data.path(),
+        &env(),
+        bus,
+        store,
+    )
+    .await
+    .unwrap();
+    (data, server)
+}
+
+/// Runs `digame simulate` against the server; returns the accepted count it printed.
+async fn simulate(server: &DigameProcess, seed: u64, concurrency: usize, batch: usize) -> u64 {
+    let (people, days) = (20, 7);
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_digame"))
+        .args(["simulate", "--url", &server.url(), "--key", KEY])
+        .args(["--seed", &seed.to_string()])
+        .args(["--people", &people.to_string(), "--days", &days.to_string()])
+        .args(["--concurrency", &concurrency.to_string()])
+        .args(["--batch", &batch.to_string()])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "sent N events for P people over D days: A accepted, R rejected"
+    let tail = stdout.rsplit(": ").next().unwrap();
+    let mut words = tail.split_whitespace();
+    let accepted: u64 = words.next().unwrap().parse().unwrap();
+    assert_eq!(words.next(), Some("accepted,"), "{stdout}");
+    assert_eq!(tail.trim_end(), format!("{accepted} accepted, 0 rejected"));
+    accepted
+}
+
+/// The sum of the day `event_count` of every person, once it stops changing at `want`.
+async fn counted(client: &Client, want: u64) -> u64 {
+    let sql = "SELECT SUM(value) AS n FROM features \
+               WHERE feature = 'event_count' AND dimension = '' AND granularity = 'day'";
+    let read = || async {
+        let rows = client.rows(sql).await?;
+        anyhow::Ok(rows[0]["n"].as_f64().unwrap_or(0.0) as u64)
+    };
+    match eventually(Duration::from_secs(180), || async {
+        let n = read().await?;
+        Ok((n >= want).then_some(n))
+    })
+    .await
+    {
+        // Settled: nothing more arrives after a while.
+        Ok(n) => {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            assert_eq!(read().await.unwrap(), n, "the count kept moving");
+            n
+        }
+        Err(_) => read().await.unwrap(),
+    }
+}
+
+async fn every_accepted_event_is_counted(bus: Bus, store: Option<TestClickHouse>) {
+    let (_data, server) = start(&bus, store.as_ref()).await;
+    let client = server.client(KEY);
+    // The README's example (20 people, 7 days, 4 requests of 5000 events in flight), then
+    // another week of the same people in requests of 1000 with 16 in flight: several
+    // batches of one person in flight at once, landing in any order.
+    let first = simulate(&server, 42, 4, 5000).await;
+    assert!(first > 20_000, "{first}");
+    assert_eq!(counted(&client, first).await, first, "default concurrency");
+    let second = simulate(&server, 7, 16, 1000).await;
+    assert_eq!(
+        counted(&client, first + second).await,
+        first + second,
+        "16 requests in flight"
+    );
+    let dead = client
+        .rows("SELECT count(*) AS n FROM dead_letters")
+        .await
+        .unwrap();
+    assert_eq!(dead, vec![json!({"n": 0})], "nothing dead-lettered");
+    // The reconciliation says the same, per tenant and per person.
+    let n = first + second;
+    // Feature rows are written before the raw events they come from: wait for both.
+    let r = eventually(Duration::from_secs(20), || async {
+        let (status, r) = client.get("/v1/reconciliation?by=user").await?;
+        assert_eq!(status, 200, "{r}");
+        Ok((r["stored"] == json!(n)).then_some(r))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            &r["stored"],
+            &r["counted"],
+            &r["uncounted"],
+            &r["dead_letters"]
+        ),
+        (&json!(n), &json!(n), &json!(0), &json!([])),
+        "{r}"
+    );
+    let people = r["people"].as_array().unwrap();
+    assert_eq!(people.len(), 20, "{r}");
+    assert!(people.iter().all(|p| p["stored"] == p["counted"]), "{r}");
+    assert_eq!(r["pipeline"]["caught_up"], true, "{r}");
+    // The SQL tables are listable, with what SQL sees of them.
+    let (status, t) = client.get("/v1/sql/tables").await.unwrap();
+    assert_eq!(status, 200, "{t}");
+    let names: Vec<&str> = t["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["events", "features", "dead_letters"], "{t}");
+    let features: Vec<&str> = t["tables"][1]["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for column in [
+        "user_id",
+        "window_start",
+        "feature",
+        "value",
+        "is_final",
+        "final_revision",
+    ] {
+        assert!(features.contains(&column), "{column}: {t}");
+    }
+    // Work styles read every person's days in one pass, on either store.
+    let (status, styles) = client.get("/v1/styles").await.unwrap();
+    assert_eq!(status, 200, "{styles}");
+    let k = styles["k"].as_u64().unwrap();
+    assert!((2..=8).contains(&k), "{styles}");
+    let weeks = styles["assignments"].as_array().unwrap();
+    // 20 people, each with at least one week of finished days.
+    assert!(weeks.len() >= 20, "{} person-weeks", weeks.len());
+    let (status, ready) = client.get("/readyz").await.unwrap();
+    assert_eq!(
+        (status, &ready["pipeline"]["uncounted"]),
+        (200, &json!(0)),
+        "{ready}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_counts_every_accepted_event() {
+    every_accepted_event_is_counted(Bus::Embedded, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulate_counts_every_accepted_event_on_kafka_and_clickhouse() {
+    every_accepted_event_is_counted(Bus::kafka(), Some(TestClickHouse::from_env())).await;
+}
+
+/// One person's ordinary day as two watchers and a calendar upload it: window focus, then
+/// the AFK spans, then the meetings, all in one request.
+fn day_of(user: &str, day: chrono::NaiveDate) -> Vec<Value> {
+    let at = |h: u32, m: u32| {
+        day.and_hms_opt(h, m, 0)
+            .unwrap()
+            .and_utc()
+            .timestamp_millis()
+    };
+    let mut focus = Vec::new();
+    let mut afk = Vec::new();
+    let mut meetings = Vec::new();
+    let apps = ["Code", "Slack", "Firefox", "Code", "Mail"];
+    for (i, h) in (8..18).enumerate() {
+        for q in 0..4 {
+            let app = apps[(i + q) % apps.len()];
+            focus.push(json!({"user_id": user, "source": "aw-watcher-window",
+                "kind": "window_focus", "timestamp": at(h, q as u32 * 15),
+                "duration_ms": 14 * 60_000, "attributes": {"app": app, "title": app}}));
+        }
+        // Away for the last 10 minutes of every other hour.
+        let away = i % 2 == 1;
+        afk.push(
+            json!({"user_id": user, "source": "aw-watcher-afk", "kind": "afk",
+            "timestamp": at(h, 0), "duration_ms": if away { 50 } else { 60 } * 60_000,
+            "attributes": {"status": "not-afk"}}),
+        );
+        if away {
+            afk.push(
+                json!({"user_id": user, "source": "aw-watcher-afk", "kind": "afk",
+                "timestamp": at(h, 50), "duration_ms": 10 * 60_000,
+                "attributes": {"status": "afk"}}),
+            );
+        }
+    }
+    for h in [10, 14] {
+        meetings.push(
+            json!({"user_id": user, "source": "calendar", "kind": "meeting",
+            "timestamp": at(h, 0), "duration_ms": 30 * 60_000,
+            "attributes": {"participants": [user, "bob"], "status": "accepted"}}),
+        );
+    }
+    focus.into_iter().chain(afk).chain(meetings).collect()
+}
+
+/// The day windows of `user` on `day`: feature → value.
+async fn day_features(client: &Client, user: &str, day: chrono::NaiveDate) -> Value {
+    let from = format!("{day}T00:00:00Z");
+    let to = format!("{}T00:00:00Z", day.checked_add_days(Days::new(1)).unwrap());
+    let (status, body) = client
+        .get(&format!(
+            "/v1/users/{user}/features?granularity=day&from={from}&to={to}"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    body["windows"][0].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_in_one_request_counts_in_full_in_any_order() {
+    let (_data, server) = start(&Bus::Embedded, None).await;
+    let client = server.client(KEY);
+    let day = Utc::now()
+        .date_naive()
+        .checked_sub_days(Days::new(2))
+        .unwrap();
+    let sorted = {
+        let mut d = day_of("sorted", day);
+        d.sort_by_key(|e| e["timestamp"].as_i64());
+        d
+    };
+    let by_watcher = day_of("watchers", day);
+    let mut newest_first = day_of("newest", day);
+    newest_first.sort_by_key(|e| std::cmp::Reverse(e["timestamp"].as_i64()));
+    for events in [&sorted, &by_watcher, &newest_first] {
+        let (status, body) = client.post_events(events).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["accepted"].as_u64(), Some(events.len() as u64));
+    }
+    // By hand: 10 hours of focus, 14 of every 15 minutes (14 min × 4 × 10 = 560 min). The
+    // AFK watcher is away h:50–h+1:00 in 5 of the hours, absent in full: the focus
+    // h:45–h:59 loses 9 minutes there, 5 × 9 = 45 min. Meetings (10:00, 14:00) fall in
+    // present time and add no focus.
+    let want_active = (560.0 - 45.0) * 60.0;
+    let want = eventually(Duration::from_secs(30), || async {
+        let w = day_features(&client, "sorted", day).await;
+        let active = w["features"]["active_seconds"].as_f64().unwrap_or(0.0);
+        Ok((active == want_active && w["is_final"] == true).then_some(w))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: the sorted day never reached {want_active} s active"));
+    assert_eq!(want["features"]["event_count"], 40.0 + 15.0 + 2.0);
+    // Posted after the fact: final at once, never revised.
+    assert!(want["final_at"].is_string(), "{want}");
+    assert_eq!(want["revised"], false, "{want}");
+    for user in ["watchers", "newest"] {
+        let got = eventually(Duration::from_secs(30), || async {
+            let w = day_features(&client, user, day).await;
+            Ok(
+                (w["features"] == want["features"] && w["breakdowns"] == want["breakdowns"])
+                    .then_some(w),
+            )
+        })
+        .await;
+        assert!(
+            got.is_ok(),
+            "{user}: {} vs sorted {}",
+            day_features(&client, user, day).await,
+            want
+        );
+    }
+    let dead = client
+        .rows("SELECT count(*) AS n FROM dead_letters")
+        .await
+        .unwrap();
+    assert_eq!(dead, vec![json!({"n": 0})]);
+}
