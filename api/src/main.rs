@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use digame_api::simulate::{SimulationSpec, generate};
+use digame_api::simulate::{self, SimulationSpec, generate};
 use digame_api::{Role, Server};
 use digame_infra::config::Config;
 use digame_infra::telemetry::init_logging;
@@ -382,6 +382,50 @@ async fn wait_for_signal() {
     let _ = ctrl_c.await;
 }
 
+/// Writes the simulated people's profiles and waits until the pipeline uses them. `None`
+/// when the key may not write profiles (an ingestion key).
+async fn write_profiles(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    people: usize,
+) -> anyhow::Result<Option<usize>> {
+    let mut newest = 0i64;
+    for i in 0..people {
+        let resp = client
+            .put(format!("{base}/v1/users/{}/profile", simulate::user_id(i)))
+            .bearer_auth(key)
+            .json(&simulate::profile_of(i, people))
+            .send()
+            .await?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::FORBIDDEN {
+            return Ok(None);
+        }
+        let body: serde_json::Value = resp.json().await?;
+        anyhow::ensure!(status.is_success(), "writing a profile: {status}: {body}");
+        newest = newest.max(body["revision"].as_i64().unwrap_or(0));
+    }
+    // The pipeline follows the metadata store every `meta.refresh_ms`.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let ready: serde_json::Value = client
+            .get(format!("{base}/readyz"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if ready["pipeline"]["settings_revision"].as_i64().unwrap_or(0) >= newest {
+            return Ok(Some(people));
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the pipeline did not take up the profiles within 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     let key = args.key;
     let spec = SimulationSpec {
@@ -390,13 +434,23 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
         seed: args.seed,
         until_ms: digame_schemas::EventTime::now().0 - 60_000,
     };
+    let client = reqwest::Client::new();
+    let base = args.url.trim_end_matches('/').to_string();
+    // Profiles first, so every day is computed in its person's zone and working hours.
+    match write_profiles(&client, &base, &key, args.people).await? {
+        Some(n) => println!("wrote {n} profiles (teams of 5, managers, time zones, working hours)"),
+        None => println!(
+            "profiles not written: this key may not write profiles; pass a tenant_admin key \
+             (POST /v1/keys with \"role\": \"tenant_admin\") to give the people teams, \
+             managers and time zones for the group views"
+        ),
+    }
     let events = generate(&spec);
     let bar = indicatif::ProgressBar::new(events.len() as u64);
     bar.set_style(indicatif::ProgressStyle::with_template(
         "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} events ({per_sec})",
     )?);
-    let client = reqwest::Client::new();
-    let url = format!("{}/v1/events", args.url.trim_end_matches('/'));
+    let url = format!("{base}/v1/events");
     let batches: Vec<Vec<u8>> = events
         .chunks(args.batch.max(1))
         .map(|chunk| {

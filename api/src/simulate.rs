@@ -10,8 +10,17 @@
 //!
 //! Every day has AFK breaks (lunch, short pauses) recorded as `afk` events, and the
 //! active spans as `not-afk` events, as ActivityWatch's AFK watcher reports them.
+//!
+//! People form teams of five (one of each archetype, so every team view clears the
+//! k-anonymity threshold), managed by the team's `manager`; each team works in its own
+//! time zone ([`TEAM_ZONES`]) and days follow the local clock. Meetings and messages go to
+//! real colleagues (teammates first), so the network and collaboration views have links.
+//! Makers and night owls commit with a `sha`, deploy their day's commits at its end, and
+//! now and then a deploy causes an incident that is resolved hours later, so the
+//! engineering-flow (DORA) view has input. [`profile_of`] gives each person's profile.
 
-use chrono::{Datelike, Duration as ChronoDuration, TimeZone, Utc, Weekday};
+use chrono::{Datelike, Duration as ChronoDuration, Weekday};
+use digame_pipelines::window::{local_date, local_midnight, parse_tz};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -34,6 +43,37 @@ pub struct SimulationSpec {
     pub until_ms: i64,
 }
 
+/// People per team.
+pub const TEAM_SIZE: usize = 5;
+/// The time zone of team `t` is `TEAM_ZONES[t % 4]`.
+pub const TEAM_ZONES: [&str; 4] = ["UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata"];
+
+/// The team of person `i`.
+pub fn team_of(i: usize) -> usize {
+    i / TEAM_SIZE
+}
+
+/// The time zone of person `i`.
+pub fn zone_of(i: usize) -> &'static str {
+    TEAM_ZONES[team_of(i) % TEAM_ZONES.len()]
+}
+
+/// The profile of person `i` of `people`: team, time zone, manager (the team's `manager`
+/// archetype, for everyone else in the team) and, for night owls, later working hours.
+pub fn profile_of(i: usize, people: usize) -> Value {
+    let team = team_of(i);
+    let mut p = json!({"timezone": zone_of(i), "team": format!("team-{team}")});
+    let manager = team * TEAM_SIZE + 1;
+    if manager != i && manager < people {
+        p["manager"] = json!(user_id(manager));
+    }
+    if archetype_of(i) == "night_owl" {
+        p["work_start"] = json!("11:00");
+        p["work_end"] = json!("19:00");
+    }
+    p
+}
+
 /// The archetype of person `i`.
 pub fn archetype_of(i: usize) -> &'static str {
     ARCHETYPES[i % ARCHETYPES.len()]
@@ -44,23 +84,39 @@ pub fn user_id(i: usize) -> String {
 }
 
 struct DayBuilder<'a> {
+    person: usize,
+    people: usize,
     user: String,
     events: &'a mut Vec<Value>,
     rng: &'a mut StdRng,
     until: i64,
     counter: &'a mut u64,
     seed: u64,
+    /// Commit shas of the day, deployed at its end.
+    shipped: Vec<String>,
 }
 
 impl DayBuilder<'_> {
     fn push(&mut self, kind: &str, start: i64, duration_ms: i64, attributes: Value) {
+        self.push_with(kind, start, duration_ms, attributes, None);
+    }
+
+    /// As [`Self::push`], with connector-style `properties`; false when past `until`.
+    fn push_with(
+        &mut self,
+        kind: &str,
+        start: i64,
+        duration_ms: i64,
+        attributes: Value,
+        properties: Option<Value>,
+    ) -> bool {
         if start + duration_ms > self.until {
-            return;
+            return false;
         }
         *self.counter += 1;
         // Deterministic ids make re-running a simulation idempotent.
         let id = uuid::Uuid::from_u64_pair(self.seed ^ 0x6469_6761_6d65, *self.counter);
-        self.events.push(json!({
+        let mut ev = json!({
             "event_id": id,
             "user_id": self.user,
             "source": "simulate",
@@ -68,7 +124,69 @@ impl DayBuilder<'_> {
             "timestamp": start,
             "duration_ms": duration_ms,
             "attributes": attributes,
-        }));
+        });
+        if let Some(p) = properties {
+            ev["properties"] = p;
+        }
+        self.events.push(ev);
+        true
+    }
+
+    /// `n` colleagues: teammates first, then people of the next teams.
+    fn colleagues(&mut self, n: usize) -> Vec<String> {
+        let team = team_of(self.person) * TEAM_SIZE;
+        let mut out: Vec<String> = (team..(team + TEAM_SIZE).min(self.people))
+            .chain((team + TEAM_SIZE..self.people).chain(0..team))
+            .filter(|&j| j != self.person)
+            .take(n)
+            .map(user_id)
+            .collect();
+        // Past the last simulated person: people outside the simulation.
+        let mut k = 0;
+        while out.len() < n {
+            out.push(format!("colleague-{k}"));
+            k += 1;
+        }
+        out
+    }
+
+    /// Ships the day's commits at `at`; sometimes one of them breaks, and an incident is
+    /// opened an hour later and resolved after 1 to 4 hours.
+    fn deploy(&mut self, at: i64) {
+        if self.shipped.is_empty() {
+            return;
+        }
+        let commits = std::mem::take(&mut self.shipped);
+        let attributes = json!({"project": "digame"});
+        if !self.push_with(
+            "deploy",
+            at,
+            0,
+            attributes.clone(),
+            Some(json!({"commits": commits})),
+        ) {
+            return;
+        }
+        if self.rng.random_bool(0.15) {
+            let opened = at + 3_600_000;
+            let restore = self.rng.random_range(1..5) * 3_600_000;
+            let id = format!("inc-{}-{}", self.user, *self.counter);
+            let props = json!({"id": id, "commits": commits});
+            self.push_with(
+                "incident",
+                opened,
+                0,
+                json!({"status": "opened"}),
+                Some(props.clone()),
+            );
+            self.push_with(
+                "incident",
+                opened + restore,
+                0,
+                json!({"status": "resolved"}),
+                Some(props),
+            );
+        }
     }
 
     /// Focus on `app` for `[start, end)`, as heartbeats of up to 5 minutes, with
@@ -87,22 +205,27 @@ impl DayBuilder<'_> {
                     json!({"project": "digame", "language": "rust", "file": "src/lib.rs"}),
                 );
                 if self.rng.random_bool(0.15) {
-                    self.push(
+                    let sha = format!("{:016x}{:08x}", self.seed, *self.counter + 1);
+                    if self.push_with(
                         "commit",
                         t + len / 2,
                         0,
                         json!({"project": "digame", "branch": "main"}),
-                    );
+                        Some(json!({"sha": sha})),
+                    ) {
+                        self.shipped.push(sha);
+                    }
                 }
             }
             if app == "Slack" {
                 for _ in 0..self.rng.random_range(0..4) {
                     let at = t + self.rng.random_range(0..len.max(1));
+                    let to = self.colleagues(1);
                     self.push(
                         "message",
                         at,
                         0,
-                        json!({"app": "Slack", "participants": ["person-0000"]}),
+                        json!({"app": "Slack", "participants": to}),
                     );
                 }
             }
@@ -111,7 +234,7 @@ impl DayBuilder<'_> {
     }
 
     fn meeting(&mut self, start: i64, minutes: i64, people: usize) {
-        let participants: Vec<String> = (0..people).map(|i| format!("colleague-{i}")).collect();
+        let participants = self.colleagues(people);
         let ms = minutes * 60_000;
         self.push(
             "meeting",
@@ -193,38 +316,37 @@ fn plan_day(b: &mut DayBuilder<'_>, archetype: &str, day_start: i64) {
         };
         t += len;
     }
+    b.deploy(end);
 }
 
 /// Generates all events, person by person and day by day.
 pub fn generate(spec: &SimulationSpec) -> Vec<Value> {
     let mut events = Vec::new();
-    let today = Utc
-        .timestamp_millis_opt(spec.until_ms)
-        .single()
-        .unwrap_or_else(Utc::now)
-        .date_naive();
     let mut counter = 0u64;
     for person in 0..spec.people {
         let mut rng = StdRng::seed_from_u64(spec.seed.wrapping_add(person as u64));
         let archetype = archetype_of(person);
+        let tz = parse_tz(zone_of(person)).expect("the team zones are IANA names");
+        // Days follow the person's local clock, ending with their today.
+        let today = local_date(tz, spec.until_ms);
         for d in (0..spec.days).rev() {
             let date = today - ChronoDuration::days(i64::from(d));
             let weekend = matches!(date.weekday(), Weekday::Sat | Weekday::Sun);
             if weekend && !rng.random_bool(0.1) {
                 continue;
             }
-            let day_start = Utc
-                .from_utc_datetime(&date.and_hms_opt(0, 0, 0).expect("midnight"))
-                .timestamp_millis();
             let mut b = DayBuilder {
+                person,
+                people: spec.people,
                 user: user_id(person),
                 events: &mut events,
                 rng: &mut rng,
                 until: spec.until_ms,
                 counter: &mut counter,
                 seed: spec.seed,
+                shipped: Vec::new(),
             };
-            plan_day(&mut b, archetype, day_start);
+            plan_day(&mut b, archetype, local_midnight(tz, date));
         }
     }
     events
@@ -257,5 +379,53 @@ mod tests {
         let users: std::collections::BTreeSet<&str> =
             a.iter().filter_map(|v| v["user_id"].as_str()).collect();
         assert_eq!(users.len(), 5);
+        // Deploys ship commits that exist; meetings and messages reach teammates.
+        let shas: std::collections::BTreeSet<&str> = a
+            .iter()
+            .filter(|v| v["kind"] == "commit")
+            .filter_map(|v| v["properties"]["sha"].as_str())
+            .collect();
+        let deploys: Vec<&Value> = a.iter().filter(|v| v["kind"] == "deploy").collect();
+        assert!(!deploys.is_empty());
+        for d in &deploys {
+            for sha in d["properties"]["commits"].as_array().unwrap() {
+                assert!(shas.contains(sha.as_str().unwrap()), "{d}");
+            }
+        }
+        let meeting = a.iter().find(|v| v["kind"] == "meeting").unwrap();
+        let with = meeting["attributes"]["participants"].as_array().unwrap();
+        assert!(
+            with.iter().all(|p| users.contains(p.as_str().unwrap())),
+            "{meeting}"
+        );
+    }
+
+    #[test]
+    fn profiles_make_teams_of_five_with_their_manager() {
+        assert_eq!(
+            profile_of(0, 12),
+            json!({"timezone": "UTC", "team": "team-0", "manager": "person-0001"})
+        );
+        // The manager has none; night owls start late; the next team is in Berlin.
+        assert_eq!(
+            profile_of(1, 12),
+            json!({"timezone": "UTC", "team": "team-0"})
+        );
+        assert_eq!(
+            profile_of(8, 12),
+            json!({"timezone": "Europe/Berlin", "team": "team-1", "manager": "person-0006",
+                   "work_start": "11:00", "work_end": "19:00"})
+        );
+        // A team whose manager is past the last person has none.
+        assert_eq!(
+            profile_of(10, 11),
+            json!({"timezone": "America/New_York", "team": "team-2"})
+        );
+        // Every profile is one the API accepts.
+        for i in 0..12 {
+            let p: digame_schemas::PersonProfile =
+                serde_json::from_value(profile_of(i, 12)).unwrap();
+            p.validate().unwrap();
+        }
     }
 }

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use chrono::{Days, Utc};
-use digame_testkit::{Bus, Client, DigameProcess, TestClickHouse, eventually};
+use digame_testkit::{Bus, Client, DigameProcess, TestClickHouse, eventually, reader_key};
 use serde_json::{Value, json};
 
 const KEY: &str = "acme-key-0123456789abcdef";
@@ -30,11 +30,18 @@ async fn start(bus: &Bus, store: Option<&TestClickHouse>) -> (tempfile::TempDir,
     (data, server)
 }
 
-/// Runs `digame simulate` against the server; returns the accepted count it printed.
-async fn simulate(server: &DigameProcess, seed: u64, concurrency: usize, batch: usize) -> u64 {
+/// Runs `digame simulate` with `key` against the server; returns the accepted count it
+/// printed and whether it wrote the people's profiles.
+async fn simulate(
+    server: &DigameProcess,
+    key: &str,
+    seed: u64,
+    concurrency: usize,
+    batch: usize,
+) -> (u64, bool) {
     let (people, days) = (20, 7);
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_digame"))
-        .args(["simulate", "--url", &server.url(), "--key", KEY])
+        .args(["simulate", "--url", &server.url(), "--key", key])
         .args(["--seed", &seed.to_string()])
         .args(["--people", &people.to_string(), "--days", &days.to_string()])
         .args(["--concurrency", &concurrency.to_string()])
@@ -54,7 +61,7 @@ async fn simulate(server: &DigameProcess, seed: u64, concurrency: usize, batch: 
     let accepted: u64 = words.next().unwrap().parse().unwrap();
     assert_eq!(words.next(), Some("accepted,"), "{stdout}");
     assert_eq!(tail.trim_end(), format!("{accepted} accepted, 0 rejected"));
-    accepted
+    (accepted, stdout.contains("wrote 20 profiles"))
 }
 
 /// The sum of the day `event_count` of every person, once it stops changing at `want`.
@@ -84,13 +91,16 @@ async fn counted(client: &Client, want: u64) -> u64 {
 async fn every_accepted_event_is_counted(bus: Bus, store: Option<TestClickHouse>) {
     let (_data, server) = start(&bus, store.as_ref()).await;
     let client = server.client(KEY);
-    // The README's example (20 people, 7 days, 4 requests of 5000 events in flight), then
-    // another week of the same people in requests of 1000 with 16 in flight: several
-    // batches of one person in flight at once, landing in any order.
-    let first = simulate(&server, 42, 4, 5000).await;
+    // The README's example with an admin key (profiles, then 20 people × 7 days, 4
+    // requests of 5000 events in flight), then another week of the same people with the
+    // ingestion key (no profiles) in requests of 1000 with 16 in flight: several batches
+    // of one person in flight at once, landing in any order.
+    let (first, profiles) = simulate(&server, &reader_key(KEY), 42, 4, 5000).await;
+    assert!(profiles, "an admin key writes the profiles");
     assert!(first > 20_000, "{first}");
     assert_eq!(counted(&client, first).await, first, "default concurrency");
-    let second = simulate(&server, 7, 16, 1000).await;
+    let (second, profiles) = simulate(&server, KEY, 7, 16, 1000).await;
+    assert!(!profiles, "an ingestion key may not write profiles");
     assert_eq!(
         counted(&client, first + second).await,
         first + second,
@@ -151,6 +161,27 @@ async fn every_accepted_event_is_counted(bus: Bus, store: Option<TestClickHouse>
     ] {
         assert!(features.contains(&column), "{column}: {t}");
     }
+    // The demo's teams light up the group views: team-0 (5 people, UTC) has days with
+    // all five, a collaboration network and engineering flow.
+    let (status, g) = client
+        .get("/v1/groups/features?team=team-0&granularity=day")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{g}");
+    assert_eq!(g["members"], 5, "{g}");
+    let shown = g["windows"].as_array().unwrap();
+    assert!(shown.iter().any(|w| w["suppressed"] == false), "{g}");
+    let (status, net) = client.get("/v1/groups/network?team=team-0").await.unwrap();
+    assert_eq!(status, 200, "{net}");
+    assert!(
+        !net["network"]["links"].as_array().unwrap().is_empty(),
+        "{net}"
+    );
+    let (status, flow) = client.get("/v1/groups/flow?team=team-0").await.unwrap();
+    assert_eq!(status, 200, "{flow}");
+    let flow = &flow["flow"];
+    assert!(flow["deploys"].as_u64().unwrap() > 0, "{flow}");
+    assert!(flow["deployed_changes"].as_u64().unwrap() > 0, "{flow}");
     // Work styles read every person's days in one pass, on either store.
     let (status, styles) = client.get("/v1/styles").await.unwrap();
     assert_eq!(status, 200, "{styles}");

@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use digame_api::simulate::{ARCHETYPES, SimulationSpec, archetype_of, generate, user_id};
+use digame_api::simulate::{
+    ARCHETYPES, SimulationSpec, archetype_of, generate, profile_of, user_id,
+};
 use digame_infra::config::{PipelineConfig, QueryConfig};
 use digame_infra::store::{ParquetStore, StoreBatch, StoreSink};
 use digame_pipelines::Processor;
@@ -37,6 +39,13 @@ async fn recovers_at(now: i64) {
     };
     let mut p = Processor::new(&PipelineConfig::default(), 30).unwrap();
     p.keep_raw_events = false;
+    // As `digame simulate` writes them: teams, managers, zones, working hours.
+    for i in 0..PEOPLE {
+        let profile = serde_json::from_value(profile_of(i, PEOPLE)).unwrap();
+        p.directory
+            .set_profile("sim", &user_id(i), profile)
+            .unwrap();
+    }
     let mut rows = Vec::new();
     for (n, v) in generate(&spec).into_iter().enumerate() {
         let mut ev: ActivityEvent = serde_json::from_value(v).unwrap();

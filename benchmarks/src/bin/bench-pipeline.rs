@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use digame_api::simulate::{SimulationSpec, generate};
+use digame_api::simulate::{SimulationSpec, generate, profile_of, user_id};
 use digame_benchmarks::thousands;
 use digame_infra::config::PipelineConfig;
 use digame_pipelines::Processor;
@@ -50,6 +50,18 @@ struct Cli {
     late_days_pct: f64,
 }
 
+/// A fresh processor with the profiles `digame simulate` writes (teams, zones, hours).
+fn processor(cfg: &PipelineConfig, people: usize) -> anyhow::Result<Processor> {
+    let mut p = Processor::new(cfg, 30)?;
+    for i in 0..people {
+        let profile = serde_json::from_value(profile_of(i, people))?;
+        p.directory
+            .set_profile("bench", &user_id(i), profile)
+            .map_err(anyhow::Error::msg)?;
+    }
+    Ok(p)
+}
+
 /// A reproducible number in [0, 1) for event `i` (splitmix64).
 fn unit(i: u64, salt: u64) -> f64 {
     let mut z = i.wrapping_add(salt).wrapping_mul(0x9e37_79b9_7f4a_7c15);
@@ -64,10 +76,11 @@ fn unit(i: u64, salt: u64) -> f64 {
 /// own cost is measured elsewhere). Returns the timed seconds and the reopening reads.
 fn delivered_pass(
     cfg: &PipelineConfig,
+    people: usize,
     order: &[(i64, &[u8])],
     emit_every: usize,
 ) -> anyhow::Result<(f64, usize)> {
-    let mut p = Processor::new(cfg, 30)?;
+    let mut p = processor(cfg, people)?;
     let mut stored: HashMap<String, Vec<ActivityEvent>> = HashMap::new();
     let mut untimed = Duration::ZERO;
     let mut reads = 0;
@@ -136,7 +149,7 @@ fn main() -> anyhow::Result<()> {
     let mut state_per_person = 0.0f64;
     let mut state_people = 0usize;
     for _ in 0..cli.passes {
-        let mut p = Processor::new(&cfg, 30)?;
+        let mut p = processor(&cfg, cli.people)?;
         let started = Instant::now();
         let mut pass_rows = 0usize;
         let mut emitting = std::time::Duration::ZERO;
@@ -249,8 +262,8 @@ fn main() -> anyhow::Result<()> {
     let (late, hours, days) = arrange(true);
     let (mut base, mut disorder, mut reads) = (f64::MAX, f64::MAX, 0);
     for _ in 0..cli.passes {
-        base = base.min(delivered_pass(&cfg, &in_order, cli.emit_every)?.0);
-        let (t, r) = delivered_pass(&cfg, &late, cli.emit_every)?;
+        base = base.min(delivered_pass(&cfg, cli.people, &in_order, cli.emit_every)?.0);
+        let (t, r) = delivered_pass(&cfg, cli.people, &late, cli.emit_every)?;
         disorder = disorder.min(t);
         reads = r;
     }
