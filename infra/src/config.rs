@@ -494,6 +494,10 @@ pub struct PipelineConfig {
     /// A final day that events just reached stays in memory at least this many seconds,
     /// so a backfill spread over several polls reads the store once.
     pub hold_touched_secs: u64,
+    /// At most this many person-days are held by `hold_touched_secs` at once (a burst
+    /// backfill would otherwise hold all it touches); past it they leave memory at the next
+    /// flush and later events for them reopen them from the store.
+    pub max_touched_days: usize,
     /// Heartbeats with identical data at most this far apart are merged (ActivityWatch's
     /// pulsetime), in milliseconds.
     pub pulsetime_ms: u64,
@@ -518,6 +522,7 @@ impl Default for PipelineConfig {
             allowed_lateness_secs: 900,
             hold_days: 2,
             hold_touched_secs: 300,
+            max_touched_days: 20_000,
             pulsetime_ms: 2_000,
             presence_flood_ms: 5_000,
             flush_interval_ms: 500,

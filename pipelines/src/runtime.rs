@@ -113,6 +113,14 @@ pub struct Processor {
     key: String,
     /// State keys of the people with reopened days waiting for the store.
     reopen_pending: std::collections::BTreeSet<String>,
+    /// A poll's decoded events and their admission order, kept between polls so their
+    /// memory is reused rather than faulted in afresh each time.
+    batch: Vec<Option<(u32, ActivityEvent)>>,
+    order: Vec<(i64, u32)>,
+    /// Days held in memory only because events touched them lately, after the last emit,
+    /// and the most allowed (`pipeline.max_touched_days`).
+    touch_held: usize,
+    max_touch_held: usize,
 }
 
 /// Indexes into `Processor::outcomes`, with their metric labels: counted in order, seen
@@ -149,6 +157,10 @@ impl Processor {
             outcomes: [0; 4],
             key: String::new(),
             reopen_pending: Default::default(),
+            batch: Vec::new(),
+            order: Vec::new(),
+            touch_held: 0,
+            max_touch_held: cfg.max_touched_days,
         })
     }
 
@@ -160,18 +172,27 @@ impl Processor {
         records: impl IntoIterator<Item = (u32, &'a [u8])>,
         now_wall: i64,
     ) {
-        let mut events = Vec::new();
+        let (mut batch, mut order) = (
+            std::mem::take(&mut self.batch),
+            std::mem::take(&mut self.order),
+        );
         for (partition, payload) in records {
             if let Some(ev) = self.decode(payload, now_wall) {
-                events.push((partition, ev));
+                order.push((ev.timestamp.0, batch.len() as u32));
+                batch.push(Some((partition, ev)));
             }
         }
-        // Sorting all by time sorts each person's events; already sorted runs (the usual
-        // case) cost one pass.
-        events.sort_by_key(|(_, ev)| ev.timestamp.0);
-        for (partition, ev) in events {
+        // Sorting all by time sorts each person's events. The sort moves (time, arrival
+        // index) pairs, not the events: ties keep arrival order, and already sorted runs
+        // (the usual case) cost one pass.
+        order.sort_unstable();
+        for &(_, i) in &order {
+            let (partition, ev) = batch[i as usize].take().expect("each index once");
             self.admit(partition, ev, now_wall);
         }
+        batch.clear();
+        order.clear();
+        (self.batch, self.order) = (batch, order);
     }
 
     /// The people whose late events wait for their stored events, and what to read.
@@ -321,9 +342,20 @@ impl Processor {
             *last
         };
         let mut by_tenant: HashMap<Arc<str>, (u64, u64)> = HashMap::new();
+        // Past the budget of days held only because events touched them lately (a burst
+        // backfill), this emit lets them all go; late events for them read the store.
+        let params = if self.touch_held > self.max_touch_held {
+            StateParams {
+                touch_hold_ms: 0,
+                ..self.params
+            }
+        } else {
+            self.params
+        };
+        let mut touch_held = 0;
         for person in self.people.values_mut() {
             refresh_params(&mut self.directory, person);
-            person.emit(now_wall, &self.params, &mut next, &mut rows);
+            touch_held += person.emit(now_wall, &params, &mut next, &mut rows);
             if person.tally != (0, 0) {
                 let t = by_tenant.entry(person.tenant.clone()).or_default();
                 t.0 += person.tally.0;
@@ -331,6 +363,7 @@ impl Processor {
                 person.tally = (0, 0);
             }
         }
+        self.touch_held = touch_held;
         self.people.retain(|_, p| !p.is_idle());
         let m = metrics();
         for (tenant, (counted, duplicate)) in by_tenant {
@@ -906,7 +939,47 @@ pub async fn run_dead_letter_sink(
 
 #[cfg(test)]
 mod tests {
-    use super::decode_event;
+    use super::{Processor, decode_event};
+    use digame_infra::config::PipelineConfig;
+
+    fn commit(id: u128, at: i64) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "event_id": uuid::Uuid::from_u128(id), "tenant_id": "t", "user_id": "u",
+            "source": "git", "kind": "commit", "timestamp": at,
+            "attributes": {"project": "p"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn days_held_by_touch_are_bounded() {
+        const DAY: i64 = 86_400_000;
+        // 2026-11-24T00:00Z, and a wall clock ten days later.
+        let d = 1_795_478_400_000;
+        let now = d + 10 * DAY;
+        let cfg = PipelineConfig {
+            max_touched_days: 1,
+            ..PipelineConfig::default()
+        };
+        let mut p = Processor::new(&cfg, 30).unwrap();
+        // Two past days posted at once: final at once, held because just touched.
+        p.process_batch(
+            [
+                (0, &commit(1, d + 3_600_000)[..]),
+                (0, &commit(2, d + DAY)[..]),
+            ],
+            now,
+        );
+        p.emit(now);
+        p.process(0, &commit(3, d + 7_200_000), now);
+        assert!(p.reopen_requests().is_empty(), "still held: no store read");
+        // Two held days are over the budget of one: the next emit lets them go, and a
+        // later event for one of them reads the store.
+        p.emit(now);
+        p.emit(now);
+        p.process(0, &commit(4, d + 10_800_000), now);
+        assert_eq!(p.reopen_requests().len(), 1);
+    }
 
     #[test]
     fn decode_names_what_is_wrong_with_a_payload() {

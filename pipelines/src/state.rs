@@ -761,14 +761,16 @@ impl PersonState {
     }
 
     /// Emits changed and newly final rows; drops final days no longer held. `revision`
-    /// yields a fresh, increasing revision per call.
+    /// yields a fresh, increasing revision per call. Returns how many days stay in memory
+    /// only because events touched them lately (the processor bounds their total).
     pub fn emit(
         &mut self,
         now_wall: i64,
         p: &StateParams,
         mut revision: impl FnMut() -> i64,
         out: &mut Vec<FeatureRow>,
-    ) {
+    ) -> usize {
+        let mut touch_held = 0;
         let wm = self.watermark.max(now_wall.saturating_sub(p.lateness_ms));
         let hold_floor = self.newest_start.max(wm) - p.hold_ms;
         let params = self.params();
@@ -806,8 +808,12 @@ impl PersonState {
                 self.emit_day(day_start, wm, &params, p, &mut revision, out);
             }
             let day = &self.days[&day_start];
-            if day.end <= wm && day.end <= hold_floor && now_wall - day.touched >= p.touch_hold_ms {
-                closed.push(day_start);
+            if day.end <= wm && day.end <= hold_floor {
+                if now_wall - day.touched >= p.touch_hold_ms {
+                    closed.push(day_start);
+                } else {
+                    touch_held += 1;
+                }
             }
         }
         for day_start in closed {
@@ -851,6 +857,7 @@ impl PersonState {
             Some(oldest) => self.seen.retain(|_, reach_end| *reach_end > oldest),
             None => self.seen.clear(),
         }
+        touch_held
     }
 
     /// Recomputes one day in memory and emits what changed (all of it once final).

@@ -42,6 +42,14 @@ struct Cli {
     /// Events between emits (the runtime emits every flush interval).
     #[arg(long, default_value_t = 100_000)]
     emit_every: usize,
+    /// `pipeline.hold_touched_secs`: how long a final day events just reached stays in
+    /// memory (default: the configuration's).
+    #[arg(long)]
+    hold_touched_secs: Option<u64>,
+    /// Leave out the profiles `simulate` writes: everyone in UTC with default hours (the
+    /// workload of earlier figures).
+    #[arg(long)]
+    no_profiles: bool,
     /// Realistic disorder: percent of events delivered 1–6 hours late.
     #[arg(long, default_value_t = 10.0)]
     late_hours_pct: f64,
@@ -50,7 +58,8 @@ struct Cli {
     late_days_pct: f64,
 }
 
-/// A fresh processor with the profiles `digame simulate` writes (teams, zones, hours).
+/// A fresh processor with the profiles `digame simulate` writes (teams, zones, hours), or
+/// none when `people` is 0.
 fn processor(cfg: &PipelineConfig, people: usize) -> anyhow::Result<Processor> {
     let mut p = Processor::new(cfg, 30)?;
     for i in 0..people {
@@ -141,7 +150,11 @@ fn main() -> anyhow::Result<()> {
     let bytes: usize = payloads.iter().map(Vec::len).sum();
     let n = payloads.len();
 
-    let cfg = PipelineConfig::default();
+    let mut cfg = PipelineConfig::default();
+    if let Some(s) = cli.hold_touched_secs {
+        cfg.hold_touched_secs = s;
+    }
+    let profiled = if cli.no_profiles { 0 } else { cli.people };
     let mut best = f64::MAX;
     let mut rows = 0usize;
     let mut peak_people = 0usize;
@@ -149,7 +162,7 @@ fn main() -> anyhow::Result<()> {
     let mut state_per_person = 0.0f64;
     let mut state_people = 0usize;
     for _ in 0..cli.passes {
-        let mut p = processor(&cfg, cli.people)?;
+        let mut p = processor(&cfg, profiled)?;
         let started = Instant::now();
         let mut pass_rows = 0usize;
         let mut emitting = std::time::Duration::ZERO;
@@ -192,11 +205,16 @@ fn main() -> anyhow::Result<()> {
 
     println!("pipeline: bus payloads -> all features F1-F14, hour/day/week windows (1 thread)");
     println!(
-        "  input         {} events ({:.0} B mean) from simulate: {} people x {} days",
+        "  input         {} events ({:.0} B mean) from simulate: {} people x {} days, {}",
         thousands(n as f64),
         bytes as f64 / n as f64,
         cli.people,
-        cli.days
+        cli.days,
+        if cli.no_profiles {
+            "no profiles (UTC, default hours)"
+        } else {
+            "with simulate's profiles (4 time zones)"
+        }
     );
     println!(
         "  throughput    {} events/s per core (best of {}: {best:.3} s)",
@@ -262,8 +280,8 @@ fn main() -> anyhow::Result<()> {
     let (late, hours, days) = arrange(true);
     let (mut base, mut disorder, mut reads) = (f64::MAX, f64::MAX, 0);
     for _ in 0..cli.passes {
-        base = base.min(delivered_pass(&cfg, cli.people, &in_order, cli.emit_every)?.0);
-        let (t, r) = delivered_pass(&cfg, cli.people, &late, cli.emit_every)?;
+        base = base.min(delivered_pass(&cfg, profiled, &in_order, cli.emit_every)?.0);
+        let (t, r) = delivered_pass(&cfg, profiled, &late, cli.emit_every)?;
         disorder = disorder.min(t);
         reads = r;
     }
