@@ -698,15 +698,15 @@ async fn get_reconciliation(
         .await
         .map_err(ApiError::Query)?;
     let p = &state.pipeline;
-    let (lag, unflushed) = (
-        p.lag.load(Ordering::Relaxed),
-        p.unflushed.load(Ordering::Relaxed),
-    );
+    let (lag, unflushed) = (p.backlog(), p.unflushed.load(Ordering::Relaxed));
     let mut body = serde_json::to_value(&r).expect("reconciliations serialize");
     body["uncounted"] = json!(r.total.stored.saturating_sub(r.total.counted));
-    // Not per tenant: the bus and the pipeline's memory hold every tenant's events.
-    body["pipeline"] = json!({"lag_records": lag, "unflushed_events": unflushed,
-                              "caught_up": lag == 0 && unflushed == 0});
+    // Not per tenant: the bus and the pipeline's memory hold every tenant's events. Only
+    // a node running the pipeline can say it caught up.
+    let running = p.running.load(Ordering::Relaxed);
+    body["pipeline"] = json!({"running": running, "lag_records": lag,
+                              "unflushed_events": unflushed,
+                              "caught_up": running && lag == 0 && unflushed == 0});
     Ok(Json(body).into_response())
 }
 
@@ -760,7 +760,7 @@ async fn healthz() -> &'static str {
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let bus = state.bus.status();
     let store = state.store.status();
-    let lag = state.pipeline.lag.load(Ordering::Relaxed);
+    let lag = state.pipeline.backlog();
     let unflushed = state.pipeline.unflushed.load(Ordering::Relaxed);
     // An ingest-only node has no pipeline to wait for.
     let running = !state.pipeline_enabled || state.pipeline.running.load(Ordering::Relaxed);

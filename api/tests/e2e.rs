@@ -440,6 +440,24 @@ async fn a_day_for_two_tenants(bus: Bus, store: Option<TestClickHouse>) {
     assert!(exit.success(), "{exit}");
 }
 
+/// The people of the crash tests.
+const CRASH_USERS: [&str; 5] = ["u0", "u1", "u2", "u3", "u4"];
+
+/// Request `r` of a crash test: `per_request` commits spread round-robin over
+/// [`CRASH_USERS`], `step_ms` apart from `start`, each with its own id (`series` keeps the
+/// ids of different tests apart).
+fn commits(series: u16, r: usize, per_request: usize, start: i64, step_ms: i64) -> Vec<Value> {
+    (0..per_request)
+        .map(|i| {
+            let n = r * per_request + i;
+            json!({"event_id": format!("0195a6a4-0000-7000-{series:04x}-{n:012x}"),
+                   "user_id": CRASH_USERS[i % CRASH_USERS.len()], "source": "git",
+                   "kind": "commit", "timestamp": start + (n as i64) * step_ms,
+                   "attributes": {"project": "digame"}})
+        })
+        .collect()
+}
+
 /// SIGKILL right after a 2xx loses nothing and counts nothing twice, including a client
 /// retry of the last acknowledged request after the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -463,20 +481,10 @@ async fn kill_9_after_ack(bus: Bus) {
         .date_naive()
         .checked_sub_days(Days::new(1))
         .unwrap());
-    let users = ["u0", "u1", "u2", "u3", "u4"];
+    let users = CRASH_USERS;
     // Request r holds 200 commits, 40 per user, each with its own client event id, all
     // within 10:00–10:10 so a retry is well inside the allowed lateness.
-    let request = |r: usize| -> Vec<Value> {
-        (0..200)
-            .map(|i| {
-                let n = r * 200 + i;
-                json!({"event_id": format!("0195a6a4-0000-7000-8000-{n:012x}"),
-                       "user_id": users[i % users.len()], "source": "git", "kind": "commit",
-                       "timestamp": d.at(10, 0) + (n as i64) * 100,
-                       "attributes": {"project": "digame"}})
-            })
-            .collect()
-    };
+    let request = |r: usize| commits(0x8000, r, 200, d.at(10, 0), 100);
     let mut acked = 0usize;
     let client = server.client(ACME_KEY);
     for r in 0..10 {
@@ -538,20 +546,10 @@ async fn kill_9_during_reopens_loses_nothing_and_counts_once() {
         .date_naive()
         .checked_sub_days(Days::new(3))
         .unwrap());
-    let users = ["u0", "u1", "u2", "u3", "u4"];
+    let users = CRASH_USERS;
     // Request r: 100 commits, 20 per user, spread over the day three days ago, each with
     // its own id.
-    let request = |r: usize| -> Vec<Value> {
-        (0..100)
-            .map(|i| {
-                let n = r * 100 + i;
-                json!({"event_id": format!("0195a6a4-0000-7000-9000-{n:012x}"),
-                       "user_id": users[i % users.len()], "source": "git", "kind": "commit",
-                       "timestamp": d.at(8, 0) + (n as i64) * 20_000,
-                       "attributes": {"project": "digame"}})
-            })
-            .collect()
-    };
+    let request = |r: usize| commits(0x9000, r, 100, d.at(8, 0), 20_000);
     let client = server.client(ACME_KEY);
     let (status, _) = client.post_events(&request(0)).await.unwrap();
     assert_eq!(status, 200);

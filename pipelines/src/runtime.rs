@@ -80,10 +80,13 @@ pub struct ReopenRequest {
 /// Live status, read by `/readyz` and metrics.
 #[derive(Debug, Default)]
 pub struct PipelineStatus {
-    /// Records on the bus not yet read.
+    /// Records on the bus not yet read, as of the last poll.
     pub lag: AtomicU64,
     /// Events read but not yet counted in stored features (they are, at the next flush).
     pub unflushed: AtomicU64,
+    /// Where the bus can say its partition ends at any moment, with the offsets processed
+    /// so far: an exact backlog between polls too.
+    backlog: std::sync::Mutex<Backlog>,
     pub processed: AtomicU64,
     pub running: AtomicBool,
     /// Set while the store refuses writes.
@@ -130,6 +133,51 @@ const PROCESSED: usize = 0;
 const DUPLICATE: usize = 1;
 const LATE: usize = 2;
 const UNDECODABLE: usize = 3;
+
+/// The records of owned partitions not yet processed, from the bus's end offsets.
+#[derive(Default)]
+struct Backlog {
+    ends: Option<digame_infra::bus::EndOffsets>,
+    processed: BTreeMap<u32, u64>,
+}
+
+impl std::fmt::Debug for Backlog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backlog")
+            .field("processed", &self.processed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PipelineStatus {
+    /// Records accepted on the bus that the pipeline has not processed yet: exact where the
+    /// bus can tell its ends at any moment (the embedded log), else the lag of the last
+    /// poll.
+    pub fn backlog(&self) -> u64 {
+        let b = self.backlog.lock().expect("backlog lock");
+        match &b.ends {
+            Some(ends) => ends()
+                .into_iter()
+                .filter_map(|(p, end)| b.processed.get(&p).map(|done| end.saturating_sub(*done)))
+                .sum(),
+            None => self.lag.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Records and events not yet counted in stored features: the backlog and what was
+    /// processed but not flushed. 0 means every accepted event is counted.
+    pub fn uncounted(&self) -> u64 {
+        self.backlog() + self.unflushed.load(Ordering::Relaxed)
+    }
+
+    fn track(&self, ends: Option<digame_infra::bus::EndOffsets>, processed: &BTreeMap<u32, u64>) {
+        let mut b = self.backlog.lock().expect("backlog lock");
+        if ends.is_some() {
+            b.ends = ends;
+        }
+        b.processed.clone_from(processed);
+    }
+}
 
 impl Processor {
     /// `horizon_days` is the longest tenant horizon of ingest: how far back events may be
@@ -801,6 +849,7 @@ impl FeaturePipeline {
             .await
             .map_err(|e| Error::Bus(e.to_string()))?;
         self.follow_assignment(&mut consumer, &mut offsets).await?;
+        self.status.track(consumer.end_offsets(), &offsets);
         self.status.running.store(true, Ordering::Relaxed);
         let mut last_flush = Instant::now();
         let mut last_checkpoint = Instant::now();
@@ -847,10 +896,13 @@ impl FeaturePipeline {
             }
             let lag = consumer.lag();
             self.status.lag.store(lag, Ordering::Relaxed);
+            // Unflushed first, then the processed offsets: a reader never sees the batch
+            // in neither.
             self.status.unflushed.store(
                 self.processor.pending_events.len() as u64,
                 Ordering::Relaxed,
             );
+            self.status.track(None, &offsets);
             metrics()
                 .pipeline_lag_records
                 .with_label_values(&[Topic::Events.name()])

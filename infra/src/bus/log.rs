@@ -883,6 +883,17 @@ impl BusConsumer for LogConsumer {
         self.committed.clone()
     }
 
+    fn end_offsets(&self) -> Option<super::EndOffsets> {
+        let log = self.log.clone();
+        Some(Arc::new(move || {
+            log.partitions
+                .iter()
+                .enumerate()
+                .map(|(p, part)| (p as u32, part.tail().next_offset))
+                .collect()
+        }))
+    }
+
     fn lag(&self) -> u64 {
         self.log
             .partitions

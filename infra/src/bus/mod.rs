@@ -14,6 +14,7 @@ pub mod kafka;
 pub mod log;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -154,7 +155,18 @@ pub trait BusConsumer: Send {
 
     /// Records appended but not yet polled, over the assignment.
     fn lag(&self) -> u64;
+
+    /// A probe of each partition's end (the next offset to be appended), callable from
+    /// anywhere at any time, where the bus can answer without a round trip (the embedded
+    /// log); `None` elsewhere. With the offsets a pipeline has processed it gives an exact
+    /// backlog, where [`Self::lag`] is only as fresh as the last poll.
+    fn end_offsets(&self) -> Option<EndOffsets> {
+        None
+    }
 }
+
+/// See [`BusConsumer::end_offsets`]: (partition, next offset to be appended).
+pub type EndOffsets = Arc<dyn Fn() -> Vec<(u32, u64)> + Send + Sync>;
 
 /// The partition of `key` among `partitions`: stable across processes and versions.
 pub fn partition_for(key: &[u8], partitions: u32) -> u32 {
