@@ -349,3 +349,108 @@ async fn a_day_in_one_request(bus: Bus, store: Option<TestClickHouse>) {
         .unwrap();
     assert_eq!(dead, vec![json!({"n": 0})]);
 }
+
+/// A device's day uploaded three days late, after the person's later days are final and out
+/// of memory: the upload revises that day's affected hour, the day, its week and the rolling
+/// values of the later days, and nothing else — no other hour, no other person.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_uploaded_days_late_revises_only_its_windows() {
+    let data = tempfile::tempdir().unwrap();
+    // Days leave memory as soon as they are final, as they would hours after a burst.
+    let mut env = env();
+    env.push(("DIGAME_PIPELINE__HOLD_DAYS", "0"));
+    env.push(("DIGAME_PIPELINE__HOLD_TOUCHED_SECS", "0"));
+    let server = DigameProcess::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_digame")),
+        data.path(),
+        &env,
+    )
+    .await
+    .unwrap();
+    let client = server.client(KEY);
+    let today = Utc::now().date_naive();
+    let days: Vec<chrono::NaiveDate> = (1..=4)
+        .rev()
+        .map(|n| today.checked_sub_days(Days::new(n)).unwrap())
+        .collect();
+    let at =
+        |d: chrono::NaiveDate, h: u32| d.and_hms_opt(h, 0, 0).unwrap().and_utc().timestamp_millis();
+    // Four ordinary days for "ana" and "ben": present 09:00-17:00, focused on Code.
+    let mut events = Vec::new();
+    for user in ["ana", "ben"] {
+        for &d in &days {
+            events.push(
+                json!({"user_id": user, "source": "aw-watcher-afk", "kind": "afk",
+                "timestamp": at(d, 9), "duration_ms": 8 * 3_600_000,
+                "attributes": {"status": "not-afk"}}),
+            );
+            for h in [9, 10, 11] {
+                events.push(json!({"user_id": user, "source": "aw-watcher-window",
+                    "kind": "window_focus", "timestamp": at(d, h), "duration_ms": 3_600_000,
+                    "attributes": {"app": "Code", "title": "main.rs"}}));
+            }
+        }
+    }
+    let (status, body) = client.post_events(&events).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    counted(&client, events.len() as u64).await;
+    // Every day final, out of memory; what has been written so far.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let max = |rows: Vec<Value>| rows[0]["r"].as_i64().unwrap_or(0);
+    let before = max(client
+        .rows("SELECT MAX(revision) AS r FROM features")
+        .await
+        .unwrap());
+
+    // Ana's laptop was offline: its browser focus of 14:00-15:00 on the first day arrives
+    // now, three days after that day ended.
+    let late = json!({"user_id": "ana", "source": "aw-watcher-window", "kind": "window_focus",
+        "timestamp": at(days[0], 14), "duration_ms": 3_600_000,
+        "attributes": {"app": "Firefox", "title": "docs"}});
+    let (status, body) = client.post_events(&[late]).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    counted(&client, events.len() as u64 + 1).await;
+    let revised = client
+        .rows(&format!(
+            "SELECT user_id, granularity, window_start, feature FROM features \
+             WHERE revision > {before} ORDER BY granularity, window_start, feature"
+        ))
+        .await
+        .unwrap();
+    assert!(!revised.is_empty());
+    let first_day = format!("{}", days[0]);
+    let hour_14 = format!("{}T14:00:00", days[0]);
+    let rolling = [
+        "network_size",
+        "manager_one_on_one_minutes_per_week",
+        "manager_one_on_one_low",
+    ];
+    for r in &revised {
+        let start = r["window_start"].as_str().unwrap();
+        let fits = r["user_id"] == "ana"
+            && match r["granularity"].as_str().unwrap() {
+                "hour" => start.starts_with(&hour_14),
+                "day" => {
+                    start.starts_with(&first_day)
+                        || rolling.contains(&r["feature"].as_str().unwrap())
+                }
+                _ => true,
+            };
+        assert!(fits, "an unaffected window was revised: {r}");
+    }
+    // The first day says it was revised after it was final, and counts the browser hour.
+    let (_, series) = client
+        .get(&format!(
+            "/v1/users/ana/features?granularity=day&from={first_day}T00:00:00Z&to={}T00:00:00Z",
+            days[1]
+        ))
+        .await
+        .unwrap();
+    let day = &series["windows"][0];
+    assert_eq!(
+        (&day["is_final"], &day["revised"]),
+        (&json!(true), &json!(true)),
+        "{day}"
+    );
+    assert_eq!(day["features"]["active_seconds"], 4.0 * 3600.0, "{day}");
+}
