@@ -9,7 +9,7 @@
 //! Guarantees: a file is visible only once complete (written to a `.tmp` name, fsynced,
 //! renamed, directory fsynced), so `write` returning means the rows are durable. Rows are
 //! upserts: readers and compaction keep one row per key (the highest `revision` for
-//! features; one copy per `event_id` for events), so writing the same rows twice — as a
+//! features; one copy per person and `event_id` for events), so writing the same rows twice — as a
 //! replay after a crash does — changes no result. Compaction merges a partition's small
 //! files into one, deduplicated; the files it replaces are deleted only after a grace
 //! period so queries already planned over them still find them.
@@ -116,7 +116,9 @@ impl Table {
     /// Columns identifying one logical row, and the column whose highest value wins.
     pub fn upsert_key(self) -> Option<(&'static [&'static str], &'static str)> {
         match self {
-            Table::Events => Some((&["event_id"], "received_at")),
+            // Per person, as ClickHouse's sorting key has it: an id another person's event
+            // reuses never erases that event.
+            Table::Events => Some((&["user_id", "event_id"], "received_at")),
             Table::Features => Some((
                 &[
                     "user_id",
@@ -737,6 +739,56 @@ mod tests {
             .value(0);
         assert_eq!(values, 30.0);
         assert!(batches[0].column_by_name("tenant_id").is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_id_reused_by_another_person_erases_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = ParquetStore::open(dir.path()).unwrap();
+        store.set_grace(Duration::ZERO);
+        let event = |user: &str| -> ActivityEvent {
+            serde_json::from_value(serde_json::json!({
+                "event_id": "0190a000-0000-7000-8000-000000000007", "tenant_id": "acme",
+                "user_id": user, "source": "git", "kind": "commit",
+                "timestamp": "2026-11-24T09:00:00Z", "received_at": "2026-11-24T09:00:01Z",
+                "attributes": {"project": "p"},
+            }))
+            .unwrap()
+        };
+        // Ana's event, a retry of it, and Ben's event under the same id, in three flushes.
+        for ev in [event("ana"), event("ana"), event("ben")] {
+            store
+                .write(&StoreBatch {
+                    events: vec![ev],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        assert_eq!(store.compact(3).await.unwrap(), 1);
+        store.sweep_retired();
+        let batches = read_all(&dir.path().join("events"));
+        let users: Vec<String> = batches
+            .iter()
+            .flat_map(|b| {
+                let col = b
+                    .column_by_name("user_id")
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<datafusion::arrow::array::StringArray>()
+                    .unwrap()
+                    .clone();
+                (0..datafusion::arrow::array::Array::len(&col))
+                    .map(move |i| col.value(i).to_string())
+            })
+            .collect();
+        let mut users = users;
+        users.sort();
+        assert_eq!(
+            users,
+            ["ana", "ben"],
+            "one copy each: the retry folded, Ben's kept"
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::{QueryEngine, Result};
 /// One tenant's (or one person's) tally.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Tally {
-    /// Raw events stored (distinct `event_id`).
+    /// Raw events stored (one per person and `event_id`, as the store keeps them).
     pub stored: u64,
     /// Events counted in the day `event_count` features.
     pub counted: u64,
@@ -46,11 +46,10 @@ pub struct PersonTally {
     pub tally: Tally,
 }
 
-const STORED: &str = "SELECT COUNT(DISTINCT event_id) AS n FROM events";
+const STORED: &str = "SELECT COUNT(*) AS n FROM events";
 const COUNTED: &str = "SELECT SUM(value) AS n FROM features \
      WHERE feature = 'event_count' AND dimension = '' AND granularity = 'day'";
-const STORED_BY_USER: &str =
-    "SELECT user_id, COUNT(DISTINCT event_id) AS n FROM events GROUP BY user_id";
+const STORED_BY_USER: &str = "SELECT user_id, COUNT(*) AS n FROM events GROUP BY user_id";
 const COUNTED_BY_USER: &str = "SELECT user_id, SUM(value) AS n FROM features \
      WHERE feature = 'event_count' AND dimension = '' AND granularity = 'day' GROUP BY user_id";
 const DEAD: &str = "SELECT stage, reason_code, COUNT(*) AS n FROM dead_letters \
