@@ -454,3 +454,45 @@ async fn a_day_uploaded_days_late_revises_only_its_windows() {
     );
     assert_eq!(day["features"]["active_seconds"], 4.0 * 3600.0, "{day}");
 }
+
+/// One id, one event: within a request, the same id again for the same event is a retry
+/// (counted once), for a different event it is refused with the reason and the index of the
+/// first; another person's event under an id already used is its own event, never erased.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_id_names_one_event() {
+    let (_data, server) = start(&Bus::Embedded, None).await;
+    let client = server.client(KEY);
+    let t = Utc::now().timestamp_millis() - 3_600_000;
+    let commit = |user: &str, project: &str| {
+        json!({"event_id": "0195a6a4-0000-7000-a000-000000000001", "user_id": user,
+               "source": "git", "kind": "commit", "timestamp": t,
+               "attributes": {"project": project}})
+    };
+    let (status, body) = client
+        .post_events(&[commit("ana", "p"), commit("ana", "p"), commit("ana", "q")])
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], 2, "{body}");
+    assert_eq!(body["rejected"][0]["index"], 2, "{body}");
+    let reason = body["rejected"][0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("also the id of the different event at index 0"),
+        "{reason}"
+    );
+    // Ben's event under the same id, in another request: both people keep theirs.
+    let (status, _) = client.post_events(&[commit("ben", "p")]).await.unwrap();
+    assert_eq!(status, 200);
+    client
+        .await_rows(
+            "SELECT user_id, count(*) AS n FROM events GROUP BY user_id ORDER BY user_id",
+            &[
+                json!({"user_id": "ana", "n": 1}),
+                json!({"user_id": "ben", "n": 1}),
+            ],
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+    assert_eq!(counted(&client, 2).await, 2, "ana once, ben once");
+}

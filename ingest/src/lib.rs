@@ -177,9 +177,13 @@ impl Collector {
         let mut rejected = Vec::new();
         let mut dead = Vec::new();
         let redactor = self.redactions.get(tenant);
+        // Client ids seen in this request, with the event they named: the same id for a
+        // different event is refused (a retry of the same event is a duplicate).
+        let mut ids: std::collections::HashMap<uuid::Uuid, (usize, Bytes)> =
+            std::collections::HashMap::new();
         for (index, text) in items {
             match self.admit(tenant, text, now, &policy, sources) {
-                Ok(mut ev) => {
+                Ok((mut ev, client_id)) => {
                     if let Some(r) = &redactor {
                         r.apply(&mut ev);
                     }
@@ -187,10 +191,26 @@ impl Collector {
                     key.push_str(tenant);
                     key.push(':');
                     key.push_str(&ev.user_id);
-                    let payload = serde_json::to_vec(&ev).expect("events serialize");
+                    let payload = Bytes::from(serde_json::to_vec(&ev).expect("events serialize"));
+                    if client_id && let Some(id) = ev.event_id {
+                        match ids.get(&id) {
+                            Some((first, seen)) if *seen != payload => {
+                                let reason = format!(
+                                    "event_id {id} is also the id of the different event at index {first} of this request; give each event its own id (the same id is for retrying the same event)"
+                                );
+                                dead.push(dead_letter(tenant, index, text, &reason, now));
+                                rejected.push(Rejection { index, reason });
+                                continue;
+                            }
+                            Some(_) => {}
+                            None => {
+                                ids.insert(id, (index, payload.clone()));
+                            }
+                        }
+                    }
                     records.push(Record {
                         key: Bytes::from(key),
-                        payload: Bytes::from(payload),
+                        payload,
                         timestamp_ms: now.0,
                     });
                     record_index.push(index);
@@ -253,7 +273,8 @@ impl Collector {
         Ok(IngestOutcome { accepted, rejected })
     }
 
-    /// Decodes and validates one event; the error is the reason given to the client.
+    /// Decodes and validates one event, and whether the client gave its id; the error is
+    /// the reason given to the client.
     fn admit(
         &self,
         tenant: &str,
@@ -261,7 +282,7 @@ impl Collector {
         now: EventTime,
         policy: &TimePolicy,
         sources: &[String],
-    ) -> Result<ActivityEvent, String> {
+    ) -> Result<(ActivityEvent, bool), String> {
         if text.len() > self.config.max_event_bytes {
             return Err(format!(
                 "event is {} bytes; the limit is {} bytes",
@@ -287,10 +308,11 @@ impl Collector {
         ev.tenant_id = tenant.to_string();
         ev.received_at = Some(now);
         validate_event(&ev, policy).map_err(|e| e.to_string())?;
-        if ev.event_id.is_none() {
+        let client_id = ev.event_id.is_some();
+        if !client_id {
             ev.event_id = Some(uuid::Uuid::now_v7());
         }
-        Ok(ev)
+        Ok((ev, client_id))
     }
 }
 
