@@ -145,9 +145,9 @@ impl IntoResponse for ApiError {
                     IngestError::BadGzip(_) | IngestError::Malformed(_) | IngestError::Empty => {
                         StatusCode::BAD_REQUEST
                     }
-                    IngestError::BusUnavailable(_) | IngestError::PartlyAccepted { .. } => {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    }
+                    IngestError::BusUnavailable(_)
+                    | IngestError::IdsUnavailable(_)
+                    | IngestError::PartlyAccepted { .. } => StatusCode::SERVICE_UNAVAILABLE,
                 };
                 (status, e.code(), e.to_string())
             }
@@ -1295,6 +1295,29 @@ impl Server {
                 }),
             ));
         }
+        {
+            // The idempotency index forgets ids older than any tenant's horizon (their
+            // events would be refused anyway), hourly.
+            let (meta, mut rx) = (meta.clone(), shutdown_rx.clone());
+            let keep_ms = (i64::from(config.ingest.longest_horizon_days()) + 2) * 86_400_000;
+            tasks.push((
+                "event-id-pruner",
+                tokio::spawn(async move {
+                    loop {
+                        let cutoff = EventTime::now().0 - keep_ms;
+                        match meta.prune_event_ids(cutoff).await {
+                            Ok(n) if n > 0 => tracing::info!(ids = n, "forgot event ids past the horizon"),
+                            Ok(_) => {}
+                            Err(e) => tracing::warn!(error = %e, "pruning event ids failed; retrying later"),
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                            _ = rx.changed() => return,
+                        }
+                    }
+                }),
+            ));
+        }
         // ClickHouse merges by itself; the embedded store is compacted here.
         if let Some(parquet) = opened.parquet.clone() {
             let mut rx = shutdown_rx.clone();
@@ -1333,6 +1356,7 @@ impl Server {
                 bus: bus.clone(),
                 config: config.ingest.clone(),
                 redactions,
+                ids: Some(meta.clone()),
             },
             query: query.clone(),
             bus,

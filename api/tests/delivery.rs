@@ -455,9 +455,10 @@ async fn a_day_uploaded_days_late_revises_only_its_windows() {
     assert_eq!(day["features"]["active_seconds"], 4.0 * 3600.0, "{day}");
 }
 
-/// One id, one event: within a request, the same id again for the same event is a retry
-/// (counted once), for a different event it is refused with the reason and the index of the
-/// first; another person's event under an id already used is its own event, never erased.
+/// One id, one event: the same id again for the same event is a retry (counted once), for a
+/// different event it is refused with the reason — within a request (naming the first
+/// event's index) and across requests (another person's event included); nothing the id
+/// named first is erased.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_id_names_one_event() {
     let (_data, server) = start(&Bus::Embedded, None).await;
@@ -480,19 +481,26 @@ async fn an_event_id_names_one_event() {
         reason.contains("also the id of the different event at index 0"),
         "{reason}"
     );
-    // Ben's event under the same id, in another request: both people keep theirs.
-    let (status, _) = client.post_events(&[commit("ben", "p")]).await.unwrap();
-    assert_eq!(status, 200);
+    // Later requests: a retry of Ana's event is accepted (and counted once); Ben's event and
+    // a changed Ana event under the same id are refused, whatever request they come in.
+    let (status, body) = client.post_events(&[commit("ana", "p")]).await.unwrap();
+    assert_eq!((status, &body["accepted"]), (200, &json!(1)), "{body}");
+    for other in [commit("ben", "p"), commit("ana", "q")] {
+        let (status, body) = client.post_events(&[other]).await.unwrap();
+        assert_eq!(status, 422, "{body}");
+        let reason = body["rejected"][0]["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("already names a different event"),
+            "{reason}"
+        );
+    }
     client
         .await_rows(
-            "SELECT user_id, count(*) AS n FROM events GROUP BY user_id ORDER BY user_id",
-            &[
-                json!({"user_id": "ana", "n": 1}),
-                json!({"user_id": "ben", "n": 1}),
-            ],
+            "SELECT user_id, project, count(*) AS n FROM events GROUP BY user_id, project",
+            &[json!({"user_id": "ana", "project": "p", "n": 1})],
             Duration::from_secs(20),
         )
         .await
         .unwrap();
-    assert_eq!(counted(&client, 2).await, 2, "ana once, ben once");
+    assert_eq!(counted(&client, 1).await, 1, "Ana's event, once");
 }

@@ -38,6 +38,7 @@ on_both_backends!(
     api_keys_are_stored_as_digests_and_followed,
     password_resets_are_single_use_and_expire,
     audit_log_is_append_only_and_tenant_scoped,
+    event_ids_name_one_event_per_tenant,
 );
 use digame_schemas::profile::{PersonProfile, TenantSettings};
 
@@ -127,7 +128,7 @@ async fn settings_and_profiles_round_trip_and_changes_follow_commit_order(url: S
     // Reopening applies nothing new and keeps everything.
     drop(meta);
     let meta = MetaStore::open(&url, dir).await.unwrap();
-    assert_eq!(meta.migrate().await.unwrap(), vec![1, 2, 3]);
+    assert_eq!(meta.migrate().await.unwrap(), vec![1, 2, 3, 4]);
     assert_eq!(meta.changes_since(0).await.unwrap().revision, 4);
 }
 
@@ -189,6 +190,45 @@ async fn released_groups_are_recorded_once_per_tenant(url: String, dir: &Path) {
     meta.record_released_group("acme", &group).await.unwrap();
     assert_eq!(meta.released_groups("acme").await.unwrap(), vec![group]);
     assert!(meta.released_groups("globex").await.unwrap().is_empty());
+}
+
+async fn event_ids_name_one_event_per_tenant(url: String, dir: &Path) {
+    let meta = MetaStore::open(&url, dir).await.unwrap();
+    let claim = |id: &str, digest: &str| (id.to_string(), digest.to_string());
+    // New ids, and a request repeating one for the same event: nothing to refuse.
+    let got = meta
+        .claim_event_ids("acme", &[claim("e1", "d1"), claim("e2", "d2")], 1_000)
+        .await
+        .unwrap();
+    assert_eq!(got, vec![None, None]);
+    // A retry of e1, e2 reused for another event, a new e3: only e2 is refused, with
+    // the digest it already names.
+    let got = meta
+        .claim_event_ids(
+            "acme",
+            &[claim("e1", "d1"), claim("e2", "other"), claim("e3", "d3")],
+            2_000,
+        )
+        .await
+        .unwrap();
+    assert_eq!(got, vec![None, Some("d2".into()), None]);
+    // Ids are per tenant.
+    let got = meta
+        .claim_event_ids("globex", &[claim("e2", "other")], 2_000)
+        .await
+        .unwrap();
+    assert_eq!(got, vec![None]);
+    // Many at once (more than one statement's worth).
+    let many: Vec<(String, String)> = (0..2_500).map(|i| claim(&format!("m{i}"), "x")).collect();
+    let got = meta.claim_event_ids("acme", &many, 3_000).await.unwrap();
+    assert!(got.iter().all(Option::is_none));
+    // Pruning forgets the oldest: e1 and e2 (first seen at 1 000) go, e3 stays.
+    assert_eq!(meta.prune_event_ids(1_500).await.unwrap(), 2);
+    let got = meta
+        .claim_event_ids("acme", &[claim("e2", "new"), claim("e3", "changed")], 4_000)
+        .await
+        .unwrap();
+    assert_eq!(got, vec![None, Some("d3".into())]);
 }
 
 async fn tenants_acme_and_globex(meta: &MetaStore) {

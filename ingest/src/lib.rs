@@ -44,6 +44,8 @@ pub enum IngestError {
     Empty,
     #[error("the event bus is unavailable ({0}); nothing was accepted, retry later")]
     BusUnavailable(String),
+    #[error("the idempotency index is unavailable ({0}); nothing was accepted, retry later")]
+    IdsUnavailable(String),
     #[error(
         "{} of this request's events were not acknowledged by the event bus; the others are durable. Retry the ones listed in `not_acknowledged` (resending with the same event_id is safe)",
         not_acknowledged.len()
@@ -70,6 +72,7 @@ impl IngestError {
             IngestError::Malformed(_) => "malformed_body",
             IngestError::Empty => "empty_body",
             IngestError::BusUnavailable(_) => "bus_unavailable",
+            IngestError::IdsUnavailable(_) => "ids_unavailable",
             IngestError::PartlyAccepted { .. } => "partly_accepted",
         }
     }
@@ -96,6 +99,9 @@ pub struct Collector {
     pub config: IngestConfig,
     /// Each tenant's title/URL redaction, applied before events reach the bus.
     pub redactions: std::sync::Arc<Redactions>,
+    /// The idempotency index: client event ids are claimed here before the answer, so an
+    /// id already naming another event is refused. `None` checks within a request only.
+    pub ids: Option<digame_infra::meta::MetaStore>,
 }
 
 /// Inflates gzip up to `limit` bytes.
@@ -181,6 +187,8 @@ impl Collector {
         // different event is refused (a retry of the same event is a duplicate).
         let mut ids: std::collections::HashMap<uuid::Uuid, (usize, Bytes)> =
             std::collections::HashMap::new();
+        // (record position, event id, digest) of the client ids to claim across requests.
+        let mut claims: Vec<(usize, String, String)> = Vec::new();
         for (index, text) in items {
             match self.admit(tenant, text, now, &policy, sources) {
                 Ok((mut ev, client_id)) => {
@@ -205,6 +213,7 @@ impl Collector {
                             Some(_) => {}
                             None => {
                                 ids.insert(id, (index, payload.clone()));
+                                claims.push((records.len(), id.to_string(), digest(&ev)));
                             }
                         }
                     }
@@ -221,6 +230,16 @@ impl Collector {
                 }
             }
         }
+        self.claim_ids(
+            tenant,
+            &mut records,
+            &mut record_index,
+            &claims,
+            &mut rejected,
+            &mut dead,
+            now,
+        )
+        .await?;
         let accepted = records.len();
         let (published, dead_published) = tokio::join!(
             self.bus.publish(Topic::Events, records),
@@ -273,6 +292,62 @@ impl Collector {
         Ok(IngestOutcome { accepted, rejected })
     }
 
+    /// Claims this request's client ids in the idempotency index, refusing (and dropping
+    /// from `records`) the events whose id already names a different event.
+    #[allow(clippy::too_many_arguments)]
+    async fn claim_ids(
+        &self,
+        tenant: &str,
+        records: &mut Vec<Record>,
+        record_index: &mut Vec<usize>,
+        claims: &[(usize, String, String)],
+        rejected: &mut Vec<Rejection>,
+        dead: &mut Vec<Record>,
+        now: EventTime,
+    ) -> Result<(), IngestError> {
+        let Some(meta) = &self.ids else {
+            return Ok(());
+        };
+        if claims.is_empty() {
+            return Ok(());
+        }
+        let pairs: Vec<(String, String)> = claims
+            .iter()
+            .map(|(_, id, d)| (id.clone(), d.clone()))
+            .collect();
+        let answers = meta
+            .claim_event_ids(tenant, &pairs, now.0)
+            .await
+            .map_err(|e| IngestError::IdsUnavailable(e.to_string()))?;
+        let mut refused = std::collections::BTreeSet::new();
+        for ((position, id, _), answer) in claims.iter().zip(answers) {
+            if answer.is_some() {
+                let index = record_index[*position];
+                let reason = format!(
+                    "event_id {id} already names a different event of this tenant; give this event its own id (the same id is for retrying the same event)"
+                );
+                let text = String::from_utf8_lossy(&records[*position].payload).into_owned();
+                dead.push(dead_letter(tenant, index, &text, &reason, now));
+                rejected.push(Rejection { index, reason });
+                refused.insert(*position);
+            }
+        }
+        if !refused.is_empty() {
+            let mut i = 0;
+            records.retain(|_| {
+                i += 1;
+                !refused.contains(&(i - 1))
+            });
+            let mut i = 0;
+            record_index.retain(|_| {
+                i += 1;
+                !refused.contains(&(i - 1))
+            });
+            rejected.sort_by_key(|r| r.index);
+        }
+        Ok(())
+    }
+
     /// Decodes and validates one event, and whether the client gave its id; the error is
     /// the reason given to the client.
     fn admit(
@@ -314,6 +389,19 @@ impl Collector {
         }
         Ok((ev, client_id))
     }
+}
+
+/// What an event id names: the event's content, without when it was received (a retry
+/// arrives later), as a SHA-256 in hex.
+fn digest(ev: &ActivityEvent) -> String {
+    use sha2::Digest;
+    let mut canonical = ev.clone();
+    canonical.received_at = None;
+    let bytes = serde_json::to_vec(&canonical).expect("events serialize");
+    sha2::Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn dead_letter(tenant: &str, index: usize, text: &str, reason: &str, now: EventTime) -> Record {

@@ -20,7 +20,7 @@
 
 pub mod identity;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::str::FromStr;
 
@@ -368,6 +368,72 @@ impl MetaStore {
                 Ok((user, profile))
             })
             .collect()
+    }
+
+    /// Claims client event ids for the events they name: `claims` are (event_id, content
+    /// digest). Answers, per claim, the digest the id already names when that differs
+    /// (the id was used for another event: refuse this one), `None` when the id is new or
+    /// names the same event (a retry). Atomic per id: of two concurrent claims with
+    /// different digests, exactly one wins.
+    pub async fn claim_event_ids(
+        &self,
+        tenant: &str,
+        claims: &[(String, String)],
+        now_ms: i64,
+    ) -> Result<Vec<Option<String>>> {
+        // Four parameters a row; SQLite allows 32766 per statement.
+        const CHUNK: usize = 1000;
+        let mut known: HashMap<String, String> = HashMap::with_capacity(claims.len());
+        let mut tx = self.pool.begin().await?;
+        for chunk in claims.chunks(CHUNK) {
+            let rows: Vec<String> = (0..chunk.len())
+                .map(|i| {
+                    format!(
+                        "(${}, ${}, ${}, ${})",
+                        4 * i + 1,
+                        4 * i + 2,
+                        4 * i + 3,
+                        4 * i + 4
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO event_ids (tenant_id, event_id, digest, first_seen) VALUES {} \
+                 ON CONFLICT (tenant_id, event_id) DO NOTHING",
+                rows.join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for (id, digest) in chunk {
+                q = q.bind(tenant).bind(id).bind(digest).bind(now_ms);
+            }
+            q.execute(&mut *tx).await?;
+            let marks: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+            let sql = format!(
+                "SELECT event_id, digest FROM event_ids WHERE tenant_id = $1 AND event_id IN ({})",
+                marks.join(", ")
+            );
+            let mut q = sqlx::query(&sql).bind(tenant);
+            for (id, _) in chunk {
+                q = q.bind(id);
+            }
+            for row in q.fetch_all(&mut *tx).await? {
+                known.insert(row.try_get("event_id")?, row.try_get("digest")?);
+            }
+        }
+        tx.commit().await?;
+        Ok(claims
+            .iter()
+            .map(|(id, digest)| known.get(id).filter(|d| *d != digest).cloned())
+            .collect())
+    }
+
+    /// Forgets event ids first seen before `before_ms` (older than any tenant's horizon).
+    pub async fn prune_event_ids(&self, before_ms: i64) -> Result<u64> {
+        let done = sqlx::query("DELETE FROM event_ids WHERE first_seen < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     /// The people whose profile names `team` (or, with `by_manager`, whose manager is
