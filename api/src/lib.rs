@@ -1356,7 +1356,7 @@ impl Server {
                 bus: bus.clone(),
                 config: config.ingest.clone(),
                 redactions,
-                ids: Some(meta.clone()),
+                ids: config.ingest.idempotency_index.then(|| meta.clone()),
             },
             query: query.clone(),
             bus,

@@ -461,7 +461,16 @@ async fn a_day_uploaded_days_late_revises_only_its_windows() {
 /// named first is erased.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_id_names_one_event() {
-    let (_data, server) = start(&Bus::Embedded, None).await;
+    let data = tempfile::tempdir().unwrap();
+    let mut env = env();
+    env.push(("DIGAME_INGEST__IDEMPOTENCY_INDEX", "true"));
+    let server = DigameProcess::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_digame")),
+        data.path(),
+        &env,
+    )
+    .await
+    .unwrap();
     let client = server.client(KEY);
     let t = Utc::now().timestamp_millis() - 3_600_000;
     let commit = |user: &str, project: &str| {
