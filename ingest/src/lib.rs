@@ -213,7 +213,11 @@ impl Collector {
                             Some(_) => {}
                             None => {
                                 ids.insert(id, (index, payload.clone()));
-                                claims.push((records.len(), id.to_string(), digest(&ev)));
+                                // The digest costs a copy and a hash per event: only for
+                                // the index.
+                                if self.ids.is_some() {
+                                    claims.push((records.len(), id.to_string(), digest(&ev)));
+                                }
                             }
                         }
                     }
