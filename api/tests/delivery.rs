@@ -17,11 +17,22 @@ fn env() -> Vec<(&'static str, &'static str)> {
 }
 
 async fn start(bus: &Bus, store: Option<&TestClickHouse>) -> (tempfile::TempDir, DigameProcess) {
+    start_with(bus, store, &[]).await
+}
+
+/// As [`start`], with more environment.
+async fn start_with(
+    bus: &Bus,
+    store: Option<&TestClickHouse>,
+    extra: &[(&'static str, &'static str)],
+) -> (tempfile::TempDir, DigameProcess) {
     let data = tempfile::tempdir().unwrap();
+    let mut env = env();
+    env.extend_from_slice(extra);
     let server = DigameProcess::start_backends(
         std::path::Path::new(env!("CARGO_BIN_EXE_digame")),
         data.path(),
-        &env(),
+        &env,
         bus,
         store,
     )
@@ -355,18 +366,16 @@ async fn a_day_in_one_request(bus: Bus, store: Option<TestClickHouse>) {
 /// values of the later days, and nothing else — no other hour, no other person.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_day_uploaded_days_late_revises_only_its_windows() {
-    let data = tempfile::tempdir().unwrap();
     // Days leave memory as soon as they are final, as they would hours after a burst.
-    let mut env = env();
-    env.push(("DIGAME_PIPELINE__HOLD_DAYS", "0"));
-    env.push(("DIGAME_PIPELINE__HOLD_TOUCHED_SECS", "0"));
-    let server = DigameProcess::start(
-        std::path::Path::new(env!("CARGO_BIN_EXE_digame")),
-        data.path(),
-        &env,
+    let (_data, server) = start_with(
+        &Bus::Embedded,
+        None,
+        &[
+            ("DIGAME_PIPELINE__HOLD_DAYS", "0"),
+            ("DIGAME_PIPELINE__HOLD_TOUCHED_SECS", "0"),
+        ],
     )
-    .await
-    .unwrap();
+    .await;
     let client = server.client(KEY);
     let today = Utc::now().date_naive();
     let days: Vec<chrono::NaiveDate> = (1..=4)
@@ -461,16 +470,12 @@ async fn a_day_uploaded_days_late_revises_only_its_windows() {
 /// named first is erased.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_id_names_one_event() {
-    let data = tempfile::tempdir().unwrap();
-    let mut env = env();
-    env.push(("DIGAME_INGEST__IDEMPOTENCY_INDEX", "true"));
-    let server = DigameProcess::start(
-        std::path::Path::new(env!("CARGO_BIN_EXE_digame")),
-        data.path(),
-        &env,
+    let (_data, server) = start_with(
+        &Bus::Embedded,
+        None,
+        &[("DIGAME_INGEST__IDEMPOTENCY_INDEX", "true")],
     )
-    .await
-    .unwrap();
+    .await;
     let client = server.client(KEY);
     let t = Utc::now().timestamp_millis() - 3_600_000;
     let commit = |user: &str, project: &str| {

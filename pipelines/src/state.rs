@@ -571,13 +571,7 @@ impl PersonState {
         self.rolling_values(day_start, params, &mut features.day);
         let final_revision = self.history.get(&day_start).map_or(0, |r| r.final_revision);
         let mut windows = BTreeMap::new();
-        let hours = features
-            .hours
-            .iter()
-            .map(|(start, values)| (Granularity::Hour, *start, hour_end(&ctx, *start), values));
-        for (g, ws, we, values) in
-            hours.chain([(Granularity::Day, day_start, day_end, &features.day)])
-        {
+        for (g, ws, we, values) in day_windows(&ctx, &features) {
             windows.insert(
                 (g, ws),
                 EmittedWindow {
@@ -877,13 +871,7 @@ impl PersonState {
         self.record_day(ctx.day, week, std::mem::take(&mut features.summary));
         self.rolling_values(day_start, params, &mut features.day);
         let rev = revision();
-        let hours = features
-            .hours
-            .iter()
-            .map(|(start, values)| (Granularity::Hour, *start, hour_end(&ctx, *start), values));
-        for (g, ws, we, values) in
-            hours.chain([(Granularity::Day, day_start, day.end, &features.day)])
-        {
+        for (g, ws, we, values) in day_windows(&ctx, &features) {
             let emitted = day.windows.entry((g, ws)).or_default();
             emitted.end = we;
             let first_final = emitted.finalize(we <= wm, rev);
@@ -1058,6 +1046,19 @@ fn day_context(params: &PersonParams, day: (i64, i64)) -> DayContext<'_> {
         workday,
         params,
     }
+}
+
+/// The windows of a computed day, hours first, then the day: (granularity, start, end,
+/// values).
+fn day_windows<'a>(
+    ctx: &'a DayContext<'_>,
+    features: &'a crate::features::DayFeatures<'_>,
+) -> impl Iterator<Item = (Granularity, i64, i64, &'a WindowValues<'a>)> {
+    let hours = features
+        .hours
+        .iter()
+        .map(|(start, values)| (Granularity::Hour, *start, hour_end(ctx, *start), values));
+    hours.chain([(Granularity::Day, ctx.day.0, ctx.day.1, &features.day)])
 }
 
 /// End of the hour window starting at `start` in the day of `ctx`.
