@@ -1341,6 +1341,11 @@ impl Server {
             ));
         }
 
+        let ids = if config.ingest.idempotency_index {
+            Some(digame_ingest::IdIndex::open(&config.meta.url, &config.data_dir).await?)
+        } else {
+            None
+        };
         let state = Arc::new(AppState {
             auth: Arc::new(auth::Auth::new(
                 tokens,
@@ -1356,7 +1361,7 @@ impl Server {
                 bus: bus.clone(),
                 config: config.ingest.clone(),
                 redactions,
-                ids: config.ingest.idempotency_index.then(|| meta.clone()),
+                ids,
             },
             query: query.clone(),
             bus,

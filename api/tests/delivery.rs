@@ -470,12 +470,8 @@ async fn a_day_uploaded_days_late_revises_only_its_windows() {
 /// named first is erased.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_id_names_one_event() {
-    let (_data, server) = start_with(
-        &Bus::Embedded,
-        None,
-        &[("DIGAME_INGEST__IDEMPOTENCY_INDEX", "true")],
-    )
-    .await;
+    // The idempotency index is on by default.
+    let (_data, server) = start_with(&Bus::Embedded, None, &[]).await;
     let client = server.client(KEY);
     let t = Utc::now().timestamp_millis() - 3_600_000;
     let commit = |user: &str, project: &str| {

@@ -32,6 +32,27 @@ pub fn focus_event(n: u64, users: u64, base_ms: i64) -> Value {
     })
 }
 
+/// Rewrites the first eight hex digits of every `event_id` in an NDJSON body of
+/// [`focus_event`]s to `round`, so the same body sent again carries ids never sent before
+/// (as a real client's next batch does). `offsets` are where each id's text starts, from
+/// [`event_id_offsets`].
+pub fn stamp_event_ids(body: &mut [u8], offsets: &[usize], round: u32) {
+    let hex = format!("{round:08x}");
+    for &at in offsets {
+        body[at..at + 8].copy_from_slice(hex.as_bytes());
+    }
+}
+
+/// Where the text of each `event_id` value starts in an NDJSON body.
+pub fn event_id_offsets(body: &[u8]) -> Vec<usize> {
+    const KEY: &[u8] = b"\"event_id\":\"";
+    body.windows(KEY.len())
+        .enumerate()
+        .filter(|(_, w)| *w == KEY)
+        .map(|(i, _)| i + KEY.len())
+        .collect()
+}
+
 /// NDJSON bodies of `per_body` events each, `bodies` of them, with distinct event ids.
 /// Returns the bodies and the mean encoded event size in bytes.
 pub fn ndjson_bodies(

@@ -128,7 +128,7 @@ async fn settings_and_profiles_round_trip_and_changes_follow_commit_order(url: S
     // Reopening applies nothing new and keeps everything.
     drop(meta);
     let meta = MetaStore::open(&url, dir).await.unwrap();
-    assert_eq!(meta.migrate().await.unwrap(), vec![1, 2, 3, 4]);
+    assert_eq!(meta.migrate().await.unwrap(), vec![1, 2, 3, 4, 5]);
     assert_eq!(meta.changes_since(0).await.unwrap().revision, 4);
 }
 
@@ -194,10 +194,10 @@ async fn released_groups_are_recorded_once_per_tenant(url: String, dir: &Path) {
 
 async fn event_ids_name_one_event_per_tenant(url: String, dir: &Path) {
     let meta = MetaStore::open(&url, dir).await.unwrap();
-    let claim = |id: &str, digest: &str| (id.to_string(), digest.to_string());
+    let claim = |id: &str, digest: i64| (id.to_string(), digest);
     // New ids, and a request repeating one for the same event: nothing to refuse.
     let got = meta
-        .claim_event_ids("acme", &[claim("e1", "d1"), claim("e2", "d2")], 1_000)
+        .claim_event_ids("acme", &[claim("e1", 1), claim("e2", 2)], 1_000)
         .await
         .unwrap();
     assert_eq!(got, vec![None, None]);
@@ -206,29 +206,42 @@ async fn event_ids_name_one_event_per_tenant(url: String, dir: &Path) {
     let got = meta
         .claim_event_ids(
             "acme",
-            &[claim("e1", "d1"), claim("e2", "other"), claim("e3", "d3")],
+            &[claim("e1", 1), claim("e2", 99), claim("e3", 3)],
             2_000,
         )
         .await
         .unwrap();
-    assert_eq!(got, vec![None, Some("d2".into()), None]);
+    assert_eq!(got, vec![None, Some(2), None]);
     // Ids are per tenant.
     let got = meta
-        .claim_event_ids("globex", &[claim("e2", "other")], 2_000)
+        .claim_event_ids("globex", &[claim("e2", 99)], 2_000)
         .await
         .unwrap();
     assert_eq!(got, vec![None]);
     // Many at once (more than one statement's worth).
-    let many: Vec<(String, String)> = (0..2_500).map(|i| claim(&format!("m{i}"), "x")).collect();
+    let many: Vec<(String, i64)> = (0..2_500).map(|i| claim(&format!("m{i}"), 7)).collect();
     let got = meta.claim_event_ids("acme", &many, 3_000).await.unwrap();
     assert!(got.iter().all(Option::is_none));
+    // Sent again with every third id reused for another event, and new ids between them,
+    // across statement boundaries: exactly the reused ones are refused.
+    let again: Vec<(String, i64)> = (0..2_500)
+        .map(|i| match i % 3 {
+            0 => claim(&format!("m{i}"), 8),
+            1 => claim(&format!("m{i}"), 7),
+            _ => claim(&format!("n{i}"), 7),
+        })
+        .collect();
+    let got = meta.claim_event_ids("acme", &again, 3_500).await.unwrap();
+    for (i, answer) in got.iter().enumerate() {
+        assert_eq!(*answer, (i % 3 == 0).then_some(7), "claim {i}");
+    }
     // Pruning forgets the oldest: e1 and e2 (first seen at 1 000) go, e3 stays.
     assert_eq!(meta.prune_event_ids(1_500).await.unwrap(), 2);
     let got = meta
-        .claim_event_ids("acme", &[claim("e2", "new"), claim("e3", "changed")], 4_000)
+        .claim_event_ids("acme", &[claim("e2", 50), claim("e3", 60)], 4_000)
         .await
         .unwrap();
-    assert_eq!(got, vec![None, Some("d3".into())]);
+    assert_eq!(got, vec![None, Some(3)]);
 }
 
 async fn tenants_acme_and_globex(meta: &MetaStore) {

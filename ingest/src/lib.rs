@@ -10,6 +10,7 @@
 //!
 //! The tenant comes from the credential, never from the body.
 
+pub mod ids;
 pub mod redact;
 
 use std::io::Read;
@@ -23,6 +24,7 @@ use digame_schemas::{ActivityEvent, DeadLetter, EventTime};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+pub use crate::ids::IdIndex;
 pub use crate::redact::Redactions;
 
 /// Why a whole request was refused.
@@ -101,7 +103,7 @@ pub struct Collector {
     pub redactions: std::sync::Arc<Redactions>,
     /// The idempotency index: client event ids are claimed here before the answer, so an
     /// id already naming another event is refused. `None` checks within a request only.
-    pub ids: Option<digame_infra::meta::MetaStore>,
+    pub ids: Option<IdIndex>,
 }
 
 /// Inflates gzip up to `limit` bytes.
@@ -187,8 +189,11 @@ impl Collector {
         // different event is refused (a retry of the same event is a duplicate).
         let mut ids: std::collections::HashMap<uuid::Uuid, (usize, Bytes)> =
             std::collections::HashMap::new();
-        // (record position, event id, digest) of the client ids to claim across requests.
-        let mut claims: Vec<(usize, String, String)> = Vec::new();
+        // The client ids to claim across requests, (event id, digest), and each one's
+        // record position and id.
+        let mut claims: Vec<(String, i64)> = Vec::new();
+        let received = received_member(now);
+        let mut claimed_at: Vec<(usize, uuid::Uuid)> = Vec::new();
         for (index, text) in items {
             match self.admit(tenant, text, now, &policy, sources) {
                 Ok((mut ev, client_id)) => {
@@ -216,7 +221,8 @@ impl Collector {
                                 // The digest costs a copy and a hash per event: only for
                                 // the index.
                                 if self.ids.is_some() {
-                                    claims.push((records.len(), id.to_string(), digest(&ev)));
+                                    claims.push((id.to_string(), digest(&payload, &received)));
+                                    claimed_at.push((records.len(), id));
                                 }
                             }
                         }
@@ -238,7 +244,8 @@ impl Collector {
             tenant,
             &mut records,
             &mut record_index,
-            &claims,
+            claims,
+            &claimed_at,
             &mut rejected,
             &mut dead,
             now,
@@ -304,27 +311,24 @@ impl Collector {
         tenant: &str,
         records: &mut Vec<Record>,
         record_index: &mut Vec<usize>,
-        claims: &[(usize, String, String)],
+        claims: Vec<(String, i64)>,
+        claimed_at: &[(usize, uuid::Uuid)],
         rejected: &mut Vec<Rejection>,
         dead: &mut Vec<Record>,
         now: EventTime,
     ) -> Result<(), IngestError> {
-        let Some(meta) = &self.ids else {
+        let Some(index) = &self.ids else {
             return Ok(());
         };
         if claims.is_empty() {
             return Ok(());
         }
-        let pairs: Vec<(String, String)> = claims
-            .iter()
-            .map(|(_, id, d)| (id.clone(), d.clone()))
-            .collect();
-        let answers = meta
-            .claim_event_ids(tenant, &pairs, now.0)
+        let answers = index
+            .claim(tenant, claims, now.0)
             .await
-            .map_err(|e| IngestError::IdsUnavailable(e.to_string()))?;
+            .map_err(IngestError::IdsUnavailable)?;
         let mut refused = std::collections::BTreeSet::new();
-        for ((position, id, _), answer) in claims.iter().zip(answers) {
+        for ((position, id), answer) in claimed_at.iter().zip(answers) {
             if answer.is_some() {
                 let index = record_index[*position];
                 let reason = format!(
@@ -395,17 +399,35 @@ impl Collector {
     }
 }
 
-/// What an event id names: the event's content, without when it was received (a retry
-/// arrives later), as a SHA-256 in hex.
-fn digest(ev: &ActivityEvent) -> String {
+/// The exact member `"received_at":"…"` that every event payload of a request received at
+/// `now` holds.
+fn received_member(now: EventTime) -> Vec<u8> {
+    let mut member = b"\"received_at\":".to_vec();
+    serde_json::to_writer(&mut member, &now).expect("times serialize");
+    member
+}
+
+/// What an event id names: the event's content without when it was received (a retry
+/// arrives later), as the first eight bytes of the SHA-256 of its payload without the
+/// `received_at` member. The member is the first occurrence of `received`: the fields
+/// serialized before it are numbers and escaped strings (in which an unescaped quote
+/// cannot occur), and the keys a client chooses (attributes, properties) come after it.
+/// A different event under the same id goes unnoticed only if the two collide in 64 bits.
+fn digest(payload: &[u8], received: &[u8]) -> i64 {
     use sha2::Digest;
-    let mut canonical = ev.clone();
-    canonical.received_at = None;
-    let bytes = serde_json::to_vec(&canonical).expect("events serialize");
-    sha2::Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let mut hash = sha2::Sha256::new();
+    match payload.windows(received.len()).position(|w| w == received) {
+        Some(at) => {
+            hash.update(&payload[..at]);
+            hash.update(&payload[at + received.len()..]);
+        }
+        None => {
+            debug_assert!(false, "an event payload without its received_at member");
+            hash.update(payload);
+        }
+    }
+    let sum = hash.finalize();
+    i64::from_be_bytes(sum[..8].try_into().expect("a SHA-256 has 32 bytes"))
 }
 
 fn dead_letter(tenant: &str, index: usize, text: &str, reason: &str, now: EventTime) -> Record {
@@ -466,5 +488,38 @@ mod tests {
             gunzip(b"not gzip", 10),
             Err(IngestError::BadGzip(_))
         ));
+    }
+
+    /// The digest is the SHA-256 of the event's serialization without `received_at`,
+    /// whenever it was received, even when a property is itself named `received_at`.
+    #[test]
+    fn digests_ignore_when_the_event_was_received() {
+        use sha2::Digest;
+        let text = r#"{"event_id":"0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b","user_id":"ana","source":"aw","kind":"window_focus","timestamp":1000,"attributes":{"app":"Code"},"properties":{"received_at":"1970-01-01T00:00:00.005Z"}}"#;
+        let event: ActivityEvent = serde_json::from_str(text).unwrap();
+        let at = |ms: i64| {
+            let mut ev = event.clone();
+            ev.received_at = Some(EventTime(ms));
+            let payload = serde_json::to_vec(&ev).unwrap();
+            digest(&payload, &received_member(EventTime(ms)))
+        };
+        // Independently: the payload with the member's text cut out (a `,,` is left).
+        let without = serde_json::to_string(&{
+            let mut ev = event.clone();
+            ev.received_at = Some(EventTime(5));
+            ev
+        })
+        .unwrap()
+        .replacen(r#""received_at":"1970-01-01T00:00:00.005Z""#, "", 1);
+        assert!(without.contains(r#"{"received_at":"1970-01-01T00:00:00.005Z"}"#));
+        let sum = sha2::Sha256::digest(without.as_bytes());
+        let want = i64::from_be_bytes(sum[..8].try_into().unwrap());
+        assert_eq!(at(5), want);
+        assert_eq!(at(5), at(86_400_000));
+        let mut other = event.clone();
+        other.duration_ms = 1;
+        other.received_at = Some(EventTime(5));
+        let payload = serde_json::to_vec(&other).unwrap();
+        assert_ne!(digest(&payload, &received_member(EventTime(5))), at(5));
     }
 }

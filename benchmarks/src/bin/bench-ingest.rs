@@ -19,12 +19,14 @@
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use digame_benchmarks::{ndjson_bodies, process_cpu, quantile, thousands};
+use digame_benchmarks::{
+    event_id_offsets, ndjson_bodies, process_cpu, quantile, stamp_event_ids, thousands,
+};
 
 /// The allocator: the pipeline and ingest allocate many small, short-lived strings, which
 /// glibc's malloc serves markedly slower.
@@ -56,6 +58,9 @@ struct Cli {
     /// Publish to this Kafka bootstrap address instead of the embedded log.
     #[arg(long)]
     kafka: Option<String>,
+    /// Turn the cross-request idempotency index off (`ingest.idempotency_index = false`).
+    #[arg(long)]
+    no_idempotency_index: bool,
 }
 
 #[derive(Subcommand)]
@@ -69,6 +74,8 @@ enum Child {
         pipeline: bool,
         #[arg(long)]
         bus: Option<String>,
+        #[arg(long)]
+        no_idempotency_index: bool,
     },
 }
 
@@ -79,7 +86,8 @@ fn main() -> anyhow::Result<()> {
             data_dir,
             pipeline,
             bus,
-        }) => serve_child(data_dir, pipeline, bus),
+            no_idempotency_index,
+        }) => serve_child(data_dir, pipeline, bus, !no_idempotency_index),
         None => run(cli),
     }
 }
@@ -88,6 +96,7 @@ fn serve_child(
     data_dir: std::path::PathBuf,
     pipeline: bool,
     bus: Option<String>,
+    idempotency_index: bool,
 ) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -101,6 +110,7 @@ fn serve_child(
         config.ingest.keys = digame_infra::config::IngestKeys::parse(&format!("{KEY}:bench"))
             .map_err(anyhow::Error::msg)?;
         config.pipeline.enabled = pipeline;
+        config.ingest.idempotency_index = idempotency_index;
         if let Some(url) = bus {
             config.bus.url = url;
             config.bus.topic_prefix = format!("bench{}.", std::process::id());
@@ -128,6 +138,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .args(["serve-child", "--data-dir"])
         .arg(data.path())
         .args(cli.pipeline.then_some("--pipeline"))
+        .args(cli.no_idempotency_index.then_some("--no-idempotency-index"))
         .args(
             cli.kafka
                 .iter()
@@ -147,8 +158,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("server did not start: {line:?}"))?
         .to_string();
 
-    // Enough distinct bodies that event ids do not repeat within a run of this length
-    // at the expected rate; bodies are built before the clock starts.
+    // Bodies are built before the clock starts; each request sends a copy with its own
+    // round of event ids, so every event is new to the server (not a retry).
     let base_ms = chrono::Utc::now().timestamp_millis() - 6 * 3_600_000;
     let bodies_n = 64;
     let (bodies, mean_size) = ndjson_bodies(bodies_n, cli.batch, cli.users, base_ms);
@@ -169,12 +180,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let per_core = r.events as f64 / r.server_cpu.as_secs_f64().max(1e-9);
     let mut lat = r.latencies;
     println!(
-        "ingest: HTTP NDJSON -> {}, pipeline {}",
+        "ingest: HTTP NDJSON -> {}, pipeline {}, idempotency index {}",
         match &cli.kafka {
             Some(k) => format!("Kafka at {k} (acks=all before 2xx)"),
             None => "embedded log bus (fsync before 2xx)".into(),
         },
-        if cli.pipeline { "on" } else { "off" }
+        if cli.pipeline { "on" } else { "off" },
+        if cli.no_idempotency_index {
+            "off"
+        } else {
+            "on"
+        }
     );
     println!(
         "  load          {} events in {secs:.1} s; {mean_size:.0} B/event, {} events/request, {} connections, {} people",
@@ -345,16 +361,22 @@ async fn load(
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let events = Arc::new(AtomicU64::new(0));
+    // Requests sent so far: request n sends body n % len with id round n / len.
+    let sent = Arc::new(AtomicUsize::new(0));
+    let offsets: Arc<Vec<Vec<usize>>> =
+        Arc::new(bodies.iter().map(|b| event_id_offsets(b)).collect());
     let mut tasks = Vec::new();
-    for c in 0..cli.connections {
+    for _ in 0..cli.connections {
         let (http, url, bodies) = (http.clone(), url.clone(), bodies.clone());
         let (measuring, stop, events) = (measuring.clone(), stop.clone(), events.clone());
+        let (offsets, sent) = (offsets.clone(), sent.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
-            let mut i = c;
             while !stop.load(Ordering::Relaxed) {
-                let body = bodies[i % bodies.len()].clone();
-                i += 7;
+                let n = sent.fetch_add(1, Ordering::Relaxed);
+                let which = n % bodies.len();
+                let mut body = bodies[which].to_vec();
+                stamp_event_ids(&mut body, &offsets[which], (n / bodies.len()) as u32);
                 let started = Instant::now();
                 let resp = http
                     .post(&url)

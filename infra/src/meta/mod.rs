@@ -129,6 +129,16 @@ pub enum Backend {
     Postgres,
 }
 
+/// One request's client event ids to claim, for [`MetaStore::claim_event_id_sets`].
+#[derive(Debug, Clone, Copy)]
+pub struct EventIdClaims<'a> {
+    pub tenant: &'a str,
+    /// (event_id, content digest), ids distinct.
+    pub claims: &'a [(String, i64)],
+    /// When the ids are first seen (Unix ms), for pruning.
+    pub now_ms: i64,
+}
+
 /// The metadata store.
 #[derive(Clone, Debug)]
 pub struct MetaStore {
@@ -180,6 +190,16 @@ pub fn redact_url(url: &str) -> String {
 impl MetaStore {
     /// Opens (creating when missing) the store of `url` and applies pending migrations.
     pub async fn open(url: &str, data_dir: &Path) -> Result<Self> {
+        Self::open_with(url, data_dir, None).await
+    }
+
+    /// [`open`](Self::open) with one connection: for a task that is the store's only
+    /// user of a table and wants no pool between it and the database.
+    pub async fn open_single(url: &str, data_dir: &Path) -> Result<Self> {
+        Self::open_with(url, data_dir, Some(1)).await
+    }
+
+    async fn open_with(url: &str, data_dir: &Path, connections: Option<u32>) -> Result<Self> {
         install_default_drivers();
         let shown = redact_url(url);
         let open_error = |e: sqlx::Error| MetaError::Open {
@@ -188,7 +208,7 @@ impl MetaStore {
         };
         let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = AnyPoolOptions::new()
-                .max_connections(16)
+                .max_connections(connections.unwrap_or(16))
                 .acquire_timeout(std::time::Duration::from_secs(10))
                 .connect(url)
                 .await
@@ -214,7 +234,7 @@ impl MetaStore {
             // sqlx opens SQLite in WAL mode with a 5 s busy timeout.
             let conn = format!("sqlite://{}?mode=rwc", path.display());
             let pool = AnyPoolOptions::new()
-                .max_connections(4)
+                .max_connections(connections.unwrap_or(4))
                 .connect(&conn)
                 .await
                 .map_err(open_error)?;
@@ -230,6 +250,33 @@ impl MetaStore {
     /// The database this store runs on.
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// `rows` parenthesised groups of `width` bind markers, `(…), (…)`, numbered from
+    /// `first` on PostgreSQL (`$1`, `$2` …) and anonymous on SQLite (`?`, bound in order):
+    /// SQLite finds a numbered marker's name by scanning a list, so binding a statement of
+    /// thousands of `$N` markers takes quadratic time (it held ingest to ~36k events/s).
+    fn markers(&self, first: usize, rows: usize, width: usize) -> String {
+        let mut out = String::with_capacity(rows * width * 7);
+        let mut n = first;
+        for r in 0..rows {
+            out.push_str(if r == 0 { "(" } else { ", (" });
+            for c in 0..width {
+                if c > 0 {
+                    out.push_str(", ");
+                }
+                match self.backend {
+                    Backend::Sqlite => out.push('?'),
+                    Backend::Postgres => {
+                        out.push('$');
+                        out.push_str(&n.to_string());
+                    }
+                }
+                n += 1;
+            }
+            out.push(')');
+        }
+        out
     }
 
     /// Applies the migrations not yet applied; returns the versions now applied.
@@ -371,60 +418,81 @@ impl MetaStore {
     }
 
     /// Claims client event ids for the events they name: `claims` are (event_id, content
-    /// digest). Answers, per claim, the digest the id already names when that differs
-    /// (the id was used for another event: refuse this one), `None` when the id is new or
-    /// names the same event (a retry). Atomic per id: of two concurrent claims with
-    /// different digests, exactly one wins.
+    /// digest), ids distinct. Answers, per claim, the digest the id already names when
+    /// that differs (the id was used for another event: refuse this one), `None` when the
+    /// id is new or names the same event (a retry). Atomic per id: of two concurrent
+    /// claims with different digests, exactly one wins.
     pub async fn claim_event_ids(
         &self,
         tenant: &str,
-        claims: &[(String, String)],
+        claims: &[(String, i64)],
         now_ms: i64,
-    ) -> Result<Vec<Option<String>>> {
-        // Four parameters a row; SQLite allows 32766 per statement.
-        const CHUNK: usize = 1000;
-        let mut known: HashMap<String, String> = HashMap::with_capacity(claims.len());
+    ) -> Result<Vec<Option<i64>>> {
+        let mut answers = self
+            .claim_event_id_sets(&[EventIdClaims {
+                tenant,
+                claims,
+                now_ms,
+            }])
+            .await?;
+        Ok(answers.pop().unwrap_or_default())
+    }
+
+    /// [`claim_event_ids`](Self::claim_event_ids) for several requests in one transaction
+    /// (one commit for all), in order: a later set sees the ids an earlier one claimed.
+    /// New ids cost one statement per thousand; only ids already present are read back.
+    pub async fn claim_event_id_sets(
+        &self,
+        sets: &[EventIdClaims<'_>],
+    ) -> Result<Vec<Vec<Option<i64>>>> {
+        // Two parameters a row; SQLite allows 32766 per statement.
+        const CHUNK: usize = 4000;
         let mut tx = self.pool.begin().await?;
-        for chunk in claims.chunks(CHUNK) {
-            let rows: Vec<String> = (0..chunk.len())
-                .map(|i| {
-                    format!(
-                        "(${}, ${}, ${}, ${})",
-                        4 * i + 1,
-                        4 * i + 2,
-                        4 * i + 3,
-                        4 * i + 4
-                    )
-                })
-                .collect();
-            let sql = format!(
-                "INSERT INTO event_ids (tenant_id, event_id, digest, first_seen) VALUES {} \
-                 ON CONFLICT (tenant_id, event_id) DO NOTHING",
-                rows.join(", ")
+        let mut out = Vec::with_capacity(sets.len());
+        for set in sets {
+            let mut known: HashMap<String, i64> = HashMap::new();
+            for chunk in set.claims.chunks(CHUNK) {
+                // The tenant and the time are bound once; the ids and digests row by row.
+                let sql = format!(
+                    "INSERT INTO event_ids (tenant_id, event_id, digest, first_seen) \
+                     SELECT {}, v.column1, v.column2, {} FROM (VALUES {}) AS v WHERE true \
+                     ON CONFLICT (tenant_id, event_id) DO NOTHING",
+                    self.markers(1, 1, 1),
+                    self.markers(2, 1, 1),
+                    self.markers(3, chunk.len(), 2)
+                );
+                let mut q = sqlx::query(&sql).bind(set.tenant).bind(set.now_ms);
+                for (id, digest) in chunk {
+                    q = q.bind(id.as_str()).bind(*digest);
+                }
+                let inserted = q.execute(&mut *tx).await?.rows_affected();
+                if inserted == chunk.len() as u64 {
+                    continue;
+                }
+                // Some ids were present already: a retry (same digest) or a reuse
+                // (another). Rare, so the whole chunk is read back.
+                let sql = format!(
+                    "SELECT event_id, digest FROM event_ids WHERE tenant_id = {} AND event_id IN {}",
+                    self.markers(1, 1, 1),
+                    self.markers(2, 1, chunk.len())
+                );
+                let mut q = sqlx::query(&sql).bind(set.tenant);
+                for (id, _) in chunk {
+                    q = q.bind(id.as_str());
+                }
+                for row in q.fetch_all(&mut *tx).await? {
+                    known.insert(row.try_get(0)?, row.try_get(1)?);
+                }
+            }
+            out.push(
+                set.claims
+                    .iter()
+                    .map(|(id, digest)| known.get(id).filter(|d| *d != digest).copied())
+                    .collect(),
             );
-            let mut q = sqlx::query(&sql);
-            for (id, digest) in chunk {
-                q = q.bind(tenant).bind(id).bind(digest).bind(now_ms);
-            }
-            q.execute(&mut *tx).await?;
-            let marks: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
-            let sql = format!(
-                "SELECT event_id, digest FROM event_ids WHERE tenant_id = $1 AND event_id IN ({})",
-                marks.join(", ")
-            );
-            let mut q = sqlx::query(&sql).bind(tenant);
-            for (id, _) in chunk {
-                q = q.bind(id);
-            }
-            for row in q.fetch_all(&mut *tx).await? {
-                known.insert(row.try_get("event_id")?, row.try_get("digest")?);
-            }
         }
         tx.commit().await?;
-        Ok(claims
-            .iter()
-            .map(|(id, digest)| known.get(id).filter(|d| *d != digest).cloned())
-            .collect())
+        Ok(out)
     }
 
     /// Forgets event ids first seen before `before_ms` (older than any tenant's horizon).
