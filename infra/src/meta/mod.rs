@@ -15,8 +15,8 @@
 //!   last revision it saw ([`MetaStore::changes_since`]) never misses a change.
 //! - **Validated content.** Settings and profiles are validated before they are stored,
 //!   so whatever a pipeline reads back compiles.
-//! - **Bound parameters.** Every value reaches SQL as a bound parameter (`$1`, …), never
-//!   by concatenation.
+//! - **Bound parameters.** Every value reaches SQL as a bound parameter (`$1`, …; `?` in
+//!   the generated multi-row statements on SQLite), never by concatenation.
 
 pub mod identity;
 
