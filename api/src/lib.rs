@@ -156,6 +156,7 @@ impl IntoResponse for ApiError {
                 QueryError::Timeout(_) => {
                     (StatusCode::GATEWAY_TIMEOUT, "query_timeout", e.to_string())
                 }
+                QueryError::Busy(m) => (StatusCode::TOO_MANY_REQUESTS, "query_busy", m.clone()),
                 QueryError::Internal(m) => {
                     tracing::error!(error = %m, "query failed");
                     (
@@ -178,7 +179,7 @@ impl IntoResponse for ApiError {
             body["not_acknowledged"] = json!(not_acknowledged);
         }
         let mut resp = (status, Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -636,21 +636,49 @@ pub enum StoreBackend {
     ClickHouse { url: String, database: String },
 }
 
-/// Query limits.
+/// Query limits: what one SQL request may cost. Every limit refuses or stops the one query
+/// that reaches it, never the process.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QueryConfig {
     /// Most rows one SQL request returns; more are cut and flagged `truncated`.
     pub max_rows: usize,
-    /// Longest a query may run, in seconds.
+    /// Most bytes of result data one SQL request returns; more are cut and flagged
+    /// `truncated`.
+    pub max_result_bytes: usize,
+    /// Longest a query may run, in seconds; then it is stopped.
     pub timeout_secs: u64,
+    /// Longest SQL text, in bytes.
+    pub max_sql_bytes: usize,
+    /// Deepest nesting of expressions and set operations (`1+1+…`, `a OR b OR …`,
+    /// `UNION ALL` chains, subqueries) a query may have.
+    pub max_depth: usize,
+    /// Largest single value a string function may build (`repeat`, `lpad`, `rpad`), bytes.
+    pub max_value_bytes: usize,
+    /// Memory one query's operators may hold (sorts, joins, aggregates), bytes.
+    pub max_memory_bytes: usize,
+    /// Queries one tenant may run at once; more are answered 429 with `Retry-After`.
+    pub max_concurrent_per_tenant: usize,
+    /// Queries all tenants together may run at once.
+    pub max_concurrent: usize,
+    /// Threads of the query executor, separate from the ones serving ingest and the
+    /// pipeline (0: half the cores, at least one).
+    pub threads: usize,
 }
 
 impl Default for QueryConfig {
     fn default() -> Self {
         QueryConfig {
             max_rows: 10_000,
+            max_result_bytes: 16 << 20,
             timeout_secs: 30,
+            max_sql_bytes: 64 << 10,
+            max_depth: 256,
+            max_value_bytes: 64 << 10,
+            max_memory_bytes: 512 << 20,
+            max_concurrent_per_tenant: 2,
+            max_concurrent: 4,
+            threads: 0,
         }
     }
 }

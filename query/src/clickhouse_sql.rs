@@ -45,14 +45,19 @@ fn logical_schema(table: Table) -> Arc<Schema> {
 }
 
 /// Plans `sql` for `tenant` and returns the ClickHouse SQL to run and the output schema.
-pub async fn plan(tenant: &str, sql: &str, max_rows: usize) -> Result<(String, Arc<Schema>)> {
+pub async fn plan(
+    tenant: &str,
+    sql: &str,
+    max_rows: usize,
+    max_depth: usize,
+) -> Result<(String, Arc<Schema>)> {
     let ctx = SessionContext::new_with_config(SessionConfig::new().with_information_schema(false));
     for table in Table::ALL {
         let provider: Arc<dyn TableProvider> = Arc::new(EmptyTable::new(logical_schema(table)));
         ctx.register_table(table.name(), provider)
             .map_err(internal)?;
     }
-    let df = plan_query(&ctx, sql).await?;
+    let df = plan_query(&ctx, sql, max_depth).await?;
     let df = df.limit(0, Some(max_rows + 1)).map_err(internal)?;
     let plan = df.logical_plan().clone();
     let scoped = plan
@@ -170,19 +175,23 @@ impl Dialect for ClickHouseDialect {
 }
 
 /// Runs `sql` for `tenant` on ClickHouse.
+/// ClickHouse enforces the time, memory and result-size limits on its side.
 pub async fn sql(
     client: &clickhouse::Client,
     tenant: &str,
     sql: &str,
-    max_rows: usize,
-    timeout_secs: u64,
+    config: &digame_infra::config::QueryConfig,
 ) -> Result<SqlResult> {
-    let (text, schema) = plan(tenant, sql, max_rows).await?;
+    let (max_rows, timeout_secs) = (config.max_rows, config.timeout_secs);
+    let (text, schema) = plan(tenant, sql, max_rows, config.max_depth).await?;
     tracing::debug!(sql = %text, "running SQL on ClickHouse");
     let body = client
         .query_raw(&text)
         .with_setting("readonly", "2")
         .with_setting("max_execution_time", timeout_secs.to_string())
+        .with_setting("max_memory_usage", config.max_memory_bytes.to_string())
+        .with_setting("max_result_bytes", config.max_result_bytes.to_string())
+        .with_setting("result_overflow_mode", "break")
         .fetch_bytes("JSONCompact")
         .map_err(|e| QueryError::Invalid(format!("ClickHouse: {e}")))?
         .collect()
@@ -271,6 +280,7 @@ mod tests {
             "acme",
             "SELECT f.user_id, count(*) AS n FROM features f WHERE f.value > 1 GROUP BY f.user_id",
             10,
+            256,
         )
         .await
         .unwrap();
@@ -283,6 +293,7 @@ mod tests {
             "acme",
             "SELECT e.user_id FROM events e JOIN dead_letters d ON e.tenant_id = d.tenant_id",
             10,
+            256,
         )
         .await
         .unwrap();
@@ -295,10 +306,10 @@ mod tests {
             "DROP TABLE features",
             "INSERT INTO features SELECT * FROM features",
         ] {
-            let r = plan("acme", bad, 10).await;
+            let r = plan("acme", bad, 10, 256).await;
             assert!(matches!(r, Err(QueryError::Invalid(_))), "{bad}");
         }
-        let err = plan("acme", r"SELECT 'a\' AS x FROM events", 10)
+        let err = plan("acme", r"SELECT 'a\' AS x FROM events", 10, 256)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("backslash"), "{err}");

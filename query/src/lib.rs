@@ -31,7 +31,9 @@ use datafusion::datasource::listing::{
     ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
 };
 use datafusion::datasource::{ViewTable, provider_as_source};
+use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::context::SQLOptions;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::functions_window::expr_fn::row_number;
 use datafusion::logical_expr::{Expr, ExprFunctionExt, LogicalPlanBuilder, col, lit};
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -51,6 +53,9 @@ pub enum QueryError {
     Timeout(u64),
     #[error("query engine error: {0}")]
     Internal(String),
+    /// Too many queries are running; retry shortly.
+    #[error("{0}")]
+    Busy(String),
 }
 
 pub type Result<T, E = QueryError> = std::result::Result<T, E>;
@@ -137,6 +142,7 @@ pub mod charts;
 pub mod clickhouse_sql;
 pub mod events;
 pub mod groups;
+pub mod isolation;
 pub mod network;
 pub mod reconcile;
 pub mod styles;
@@ -153,6 +159,8 @@ enum Backend {
 pub struct QueryEngine {
     backend: Backend,
     config: QueryConfig,
+    /// Where tenants' SQL runs, and who may start a query.
+    isolation: isolation::Isolation,
 }
 
 impl QueryEngine {
@@ -160,6 +168,8 @@ impl QueryEngine {
     pub fn new(store_root: impl Into<std::path::PathBuf>, config: QueryConfig) -> Self {
         QueryEngine {
             backend: Backend::Embedded(store_root.into()),
+            isolation: isolation::Isolation::new(&config)
+                .expect("the query executor's threads start"),
             config,
         }
     }
@@ -168,6 +178,8 @@ impl QueryEngine {
     pub fn clickhouse(client: clickhouse::Client, config: QueryConfig) -> Self {
         QueryEngine {
             backend: Backend::ClickHouse(Box::new(client)),
+            isolation: isolation::Isolation::new(&config)
+                .expect("the query executor's threads start"),
             config,
         }
     }
@@ -186,8 +198,21 @@ impl QueryEngine {
         digame_schemas::validate::validate_tenant_id(tenant).map_err(QueryError::Invalid)?;
         let config = SessionConfig::new()
             .with_information_schema(false)
-            .with_target_partitions(2);
-        let ctx = SessionContext::new_with_config(config);
+            .with_target_partitions(2)
+            // Small batches: a result is cut at its byte limit one batch at a time.
+            .with_batch_size(1024);
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_limit(self.config.max_memory_bytes, 1.0)
+            .build_arc()
+            .map_err(internal)?;
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .with_default_features()
+            .with_physical_optimizer_rule(Arc::new(isolation::YieldEverywhere))
+            .build();
+        let ctx = SessionContext::new_with_state(state);
+        isolation::cap_functions(&ctx, self.config.max_value_bytes);
         for table in Table::ALL {
             let view = self.tenant_view(table, tenant)?;
             ctx.register_table(table.name(), view).map_err(internal)?;
@@ -259,6 +284,7 @@ impl QueryEngine {
             Err(QueryError::Invalid(_)) => "invalid",
             Err(QueryError::Timeout(_)) => "timeout",
             Err(QueryError::Internal(_)) => "error",
+            Err(QueryError::Busy(_)) => "busy",
         };
         metrics()
             .query_requests
@@ -271,42 +297,21 @@ impl QueryEngine {
     pub async fn sql(&self, tenant: &str, sql: &str) -> Result<SqlResult> {
         if let Backend::ClickHouse(client) = &self.backend {
             digame_schemas::validate::validate_tenant_id(tenant).map_err(QueryError::Invalid)?;
-            let (max, secs) = (self.config.max_rows, self.config.timeout_secs);
+            isolation::check_size(sql, &self.config)?;
             return self
-                .run("sql", clickhouse_sql::sql(client, tenant, sql, max, secs))
+                .run(
+                    "sql",
+                    clickhouse_sql::sql(client, tenant, sql, &self.config),
+                )
                 .await;
         }
-        self.run("sql", async {
-            let ctx = self.tenant_context(tenant)?;
-            let df = plan_query(&ctx, sql).await?;
-            // From the plan, so an empty answer still names its columns.
-            let columns: Vec<ColumnInfo> = df
-                .schema()
-                .fields()
-                .iter()
-                .map(|f| ColumnInfo {
-                    name: f.name().clone(),
-                    data_type: f.data_type().to_string(),
-                })
-                .collect();
-            let max = self.config.max_rows;
-            let batches = df
-                .limit(0, Some(max + 1))
-                .map_err(internal)?
-                .collect()
-                .await
-                .map_err(|e| QueryError::Invalid(clean_error(&e.to_string())))?;
-            let mut rows = batches_to_json(&batches)?;
-            let truncated = rows.len() > max;
-            rows.truncate(max);
-            Ok(SqlResult {
-                columns,
-                row_count: rows.len(),
-                rows,
-                truncated,
-            })
-        })
-        .await
+        isolation::check_size(sql, &self.config)?;
+        let ctx = self.tenant_context(tenant)?;
+        let (sql, config) = (sql.to_string(), self.config.clone());
+        let work = self
+            .isolation
+            .run(tenant, async move { run_sql(ctx, &sql, &config).await });
+        self.run("sql", work).await
     }
 
     /// The tables of `POST /v1/sql` and their columns, as the engine itself plans them
@@ -460,15 +465,86 @@ struct CellScope<'a> {
     features: &'a [&'a str],
 }
 
-/// Plans `sql` in `ctx`, refusing anything but a query (DDL, DML, `SET`, …).
-async fn plan_query(ctx: &SessionContext, sql: &str) -> Result<datafusion::dataframe::DataFrame> {
-    let options = SQLOptions::new()
+/// Plans `sql` in `ctx`, refusing anything but a query (DDL, DML, `SET`, …) and
+/// statements nested deeper than `max_depth`.
+async fn plan_query(
+    ctx: &SessionContext,
+    sql: &str,
+    max_depth: usize,
+) -> Result<datafusion::dataframe::DataFrame> {
+    let invalid =
+        |e: datafusion::error::DataFusionError| QueryError::Invalid(clean_error(&e.to_string()));
+    let state = ctx.state();
+    let dialect = state.config().options().sql_parser.dialect;
+    let statement = state.sql_to_statement(sql, &dialect).map_err(invalid)?;
+    isolation::check_depth(&statement, max_depth)?;
+    let plan = state.statement_to_plan(statement).await.map_err(invalid)?;
+    SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
-        .with_allow_statements(false);
-    ctx.sql_with_options(sql, options)
-        .await
-        .map_err(|e| QueryError::Invalid(clean_error(&e.to_string())))
+        .with_allow_statements(false)
+        .verify_plan(&plan)
+        .map_err(invalid)?;
+    Ok(datafusion::dataframe::DataFrame::new(state, plan))
+}
+
+/// Plans and runs one read-only query, streaming its result and cutting it at the row and
+/// byte limits. Runs on the query executor.
+async fn run_sql(ctx: SessionContext, sql: &str, config: &QueryConfig) -> Result<SqlResult> {
+    use futures::StreamExt;
+    let df = plan_query(&ctx, sql, config.max_depth).await?;
+    // From the plan, so an empty answer still names its columns.
+    let columns: Vec<ColumnInfo> = df
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| ColumnInfo {
+            name: f.name().clone(),
+            data_type: f.data_type().to_string(),
+        })
+        .collect();
+    let max = config.max_rows;
+    // EXPLAIN must stay the root of its plan; its answer is a few rows anyway.
+    let explain = matches!(
+        df.logical_plan(),
+        datafusion::logical_expr::LogicalPlan::Explain(_)
+            | datafusion::logical_expr::LogicalPlan::Analyze(_)
+    );
+    let df = if explain {
+        df
+    } else {
+        df.limit(0, Some(max + 1)).map_err(internal)?
+    };
+    let failed =
+        |e: datafusion::error::DataFusionError| QueryError::Invalid(clean_error(&e.to_string()));
+    let mut stream = df.execute_stream().await.map_err(failed)?;
+    let (mut rows, mut bytes, mut truncated) = (Vec::new(), 0usize, false);
+    while let Some(batch) = stream.next().await {
+        let mut batch = batch.map_err(failed)?;
+        let size = batch.get_array_memory_size();
+        if bytes + size > config.max_result_bytes {
+            // Keep the rows that fit, by the batch's mean row size.
+            let per_row = (size / batch.num_rows().max(1)).max(1);
+            let fit = (config.max_result_bytes - bytes) / per_row;
+            batch = batch.slice(0, fit.min(batch.num_rows()));
+            truncated = true;
+        }
+        bytes += size;
+        rows.extend(batches_to_json(std::slice::from_ref(&batch))?);
+        if rows.len() > max {
+            truncated = true;
+        }
+        if truncated {
+            break;
+        }
+    }
+    rows.truncate(max);
+    Ok(SqlResult {
+        columns,
+        row_count: rows.len(),
+        rows,
+        truncated,
+    })
 }
 
 /// DataFusion errors carry a prefix naming the engine phase; users need the message.
@@ -767,6 +843,138 @@ mod tests {
         }
         let err = engine.sql("acme", "SELECT * FROM nope").await.unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
+    }
+
+    /// What one query may cost: refused before planning when too long or too deep, cut
+    /// when its result passes the row or byte limit, refused when a function would build
+    /// a value over the limit, stopped at the deadline; EXPLAIN answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queries_run_within_their_limits() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = QueryConfig {
+            max_rows: 50,
+            max_result_bytes: 1 << 20,
+            max_sql_bytes: 4096,
+            max_depth: 64,
+            max_value_bytes: 10_000,
+            timeout_secs: 2,
+            ..QueryConfig::default()
+        };
+        let engine = QueryEngine::new(dir.path(), config);
+        let err = engine.sql("acme", &"x".repeat(5000)).await.unwrap_err();
+        assert!(
+            err.to_string().contains("4096 (query.max_sql_bytes)"),
+            "{err}"
+        );
+        let deep = format!("SELECT {}", vec!["1"; 100].join(" + "));
+        let err = engine.sql("acme", &deep).await.unwrap_err();
+        assert!(err.to_string().contains("more than 64 levels"), "{err}");
+        // Just inside the limit: 60 terms are 59 additions plus the literal, in one query.
+        let fine = format!("SELECT {} AS n", vec!["1"; 60].join(" + "));
+        let got = engine.sql("acme", &fine).await.unwrap();
+        assert_eq!(got.rows[0]["n"], 60);
+        // 10 bytes x 1,000 is allowed, x 1,001 is not.
+        let got = engine
+            .sql("acme", "SELECT length(repeat('0123456789', 1000)) AS n")
+            .await
+            .unwrap();
+        assert_eq!(got.rows[0]["n"], 10_000);
+        let err = engine
+            .sql("acme", "SELECT repeat('0123456789', 1001) AS s")
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("10010 bytes; the limit is 10000"),
+            "{err}"
+        );
+        let err = engine
+            .sql("acme", "SELECT lpad('x', 20000) AS s")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("20000 characters"), "{err}");
+        // Rows past the limit are cut.
+        let got = engine
+            .sql("acme", "SELECT * FROM range(1000)")
+            .await
+            .unwrap();
+        assert_eq!((got.row_count, got.truncated), (50, true));
+        // So are bytes: 1,000 values of 10,000 bytes are 10 MB, over the 1 MB limit, which
+        // holds at most 104 of them.
+        let got = engine
+            .sql(
+                "acme",
+                "SELECT repeat('0123456789', 1000) AS s FROM range(1000)",
+            )
+            .await
+            .unwrap();
+        assert!(got.truncated);
+        assert!((50..=104).contains(&got.row_count), "{}", got.row_count);
+        // A query that outlives its deadline is stopped, and the next one runs at once.
+        let started = std::time::Instant::now();
+        let err = engine
+            .sql(
+                "acme",
+                "SELECT count(*) FROM range(100000) a, range(100000) b, range(1000) c",
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(err, QueryError::Timeout(2)), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(4));
+        let started = std::time::Instant::now();
+        let got = engine.sql("acme", "SELECT 1 AS one").await.unwrap();
+        assert_eq!(got.rows[0]["one"], 1);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
+        // EXPLAIN is the root of its own plan.
+        let got = engine
+            .sql("acme", "EXPLAIN SELECT count(*) FROM features")
+            .await
+            .unwrap();
+        assert!(got.row_count >= 2, "{got:?}");
+        assert!(
+            serde_json::to_string(&got.rows)
+                .unwrap()
+                .contains("tenant_id")
+        );
+    }
+
+    /// Admission: a tenant's queries past its limit are refused at once as busy; another
+    /// tenant's still run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tenant_at_its_query_limit_is_told_to_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = QueryConfig {
+            max_concurrent_per_tenant: 1,
+            timeout_secs: 3,
+            ..QueryConfig::default()
+        };
+        let engine = Arc::new(QueryEngine::new(dir.path(), config));
+        let slow = {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                engine
+                    .sql(
+                        "acme",
+                        "SELECT count(*) FROM range(100000) a, range(100000) b",
+                    )
+                    .await
+            })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let err = engine.sql("acme", "SELECT 1").await.unwrap_err();
+        assert!(matches!(err, QueryError::Busy(_)), "{err}");
+        assert!(
+            err.to_string().contains("query.max_concurrent_per_tenant"),
+            "{err}"
+        );
+        let got = engine.sql("globex", "SELECT 1 AS one").await.unwrap();
+        assert_eq!(got.rows[0]["one"], 1);
+        assert!(matches!(slow.await.unwrap(), Err(QueryError::Timeout(3))));
+        // Its permit is back.
+        assert!(engine.sql("acme", "SELECT 1").await.is_ok());
     }
 
     #[tokio::test]
