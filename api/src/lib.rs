@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod recompute;
+pub mod serve;
 pub mod simulate;
 mod views;
 
@@ -1400,17 +1401,12 @@ impl Server {
             Role::Pipeline => ops_router(state.clone()),
         };
         let mut rx = shutdown_rx.clone();
+        let http_config = config.http.clone();
         let http = tokio::spawn(async move {
-            let graceful = async move {
+            let stop = async move {
                 let _ = rx.wait_for(|stop| *stop).await;
             };
-            let app = app.into_make_service_with_connect_info::<SocketAddr>();
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(graceful)
-                .await
-            {
-                tracing::error!(error = %e, "http server failed");
-            }
+            serve::serve(listener, app, &http_config, stop).await;
         });
         tracing::info!(%addr, data_dir = %config.data_dir.display(), "digame serving");
         Ok(Server {

@@ -144,3 +144,109 @@ async fn query_bombs_are_refused_or_stopped_while_the_server_keeps_serving() {
     assert_eq!(status, 200, "{body}");
     assert!(body["rows"][0]["n"].as_u64().unwrap() >= 3000, "{body}");
 }
+
+/// One raw HTTP/1.1 request on a new connection; the status code of the answer (0 when the
+/// server closed without one).
+async fn raw_request(addr: &str, head: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap_or(0);
+    let text = String::from_utf8_lossy(&buf[..n]);
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A flood of idle connections cannot take the server off the air: past
+/// `http.max_connections`, health and ingest are still served from the reserve while other
+/// routes answer 503; past the reserve a connection gets 503 at once; idle connections are
+/// closed after `http.header_timeout_secs`, and then everything is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_floods_leave_health_and_ingest_served() {
+    use tokio::io::AsyncReadExt;
+    let data = tempfile::tempdir().unwrap();
+    let server = DigameProcess::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_digame")),
+        data.path(),
+        &[
+            ("DIGAME_INGEST_KEYS", "acme-key-0123456789abcdef:acme"),
+            ("DIGAME_HTTP__MAX_CONNECTIONS", "40"),
+            ("DIGAME_HTTP__RESERVED_CONNECTIONS", "5"),
+            ("DIGAME_HTTP__HEADER_TIMEOUT_SECS", "2"),
+        ],
+    )
+    .await
+    .unwrap();
+    let addr = server.url().trim_start_matches("http://").to_string();
+    // 40 idle sockets take every full slot (the start-up health check's is closed).
+    let mut idle = Vec::new();
+    for _ in 0..40 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let health = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let sql = format!(
+        "POST /v1/sql HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer reader-{KEY}\r\nContent-Type: application/json\r\nContent-Length: 19\r\nConnection: close\r\n\r\n{{\"sql\": \"SELECT 1\"}}"
+    );
+    // From the reserve: health answers, other routes are told to come back.
+    assert_eq!(raw_request(&addr, health).await, 200);
+    assert_eq!(raw_request(&addr, &sql).await, 503);
+    // Five more idle sockets take the reserve: a new connection is refused at once.
+    for _ in 0..5 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(raw_request(&addr, health).await, 503);
+    // The idle ones are closed by the server after the header timeout…
+    let started = Instant::now();
+    for mut s in idle {
+        let mut byte = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(6), s.read(&mut byte))
+            .await
+            .expect("the server closes an idle connection")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // …and everything is served again.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A keep-alive connection idle after its request is closed after the timeout too.
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        let started = Instant::now();
+        let n = tokio::time::timeout(Duration::from_secs(6), s.read(&mut buf))
+            .await
+            .expect("the server closes an idle keep-alive connection")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert!(
+            started.elapsed() >= Duration::from_millis(1500),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(raw_request(&addr, &sql).await, 200);
+    let (status, body) = server
+        .client(KEY)
+        .post_events(&events(10, 0))
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+}

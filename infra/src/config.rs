@@ -208,12 +208,33 @@ impl Default for LimitsConfig {
 }
 
 /// HTTP behaviour shared by every route.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Browser origins allowed to call the API (`https://dash.example.com`); empty: no
     /// cross-origin access.
     pub cors_origins: Vec<String>,
+    /// Open connections served in full (0: the process's open-file limit less 256, at
+    /// most 16,384).
+    pub max_connections: usize,
+    /// Connections beyond `max_connections` that may still reach the health, metrics and
+    /// ingest routes; everything else on them is answered 503. Past these, a new
+    /// connection gets a 503 and is closed at once.
+    pub reserved_connections: usize,
+    /// A connection that has not sent a complete request head within this many seconds
+    /// (a slow client, or an idle keep-alive connection) is closed.
+    pub header_timeout_secs: u64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            cors_origins: Vec::new(),
+            max_connections: 0,
+            reserved_connections: 64,
+            header_timeout_secs: 10,
+        }
+    }
 }
 
 /// Where control-plane metadata (tenants, accounts, keys, audit, settings, profiles,
