@@ -86,6 +86,30 @@ async fn security(meta_url: String) {
         admins.push(signed_in(&server, &format!("it@{t}.example"), &pw).await.0);
     }
     let (acme, globex) = (&admins[0], &admins[1]);
+    // All or nothing: a tenant whose admin address is taken (409) or is not an address
+    // (400, the reason named) is not created either; the id stays free.
+    for (email, status, word) in [
+        ("it@acme.example", 409, "already exists"),
+        ("not-an-address", 400, "no `@`"),
+    ] {
+        let (got, body) = root
+            .post_json(
+                "/v1/tenants",
+                &json!({"tenant_id": "initech", "name": "Initech", "admin_email": email}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(got, status, "{body}");
+        assert!(body.to_string().contains(word), "{body}");
+        let (_, list) = root.get("/v1/tenants").await.unwrap();
+        let ids: Vec<&str> = list["tenants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|t| t["tenant_id"].as_str())
+            .collect();
+        assert!(!ids.contains(&"initech"), "{email}: {ids:?}");
+    }
     // A tenant admin cannot create tenants.
     let (status, _) = acme
         .post_json(

@@ -301,9 +301,85 @@ pub fn validate_tenant_id(tenant: &str) -> Result<(), String> {
     }
 }
 
+/// An account's email address, trimmed and lowercased, or why it is not one: a local part
+/// of 1 to 64 characters (letters, digits and ``!#$%&'*+/=?^_`{|}~.-``, no leading,
+/// trailing or doubled dot), one `@`, and a domain of at least two labels (letters, digits
+/// and inner hyphens, 1 to 63 each); 254 characters at most. Quoted local parts and
+/// address literals are not accepted.
+pub fn normalize_email(email: &str) -> Result<String, String> {
+    let email = email.trim().to_lowercase();
+    let refuse = |why: &str| {
+        Err(format!(
+            "`{}` is not an email address: {why}",
+            email.chars().take(80).collect::<String>()
+        ))
+    };
+    if email.len() > 254 {
+        return refuse("it is longer than 254 characters");
+    }
+    let Some((local, domain)) = email.split_once('@') else {
+        return refuse("it has no `@`");
+    };
+    if domain.contains('@') {
+        return refuse("it has more than one `@`");
+    }
+    const SPECIAL: &str = "!#$%&'*+/=?^_`{|}~.-";
+    if local.is_empty() || local.len() > 64 {
+        return refuse("the part before `@` must have 1 to 64 characters");
+    }
+    if !local
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || SPECIAL.contains(c))
+        || local.starts_with('.')
+        || local.ends_with('.')
+        || local.contains("..")
+    {
+        return refuse("the part before `@` has a character or dot that is not allowed");
+    }
+    let labels: Vec<&str> = domain.split('.').collect();
+    if labels.len() < 2 {
+        return refuse("the domain needs at least two labels, such as `example.com`");
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if !labels.iter().all(|l| label_ok(l)) {
+        return refuse("each domain label needs 1 to 63 letters, digits or inner hyphens");
+    }
+    Ok(email)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn email_addresses_are_normalized_or_refused_with_the_reason() {
+        assert_eq!(
+            normalize_email("  Ana.Lima+work@Acme.Example ").unwrap(),
+            "ana.lima+work@acme.example"
+        );
+        assert!(normalize_email("admin@digame.local").is_ok());
+        for (bad, why) in [
+            ("not-an-address", "no `@`"),
+            ("a@b@example.com", "more than one `@`"),
+            ("@example.com", "1 to 64"),
+            ("a..b@example.com", "not allowed"),
+            ("a b@example.com", "not allowed"),
+            ("ana@localhost", "two labels"),
+            ("ana@-acme.example", "inner hyphens"),
+            ("ana@acme..example", "inner hyphens"),
+        ] {
+            let err = normalize_email(bad).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+        let long = format!("{}@example.com", "a".repeat(65));
+        assert!(normalize_email(&long).unwrap_err().contains("1 to 64"));
+    }
 
     const NOW: EventTime = EventTime(1_795_512_600_000); // 2026-11-24T09:30:00Z
 

@@ -933,18 +933,16 @@ pub async fn create_tenant(
         body,
         r#"{"tenant_id": "acme", "name": "Acme Corp", "admin_email": "it@acme.example"}"#,
     )?;
-    let tenant = state
-        .meta
-        .create_tenant(&req.tenant_id, &req.name)
-        .await
-        .map_err(ApiError::Meta)?;
     let password = passwords::generate();
     let hash = hash_password(&password).await;
-    let admin = state
+    // One transaction: an admin address that is taken or invalid leaves no tenant behind.
+    let (tenant, admin) = state
         .meta
-        .create_account(
+        .create_tenant_with_admin(
+            &req.tenant_id,
+            &req.name,
             &NewAccount {
-                tenant_id: &tenant.tenant_id,
+                tenant_id: &req.tenant_id,
                 email: &req.admin_email,
                 role: Role::TenantAdmin.name(),
                 person_id: None,

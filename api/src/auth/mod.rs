@@ -212,11 +212,14 @@ impl Auth {
                 tracing::warn!(key = %k.key_id, role = %k.role, "stored API key has an unknown role; ignored");
                 continue;
             };
+            // A revocation is final: a change list read before it committed (the follower
+            // racing the revoking request) must not bring the key back.
+            let revoked = k.revoked_at.is_some() || keys.get(&k.key_id).is_some_and(|e| e.revoked);
             keys.insert(
                 k.key_id.clone(),
                 KeyEntry {
                     secret_hash: k.secret_hash.clone(),
-                    revoked: k.revoked_at.is_some(),
+                    revoked,
                     principal: Principal {
                         tenant: k.tenant_id.as_str().into(),
                         actor: k.key_id.as_str().into(),

@@ -138,6 +138,77 @@ pub fn digest(secret: &str) -> String {
     format!("{:x}", sha2::Sha256::digest(secret.as_bytes()))
 }
 
+async fn insert_tenant(
+    conn: &mut sqlx::AnyConnection,
+    tenant_id: &str,
+    name: &str,
+) -> Result<TenantRecord> {
+    digame_schemas::validate::validate_tenant_id(tenant_id).map_err(MetaError::Invalid)?;
+    let now = now_ms();
+    sqlx::query("INSERT INTO tenants (tenant_id, name, created_at) VALUES ($1, $2, $3)")
+        .bind(tenant_id)
+        .bind(name)
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                MetaError::Conflict(format!("tenant `{tenant_id}` already exists"))
+            } else {
+                e.into()
+            }
+        })?;
+    Ok(TenantRecord {
+        tenant_id: tenant_id.into(),
+        name: name.into(),
+        created_at: now,
+    })
+}
+
+async fn insert_account(
+    conn: &mut sqlx::AnyConnection,
+    new: &NewAccount<'_>,
+    password_hash: &str,
+) -> Result<Account> {
+    let email = digame_schemas::validate::normalize_email(new.email).map_err(MetaError::Invalid)?;
+    let now = now_ms();
+    let account = Account {
+        account_id: uuid::Uuid::now_v7().to_string(),
+        tenant_id: new.tenant_id.into(),
+        email,
+        role: new.role.into(),
+        person_id: new.person_id.map(str::to_string),
+        display_name: new.display_name.into(),
+        created_at: now,
+        updated_at: now,
+        disabled: false,
+    };
+    sqlx::query(
+        "INSERT INTO accounts (account_id, tenant_id, email, password_hash, role, person_id, display_name, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+    )
+    .bind(&account.account_id)
+    .bind(&account.tenant_id)
+    .bind(&account.email)
+    .bind(password_hash)
+    .bind(&account.role)
+    .bind(account.person_id.clone())
+    .bind(&account.display_name)
+    .bind(now)
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| {
+        if is_unique_violation(&e) {
+            MetaError::Conflict(
+                "an account with this email address (or for this person) already exists".into(),
+            )
+        } else {
+            e.into()
+        }
+    })?;
+    Ok(account)
+}
+
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.is_unique_violation())
 }
@@ -275,26 +346,24 @@ impl MetaStore {
 
     /// Creates a tenant; `Conflict` when the id is taken.
     pub async fn create_tenant(&self, tenant_id: &str, name: &str) -> Result<TenantRecord> {
-        digame_schemas::validate::validate_tenant_id(tenant_id).map_err(MetaError::Invalid)?;
-        let now = now_ms();
-        sqlx::query("INSERT INTO tenants (tenant_id, name, created_at) VALUES ($1, $2, $3)")
-            .bind(tenant_id)
-            .bind(name)
-            .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| {
-                if is_unique_violation(&e) {
-                    MetaError::Conflict(format!("tenant `{tenant_id}` already exists"))
-                } else {
-                    e.into()
-                }
-            })?;
-        Ok(TenantRecord {
-            tenant_id: tenant_id.into(),
-            name: name.into(),
-            created_at: now,
-        })
+        let mut conn = self.pool.acquire().await?;
+        insert_tenant(&mut conn, tenant_id, name).await
+    }
+
+    /// Creates a tenant and its first account in one transaction: when the account cannot
+    /// be created (its address is taken or invalid), there is no tenant either.
+    pub async fn create_tenant_with_admin(
+        &self,
+        tenant_id: &str,
+        name: &str,
+        admin: &NewAccount<'_>,
+        password_hash: &str,
+    ) -> Result<(TenantRecord, Account)> {
+        let mut tx = self.pool.begin().await?;
+        let tenant = insert_tenant(&mut tx, tenant_id, name).await?;
+        let account = insert_account(&mut tx, admin, password_hash).await?;
+        tx.commit().await?;
+        Ok((tenant, account))
     }
 
     /// Every tenant, by id.
@@ -323,49 +392,14 @@ impl MetaStore {
     }
 
     /// Creates an account with an already computed password hash; `Conflict` when the
-    /// address (or the tenant's person link) is taken.
+    /// address (or the tenant's person link) is taken, `Invalid` when the address is not one.
     pub async fn create_account(
         &self,
         new: &NewAccount<'_>,
         password_hash: &str,
     ) -> Result<Account> {
-        let now = now_ms();
-        let account = Account {
-            account_id: uuid::Uuid::now_v7().to_string(),
-            tenant_id: new.tenant_id.into(),
-            email: new.email.trim().to_lowercase(),
-            role: new.role.into(),
-            person_id: new.person_id.map(str::to_string),
-            display_name: new.display_name.into(),
-            created_at: now,
-            updated_at: now,
-            disabled: false,
-        };
-        sqlx::query(
-            "INSERT INTO accounts (account_id, tenant_id, email, password_hash, role, person_id, display_name, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
-        )
-        .bind(&account.account_id)
-        .bind(&account.tenant_id)
-        .bind(&account.email)
-        .bind(password_hash)
-        .bind(&account.role)
-        .bind(account.person_id.clone())
-        .bind(&account.display_name)
-        .bind(now)
-        .execute(&self.pool)
-        .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                MetaError::Conflict(
-                    "an account with this email address (or for this person) already exists"
-                        .into(),
-                )
-            } else {
-                e.into()
-            }
-        })?;
-        Ok(account)
+        let mut conn = self.pool.acquire().await?;
+        insert_account(&mut conn, new, password_hash).await
     }
 
     /// The account with `email` (any tenant) and its password hash: for login only.
