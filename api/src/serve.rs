@@ -64,11 +64,12 @@ pub async fn serve(
     };
     let general = Arc::new(Semaphore::new(full));
     let reserve = Arc::new(Semaphore::new(config.reserved_connections));
+    let header_timeout = Duration::from_secs(config.header_timeout_secs.max(1));
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(config.header_timeout_secs.max(1)));
+        .header_read_timeout(header_timeout);
     builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(stop);
@@ -95,7 +96,6 @@ pub async fn serve(
                 }
             },
         };
-        let header_timeout = Duration::from_secs(config.header_timeout_secs.max(1));
         let app = app.clone();
         let service = tower::service_fn(move |mut req: Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));

@@ -327,7 +327,7 @@ impl Collector {
             .claim(tenant, claims, now.0)
             .await
             .map_err(IngestError::IdsUnavailable)?;
-        let mut refused = std::collections::BTreeSet::new();
+        let mut keep = vec![true; records.len()];
         for ((position, id), answer) in claimed_at.iter().zip(answers) {
             if answer.is_some() {
                 let index = record_index[*position];
@@ -337,20 +337,14 @@ impl Collector {
                 let text = String::from_utf8_lossy(&records[*position].payload).into_owned();
                 dead.push(dead_letter(tenant, index, &text, &reason, now));
                 rejected.push(Rejection { index, reason });
-                refused.insert(*position);
+                keep[*position] = false;
             }
         }
-        if !refused.is_empty() {
-            let mut i = 0;
-            records.retain(|_| {
-                i += 1;
-                !refused.contains(&(i - 1))
-            });
-            let mut i = 0;
-            record_index.retain(|_| {
-                i += 1;
-                !refused.contains(&(i - 1))
-            });
+        if keep.contains(&false) {
+            let mut kept = keep.iter();
+            records.retain(|_| *kept.next().expect("one flag per record"));
+            let mut kept = keep.iter();
+            record_index.retain(|_| *kept.next().expect("one flag per record"));
             rejected.sort_by_key(|r| r.index);
         }
         Ok(())

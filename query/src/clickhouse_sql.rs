@@ -34,7 +34,9 @@ use digame_infra::store::Table;
 use digame_infra::store::clickhouse::latest_view;
 use serde_json::{Map, Value};
 
-use crate::{ColumnInfo, QueryError, Result, SqlResult, clean_error, internal, plan_query};
+use crate::{
+    ColumnInfo, QueryError, Result, SqlResult, clean_error, internal, invalid, plan_query,
+};
 
 /// The logical schema of a table as SQL sees it on either backend: the record's columns
 /// plus the `date` partition column.
@@ -62,7 +64,7 @@ pub async fn plan(
     let plan = df.logical_plan().clone();
     let scoped = plan
         .transform_up(|node| scope_scan(node, tenant))
-        .map_err(|e| QueryError::Invalid(clean_error(&e.to_string())))?
+        .map_err(invalid)?
         .data;
     let schema = Arc::new(scoped.schema().as_arrow().clone());
     let text = Unparser::new(&ClickHouseDialect)

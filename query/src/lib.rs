@@ -64,6 +64,11 @@ fn internal(e: impl std::fmt::Display) -> QueryError {
     QueryError::Internal(e.to_string())
 }
 
+/// A DataFusion error caused by the query itself, cleaned for the caller.
+fn invalid(e: impl std::fmt::Display) -> QueryError {
+    QueryError::Invalid(clean_error(&e.to_string()))
+}
+
 /// Result of `POST /v1/sql`.
 #[derive(Debug, Serialize)]
 pub struct SqlResult {
@@ -472,8 +477,6 @@ async fn plan_query(
     sql: &str,
     max_depth: usize,
 ) -> Result<datafusion::dataframe::DataFrame> {
-    let invalid =
-        |e: datafusion::error::DataFusionError| QueryError::Invalid(clean_error(&e.to_string()));
     let state = ctx.state();
     let dialect = state.config().options().sql_parser.dialect;
     let statement = state.sql_to_statement(sql, &dialect).map_err(invalid)?;
@@ -515,12 +518,10 @@ async fn run_sql(ctx: SessionContext, sql: &str, config: &QueryConfig) -> Result
     } else {
         df.limit(0, Some(max + 1)).map_err(internal)?
     };
-    let failed =
-        |e: datafusion::error::DataFusionError| QueryError::Invalid(clean_error(&e.to_string()));
-    let mut stream = df.execute_stream().await.map_err(failed)?;
+    let mut stream = df.execute_stream().await.map_err(invalid)?;
     let (mut rows, mut bytes, mut truncated) = (Vec::new(), 0usize, false);
     while let Some(batch) = stream.next().await {
-        let mut batch = batch.map_err(failed)?;
+        let mut batch = batch.map_err(invalid)?;
         let size = batch.get_array_memory_size();
         if bytes + size > config.max_result_bytes {
             // Keep the rows that fit, by the batch's mean row size.
