@@ -29,7 +29,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodRouter, delete, get, patch, post};
 use axum::{Json, Router};
-use digame_infra::bus::EventBus;
+use digame_infra::bus::{EventBus, Topic};
 use digame_infra::config::Config;
 use digame_infra::config::StoreBackend;
 use digame_infra::meta::{MetaError, MetaStore};
@@ -71,11 +71,11 @@ pub struct AppState {
     pub pipeline_enabled: bool,
     /// Tenant settings, person profiles, jobs.
     pub meta: MetaStore,
+    /// Where audit records go (written in batches, off the request path).
+    pub audit: auth::audit::AuditLog,
     pub recomputer: Recomputer,
     /// One recompute job runs at a time; the others wait, queued.
     pub job_slots: Arc<tokio::sync::Semaphore>,
-    /// Serializes group-view release decisions.
-    pub group_gate: tokio::sync::Mutex<()>,
 }
 
 /// Every error the API answers with.
@@ -158,6 +158,11 @@ impl IntoResponse for ApiError {
                     (StatusCode::GATEWAY_TIMEOUT, "query_timeout", e.to_string())
                 }
                 QueryError::Busy(m) => (StatusCode::TOO_MANY_REQUESTS, "query_busy", m.clone()),
+                QueryError::Overloaded(m) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_overloaded",
+                    m.clone(),
+                ),
                 QueryError::Internal(m) => {
                     tracing::error!(error = %m, "query failed");
                     (
@@ -205,6 +210,11 @@ async fn delete_person_data(
         .delete(&tenant.tenant, &Deletion::Person(&user))
         .await
         .map_err(ApiError::Store)?;
+    // Deleted values leave this node's read cache now; other nodes read the person
+    // again within `query.cache_ttl_secs`.
+    if let Some(cache) = state.query.cache() {
+        cache.forget(&tenant.tenant, Some(&user));
+    }
     tracing::info!(tenant = %tenant.tenant, rows = ?report.rows, "deleted a person's data");
     Ok(Json(report))
 }
@@ -239,6 +249,9 @@ async fn post_retention(
         .delete(&tenant.tenant, &Deletion::Before(cutoff))
         .await
         .map_err(ApiError::Store)?;
+    if let Some(cache) = state.query.cache() {
+        cache.forget(&tenant.tenant, None);
+    }
     tracing::info!(tenant = %tenant.tenant, rows = ?report.rows, "applied retention");
     Ok(Json(report))
 }
@@ -378,7 +391,7 @@ async fn get_group_features(
     };
     let (to, from) = time_range(params.from.as_deref(), params.to.as_deref())?;
     let members = resolve_group(&state, &tenant, &params).await?;
-    let (k, _gate) = group_clearance(&state, &tenant.tenant, &members).await?;
+    let k = group_clearance(&state, &tenant.tenant, &members, (from, to)).await?;
     let mut windows = Vec::with_capacity(members.len());
     for user in &members {
         let series = state
@@ -389,11 +402,6 @@ async fn get_group_features(
         windows.push((user.clone(), series.windows));
     }
     let aggregated = digame_query::groups::aggregate(&windows, k);
-    state
-        .meta
-        .record_released_group(&tenant.tenant, &members)
-        .await
-        .map_err(ApiError::Meta)?;
     Ok(Json(json!({
         "members": members.len(),
         "k": k,
@@ -483,24 +491,26 @@ async fn group_members(
 /// Checks that `members` may be shown as a group (k-anonymity and no disclosure by
 /// difference); returns k and the gate to hold until the release is recorded, so two
 /// requests cannot both pass against the same released set.
-pub(crate) async fn group_clearance<'a>(
-    state: &'a AppState,
+pub(crate) async fn group_clearance(
+    state: &AppState,
     tenant: &str,
     members: &std::collections::BTreeSet<String>,
-) -> Result<(usize, tokio::sync::MutexGuard<'a, ()>), ApiError> {
+    (from, to): (EventTime, EventTime),
+) -> Result<usize, ApiError> {
     let settings = state.meta.settings(tenant).await.map_err(ApiError::Meta)?;
     let k = settings.map_or(TenantSettings::default().min_group_size, |s| {
         s.value.min_group_size
     }) as usize;
-    let gate = state.group_gate.lock().await;
-    let released = state
+    // Decided and recorded in one metadata-store transaction: the rule holds across nodes.
+    state
         .meta
-        .released_groups(tenant)
+        .release_group(tenant, members, (from.0, to.0), |released| {
+            digame_query::groups::release_check(members, released, k)
+        })
         .await
-        .map_err(ApiError::Meta)?;
-    digame_query::groups::difference_check(members, &released, k)
+        .map_err(ApiError::Meta)?
         .map_err(ApiError::GroupRefused)?;
-    Ok((k, gate))
+    Ok(k)
 }
 
 /// `from`/`to` query parameters: default the 7 days before tomorrow.
@@ -512,7 +522,9 @@ pub(crate) fn time_range(
     let to_given = to.is_some();
     let to = match to {
         Some(t) => parse_time("to", t)?,
-        None => EventTime(now + EventTime::DAY),
+        // The UTC midnight after tomorrow's: past every window started by now, in every
+        // zone, and the same all day long, so that default reads share one cached answer.
+        None => EventTime((now.div_euclid(EventTime::DAY) + 2) * EventTime::DAY),
     };
     let from = match from {
         Some(t) => parse_time("from", t)?,
@@ -647,6 +659,7 @@ pub(crate) fn parse_time(name: &str, text: &str) -> Result<EventTime, ApiError> 
 async fn get_features(
     State(state): State<Arc<AppState>>,
     tenant: Principal,
+    headers: HeaderMap,
     Path(user): Path<String>,
     params: Result<Query<FeaturesParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -661,12 +674,75 @@ async fn get_features(
     };
     tenant.may_read_person(&user)?;
     let (to, from) = time_range(params.from.as_deref(), params.to.as_deref())?;
-    let series = state
+    let rendered = state
         .query
-        .features(&tenant.tenant, &user, from, to, granularity)
+        .features_json(&tenant.tenant, &user, from, to, granularity)
         .await
         .map_err(ApiError::Query)?;
-    Ok(Json(series).into_response())
+    Ok(cached_json(&headers, &rendered))
+}
+
+/// A rendered JSON answer with its ETag: 304 when the client holds it already
+/// (`If-None-Match`), gzip-compressed when the client accepts it (compressed once per
+/// answer, then served from memory).
+fn cached_json(headers: &HeaderMap, rendered: &digame_query::cache::Rendered) -> Response {
+    let etag = HeaderValue::from_str(&rendered.etag).expect("hex digits and quotes");
+    let matches = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            let t = t.trim();
+            t == "*" || t.trim_start_matches("W/") == rendered.etag
+        });
+    let mut resp = if matches {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else if accepts_gzip(headers) {
+        let gz = rendered.gzip.get_or_init(|| {
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut enc, &rendered.json).expect("writing to memory");
+            axum::body::Bytes::from(enc.finish().expect("writing to memory"))
+        });
+        let mut r = Response::new(axum::body::Body::from(gz.clone()));
+        r.headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        r
+    } else {
+        Response::new(axum::body::Body::from(rendered.json.clone()))
+    };
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::ETAG, etag);
+    h.insert(header::VARY, HeaderValue::from_static("accept-encoding"));
+    // Person data: the client may keep it, shared caches may not.
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("private, no-cache"),
+    );
+    resp
+}
+
+/// Whether `Accept-Encoding` lists gzip (with a non-zero quality).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';');
+            let name = parts.next().unwrap_or("").trim();
+            let q_zero = parts.any(|p| {
+                p.trim()
+                    .strip_prefix("q=")
+                    .is_some_and(|q| q.trim().parse::<f32>().is_ok_and(|q| q == 0.0))
+            });
+            (name.eq_ignore_ascii_case("gzip") || name == "*") && !q_zero
+        })
 }
 
 #[derive(Deserialize)]
@@ -1052,7 +1128,7 @@ pub fn router(state: Arc<AppState>, config: &Config) -> Router {
     }
     let gate = auth::Gate {
         auth: state.auth.clone(),
-        meta: state.meta.clone(),
+        audit: state.audit.clone(),
         table: Arc::new(table),
     };
     let app = app
@@ -1135,6 +1211,46 @@ pub fn ops_router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
         .with_state(state)
+}
+
+/// Feeds the person-read cache with the feature values the pipeline publishes (after
+/// they are durable in the store), skipping, undecoded, those of people not cached. On
+/// Kafka, whose consumer cannot seek to the end before it is assigned, it starts at the
+/// stream's beginning; old values lose to the cached ones by revision.
+async fn follow_features(
+    mut consumer: Box<dyn digame_infra::bus::BusConsumer>,
+    query: Arc<QueryEngine>,
+    stop: watch::Receiver<bool>,
+) {
+    let Some(cache) = query.cache() else { return };
+    // Not raced against `stop` inside a select: a poll cut short could skip records.
+    while !*stop.borrow() {
+        match consumer.poll(2000, Duration::from_millis(300)).await {
+            Ok(records) => {
+                let rows: Vec<digame_schemas::FeatureRow> = records
+                    .iter()
+                    .filter(|r| cache.wants(&r.key))
+                    .filter_map(|r| match serde_json::from_slice(&r.payload) {
+                        Ok(row) => Some(row),
+                        Err(e) => {
+                            tracing::warn!(error = %e, partition = r.partition, offset = r.offset, "undecodable record on the features stream; skipped");
+                            None
+                        }
+                    })
+                    .collect();
+                if !rows.is_empty() {
+                    cache.apply(&rows);
+                    digame_infra::telemetry::metrics()
+                        .read_cache_cells
+                        .set(cache.cells() as i64);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the features stream for the read cache failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 /// A running server.
@@ -1348,7 +1464,10 @@ impl Server {
         } else {
             None
         };
+        // The writer runs as long as the state holds its queue; shutdown flushes it.
+        let (audit, _detached) = auth::audit::AuditLog::start(meta.clone());
         let state = Arc::new(AppState {
+            audit,
             auth: Arc::new(auth::Auth::new(
                 tokens,
                 config.auth.clone(),
@@ -1380,8 +1499,27 @@ impl Server {
             },
             meta,
             job_slots: Arc::new(tokio::sync::Semaphore::new(1)),
-            group_gate: tokio::sync::Mutex::new(()),
         });
+        // The read cache follows the features stream from where it ends now, before the
+        // first read is served: every value published later reaches the cache, every
+        // value published earlier is in the store a cache miss reads.
+        if role == Role::All && state.query.cache().is_some() {
+            let group = format!("read-cache-{}", uuid::Uuid::new_v4().simple());
+            let mut consumer = state.bus.subscribe(Topic::Features, &group).await?;
+            if let Some(ends) = consumer.end_offsets() {
+                for (p, end) in ends() {
+                    consumer.seek(p, end).await?;
+                }
+            }
+            tasks.push((
+                "read-cache-follower",
+                tokio::spawn(follow_features(
+                    consumer,
+                    state.query.clone(),
+                    shutdown_rx.clone(),
+                )),
+            ));
+        }
         {
             let every = Duration::from_millis(config.meta.refresh_ms.max(10));
             tasks.push((
@@ -1428,6 +1566,7 @@ impl Server {
                 tracing::error!(task = name, "background task panicked");
             }
         }
+        self.state.audit.flush().await;
         self.state.bus.close().await;
         tracing::info!("digame stopped");
     }

@@ -251,6 +251,12 @@ impl Recomputer {
                     ..StoreBatch::default()
                 };
                 self.store.write(&batch).await?;
+                // The pipeline's own writes reach the read cache through the features
+                // stream; a recomputation's reach this node's cache here, other nodes'
+                // within `query.cache_ttl_secs`.
+                if let Some(cache) = self.query.cache() {
+                    cache.apply(chunk);
+                }
             }
             report.people += 1;
             if let Some(id) = job_id {

@@ -179,7 +179,7 @@ pub(crate) async fn get_radar(
         .map_err(ApiError::Meta)?
         .into_iter()
         .collect();
-    let (k, _gate) = group_clearance(&state, &tenant.tenant, &members).await?;
+    let k = group_clearance(&state, &tenant.tenant, &members, (from, to)).await?;
     // Each person's vector is the mean of their weeks in the range.
     let mut vectors: Vec<(String, Vec<f64>)> = Vec::new();
     for m in &members {
@@ -203,11 +203,6 @@ pub(crate) async fn get_radar(
             k,
         }));
     }
-    state
-        .meta
-        .record_released_group(&tenant.tenant, &members)
-        .await
-        .map_err(ApiError::Meta)?;
     let person = vectors
         .iter()
         .find(|(u, _)| *u == user)
@@ -221,8 +216,10 @@ pub(crate) async fn get_radar(
         p25.push(s.p25);
         median.push(s.median);
         p75.push(s.p75);
+        // The axis' scale: the person's own value or twice the team mean, whichever is
+        // larger — never a colleague's own value (the team maximum would be one).
         let mine = person.as_ref().map_or(0.0, |v| v[d]);
-        let top = vectors.iter().map(|(_, v)| v[d]).fold(mine, f64::max);
+        let top = mine.max(2.0 * s.mean);
         max.push(if top > 0.0 { top } else { 1.0 });
     }
     let indicators: Vec<_> = styles::STYLE_FEATURES
@@ -249,6 +246,15 @@ const MAX_MEMBER_EVENTS: usize = 2_000_000;
 
 type GroupQuery = Result<Query<GroupParams>, axum::extract::rejection::QueryRejection>;
 
+/// A group's events as [`group_events`] reads them: the window, every member's events,
+/// and the tenant's k.
+struct GroupEvents {
+    from: EventTime,
+    to: EventTime,
+    members: Vec<(String, Vec<digame_schemas::ActivityEvent>)>,
+    k: usize,
+}
+
 /// The group, its time window (default the 90 days before `to`) and every member's
 /// events from `lookback_days` before the window; the group is cleared for release.
 async fn group_events(
@@ -256,14 +262,7 @@ async fn group_events(
     caller: &Principal,
     params: GroupQuery,
     lookback_days: i64,
-) -> Result<
-    (
-        EventTime,
-        EventTime,
-        Vec<(String, Vec<digame_schemas::ActivityEvent>)>,
-    ),
-    ApiError,
-> {
+) -> Result<GroupEvents, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let (to, mut from) = time_range(params.from.as_deref(), params.to.as_deref())?;
     if params.from.is_none() {
@@ -276,7 +275,7 @@ async fn group_events(
     }
     let tenant: &str = &caller.tenant;
     let members = resolve_group(state, caller, &params).await?;
-    let (_, _gate) = group_clearance(state, tenant, &members).await?;
+    let k = group_clearance(state, tenant, &members, (from, to)).await?;
     let read_from = EventTime(from.0 - lookback_days * DAY_MS);
     let mut out = Vec::with_capacity(members.len());
     for m in &members {
@@ -287,12 +286,12 @@ async fn group_events(
             .map_err(ApiError::Query)?;
         out.push((m.clone(), events));
     }
-    state
-        .meta
-        .record_released_group(tenant, &members)
-        .await
-        .map_err(ApiError::Meta)?;
-    Ok((from, to, out))
+    Ok(GroupEvents {
+        from,
+        to,
+        members: out,
+        k,
+    })
 }
 
 /// `GET /v1/groups/network?team=|manager=|users=&from=&to=`: the group's collaboration,
@@ -302,7 +301,12 @@ pub(crate) async fn get_network(
     tenant: Principal,
     params: GroupQuery,
 ) -> Result<Response, ApiError> {
-    let (from, to, members) = group_events(&state, &tenant, params, 0).await?;
+    let GroupEvents {
+        from,
+        to,
+        members,
+        k,
+    } = group_events(&state, &tenant, params, 0).await?;
     let team_of: std::collections::HashMap<String, String> = state
         .meta
         .profiles(&tenant.tenant)
@@ -313,10 +317,22 @@ pub(crate) async fn get_network(
         .collect();
     let label = "group";
     let net = network::network(label, &members, &team_of);
-    Ok(
-        Json(json!({"from": from, "to": to, "members": members.len(), "network": net}))
-            .into_response(),
+    // Statistics over fewer than k people with data would describe too few to hide in.
+    if net.members_with_data < k {
+        return Ok(Json(json!({
+            "from": from, "to": to, "members": members.len(), "network": null,
+            "suppressed": true,
+            "reason": format!(
+                "{} of the group's people have collaboration data here; statistics need at least {k}",
+                net.members_with_data
+            ),
+        }))
+        .into_response());
+    }
+    Ok(Json(
+        json!({"from": from, "to": to, "members": members.len(), "suppressed": false, "network": net}),
     )
+    .into_response())
 }
 
 /// `GET /v1/groups/flow?team=|manager=|users=&from=&to=`: DORA flow metrics of the group
@@ -326,7 +342,9 @@ pub(crate) async fn get_flow(
     tenant: Principal,
     params: GroupQuery,
 ) -> Result<Response, ApiError> {
-    let (from, to, members) = group_events(&state, &tenant, params, COMMIT_LOOKBACK_DAYS).await?;
+    let GroupEvents {
+        from, to, members, ..
+    } = group_events(&state, &tenant, params, COMMIT_LOOKBACK_DAYS).await?;
     let events: Vec<&digame_schemas::ActivityEvent> =
         members.iter().flat_map(|(_, e)| e.iter()).collect();
     let flow = network::flow(&events, from, to);

@@ -526,6 +526,101 @@ async fn kill_9_after_ack(bus: Bus) {
     drop(server);
 }
 
+/// A bounded kill -9 loop under load: two senders post requests of 100 events back to
+/// back while the server is killed at a random moment, 20 times; after each restart every
+/// request left without an answer is sent again with the same ids, as a client's offline
+/// queue would. In the end every acknowledged event is stored once and counted once in the
+/// features, and nothing else is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_loop_under_load_counts_every_acknowledged_event_once() {
+    use rand::{Rng, SeedableRng};
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    const KILLS: usize = 20;
+    const PER_REQUEST: usize = 100;
+    let data = tempfile::tempdir().unwrap();
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_digame"));
+    let env = [("DIGAME_INGEST_KEYS", "acme-key-0123456789abcdef:acme")];
+    let mut server = DigameProcess::start(bin, data.path(), &env).await.unwrap();
+    let d = Day(Utc::now()
+        .date_naive()
+        .checked_sub_days(Days::new(1))
+        .unwrap());
+    let request = |r: usize| commits(0x9000, r, PER_REQUEST, d.at(8, 0), 10);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    let next = AtomicUsize::new(0);
+    let (mut acked, mut resent) = (0usize, 0usize);
+    let mut unanswered: Vec<usize> = Vec::new();
+    for _ in 0..KILLS {
+        let client = server.client(ACME_KEY);
+        // What the last restart left unanswered goes first, until acknowledged.
+        for r in std::mem::take(&mut unanswered) {
+            let (status, body) = client.post_events(&request(r)).await.unwrap();
+            assert_eq!(status, 200, "{body}");
+            acked += 1;
+            resent += 1;
+        }
+        let stop = AtomicBool::new(false);
+        let lost = Mutex::new(Vec::new());
+        let ok = AtomicUsize::new(0);
+        let sender = || async {
+            while !stop.load(Ordering::SeqCst) {
+                let r = next.fetch_add(1, Ordering::SeqCst);
+                match client.post_events(&request(r)).await {
+                    Ok((200, _)) => {
+                        ok.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // Killed mid-request (or refused while going down): not acknowledged.
+                    _ => lost.lock().unwrap().push(r),
+                }
+            }
+        };
+        let wait = Duration::from_millis(rng.random_range(100..600));
+        let killer = async {
+            tokio::time::sleep(wait).await;
+            server.kill9().await.unwrap();
+            stop.store(true, Ordering::SeqCst);
+        };
+        tokio::join!(sender(), sender(), killer);
+        acked += ok.load(Ordering::SeqCst);
+        unanswered = lost.into_inner().unwrap();
+        server.restart().await.unwrap();
+    }
+    let client = server.client(ACME_KEY);
+    for r in std::mem::take(&mut unanswered) {
+        let (status, _) = client.post_events(&request(r)).await.unwrap();
+        assert_eq!(status, 200);
+        acked += 1;
+        resent += 1;
+    }
+    let events = acked * PER_REQUEST;
+    assert!(acked > KILLS, "load ran between kills: {acked} requests");
+    eprintln!(
+        "kill loop: {KILLS} kills, {acked} requests ({events} events) acknowledged, {resent} requests resent after a kill"
+    );
+    // Every request number below `next` was acknowledged exactly once in total (sent,
+    // or resent after its first try went unanswered).
+    assert_eq!(acked, next.load(Ordering::SeqCst));
+    client
+        .await_rows(
+            "SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM events",
+            &[json!({"n": events, "d": events})],
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let per_user = (events / CRASH_USERS.len()) as f64;
+    let expected: Vec<Value> = CRASH_USERS
+        .iter()
+        .map(|u| json!({"user_id": u, "n": per_user}))
+        .collect();
+    client
+        .await_rows(EVENT_COUNTS_BY_USER, &expected, Duration::from_secs(60))
+        .await
+        .unwrap();
+    eprintln!("kill loop: {events} events stored and counted once each: 0 lost, 0 duplicated");
+}
+
 /// SIGKILL while late events reopen days from the store: the days are final and out of
 /// memory (nothing is held), each request of late events makes the pipeline read the
 /// people's stored events back, and a kill at any point of that loses and duplicates
@@ -636,6 +731,111 @@ async fn kill_9_during_reopens_loses_nothing_and_counts_once() {
 }
 
 /// Keeps the date arithmetic above honest around midnight.
+/// A read after a window changes sees the new value: the person's values are read from
+/// the store once, into the read cache, and the change reaches the cache through the
+/// features stream (not by reading the store again). Answers carry an ETag that a
+/// conditional request turns into 304, and come gzip-compressed on request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_after_a_window_changes_sees_the_new_value() {
+    let data = tempfile::tempdir().unwrap();
+    let server = DigameProcess::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_digame")),
+        data.path(),
+        &env(),
+    )
+    .await
+    .unwrap();
+    let acme = server.client(ACME_KEY);
+    let d = Day(Utc::now()
+        .date_naive()
+        .checked_sub_days(Days::new(1))
+        .unwrap());
+    let day_start = format!("{}T00:00:00.000Z", d.0);
+    // The default range (the last 7 days), which the cache covers.
+    let path = "/v1/users/carol/features?granularity=day";
+    let presence = |want: f64| {
+        let (acme, day_start) = (&acme, &day_start);
+        async move {
+            let (status, series) = acme.get(path).await?;
+            assert_eq!(status, 200, "{series}");
+            let got = window(&series, day_start)["features"]["presence_seconds"].as_f64();
+            Ok((got == Some(want)).then_some(()))
+        }
+    };
+    // 09:00–09:30 present: 1,800 s.
+    let (status, body) = acme
+        .post_events(&[not_afk("carol", d.at(9, 0), 30)])
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    eventually(Duration::from_secs(15), || presence(1800.0))
+        .await
+        .unwrap();
+    let fill = r#"digame_read_cache_total{outcome="fill"}"#;
+    let fills = server.metric(fill).await.unwrap();
+    assert!(fills >= 1.0, "the first reads fill the cache");
+    // 10:00–10:15 too: 2,700 s, seen through the cache.
+    let (status, body) = acme
+        .post_events(&[not_afk("carol", d.at(10, 0), 15)])
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    eventually(Duration::from_secs(15), || presence(2700.0))
+        .await
+        .unwrap();
+    assert_eq!(
+        server.metric(fill).await.unwrap(),
+        fills,
+        "the change came through the stream, not a second store read"
+    );
+
+    let (status, headers, plain) = acme.get_raw(path, &[]).await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        server
+            .metric(r#"digame_read_cache_total{outcome="hit"}"#)
+            .await
+            .unwrap()
+            >= 1.0
+    );
+    let etag = headers["etag"].to_str().unwrap().to_string();
+    let (status, _, empty) = acme
+        .get_raw(path, &[("if-none-match", &etag)])
+        .await
+        .unwrap();
+    assert_eq!((status, empty.len()), (304, 0));
+    let (status, headers, gz) = acme
+        .get_raw(path, &[("accept-encoding", "br, gzip;q=0.8")])
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(headers["content-encoding"], "gzip");
+    let mut unzipped = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut unzipped).unwrap();
+    assert_eq!(unzipped, plain);
+    // A client that refuses gzip gets the plain body.
+    let (_, headers, same) = acme
+        .get_raw(path, &[("accept-encoding", "gzip;q=0")])
+        .await
+        .unwrap();
+    assert!(headers.get("content-encoding").is_none());
+    assert_eq!(same, plain);
+    // Another change: a new ETag, and the old one no longer matches.
+    let (status, _) = acme
+        .post_events(&[not_afk("carol", d.at(11, 0), 10)])
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    eventually(Duration::from_secs(15), || presence(3300.0))
+        .await
+        .unwrap();
+    let (status, _, _) = acme
+        .get_raw(path, &[("if-none-match", &etag)])
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+}
+
 #[test]
 fn day_helper_formats_utc() {
     let d = Day(NaiveDate::from_ymd_opt(2026, 11, 23).unwrap());

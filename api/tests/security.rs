@@ -211,6 +211,53 @@ async fn security(meta_url: String) {
     assert_eq!(ana.sql("SELECT 1 AS one").await.unwrap().0, 403);
     assert_eq!(bob.sql("SELECT 1 AS one").await.unwrap().0, 200);
 
+    // Changes to an account apply to the tokens it already holds, from the next request:
+    // a demoted analyst's SQL is refused, a relinked member reads the new person and not
+    // the old, a disabled account is signed out.
+    let mut ids = std::collections::HashMap::new();
+    for (email, role, person) in [
+        ("carol@acme.example", "analyst", None),
+        ("dave@acme.example", "member", Some("m4")),
+    ] {
+        let (status, body) = acme
+            .post_json(
+                "/v1/accounts",
+                &json!({"email": email, "role": role, "person_id": person}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 201, "{body}");
+        let pw = body["initial_password"].as_str().unwrap().to_string();
+        let id = body["account"]["account_id"].as_str().unwrap().to_string();
+        ids.insert(email, (id, signed_in(&server, email, &pw).await.0));
+    }
+    let patch = |email: &str, body: Value| {
+        let path = format!("/v1/accounts/{}", ids[email].0);
+        async move { acme.send_json(Method::PATCH, &path, &body).await.unwrap() }
+    };
+    let (carol, dave) = (&ids["carol@acme.example"].1, &ids["dave@acme.example"].1);
+    assert_eq!(carol.sql("SELECT 1 AS one").await.unwrap().0, 200);
+    let (status, body) = patch("carol@acme.example", json!({"role": "member"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_refused(
+        &carol.sql("SELECT 1 AS one").await.unwrap(),
+        403,
+        "the role member does not have",
+    );
+    assert_eq!(carol.get("/v1/auth/me").await.unwrap().1["role"], "member");
+    assert_eq!(dave.get("/v1/users/m4/features").await.unwrap().0, 200);
+    let (status, body) = patch("dave@acme.example", json!({"person_id": "m5"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_refused(
+        &dave.get("/v1/users/m4/features").await.unwrap(),
+        403,
+        "only your own",
+    );
+    assert_eq!(dave.get("/v1/users/m5/features").await.unwrap().0, 200);
+    let (status, body) = patch("dave@acme.example", json!({"disabled": true})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_refused(&dave.get("/v1/users/m5/features").await.unwrap(), 401, "");
+
     // Every route: without credentials 401 (unless public); a member, lacking the
     // permission, 403. The route table is the router's, so no route escapes.
     let table = digame_api::route_table();

@@ -137,7 +137,15 @@ async fn heatmap_sankey_radar_and_styles() {
     assert!(close(&radar["team_median"][dev], 1.0), "{radar}");
     assert!(close(&radar["team_p25"][dev], 1.0), "{radar}");
     assert!(close(&radar["team_median"][comm], 0.0), "{radar}");
-    assert_eq!(radar["indicators"][dev]["max"], 1.0);
+    // The axis' scale hides every colleague: twice the team mean (50/60 + 4 × 1) / 5,
+    // above p0's own 50/60; the team maximum (1.0, someone's own value) is not shown.
+    assert!(
+        close(
+            &radar["indicators"][dev]["max"],
+            2.0 * (50.0 / 60.0 + 4.0) / 5.0
+        ),
+        "{radar}"
+    );
 
     // ---- Styles: five person-weeks, k from the silhouette over 2..4. ---------------------
     let (status, styles) = admin.get(&format!("/v1/styles?{range}")).await.unwrap();

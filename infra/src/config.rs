@@ -685,6 +685,17 @@ pub struct QueryConfig {
     /// Threads of the query executor, separate from the ones serving ingest and the
     /// pipeline (0: half the cores, at least one).
     pub threads: usize,
+    /// Feature values the person-read cache holds at most (about 150 bytes each); 0 turns
+    /// the cache off, so every person read scans the store.
+    pub cache_cells: usize,
+    /// Days before today (UTC) the cache covers; reads starting earlier go to the store.
+    pub cache_days: u32,
+    /// Longest a cached person is served before it is read from the store again, seconds:
+    /// a bound on staleness should a change ever bypass the features stream.
+    pub cache_ttl_secs: u64,
+    /// Person reads that miss the cache and may wait for the store at once; more are
+    /// answered 503 with `Retry-After`.
+    pub max_store_reads: usize,
 }
 
 impl Default for QueryConfig {
@@ -700,6 +711,10 @@ impl Default for QueryConfig {
             max_concurrent_per_tenant: 2,
             max_concurrent: 4,
             threads: 0,
+            cache_cells: 2_000_000,
+            cache_days: 35,
+            cache_ttl_secs: 300,
+            max_store_reads: 8,
         }
     }
 }

@@ -37,6 +37,12 @@ pub struct Metrics {
     pub store_insert_bisections: IntCounterVec,
     pub query_requests: IntCounterVec,
     pub query_seconds: HistogramVec,
+    /// Person reads by how the read cache answered: `hit` (a rendered answer), `render`
+    /// (cached values, rendered now), `fill` (read from the store into the cache),
+    /// `store` (a range the cache does not cover).
+    pub read_cache: IntCounterVec,
+    /// Values held by the person-read cache.
+    pub read_cache_cells: IntGauge,
     /// Audit records that could not be written (should stay 0; alert on it).
     pub audit_failures: IntCounter,
 }
@@ -91,6 +97,13 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(pipeline_open_users.clone()))
+            .expect("unique metric");
+        let read_cache_cells = IntGauge::new(
+            "digame_read_cache_cells",
+            "Feature values held by the person-read cache",
+        )
+        .expect("valid metric");
+        r.register(Box::new(read_cache_cells.clone()))
             .expect("unique metric");
         let query_seconds = HistogramVec::new(
             HistogramOpts::new("digame_query_duration_seconds", "Query latency by endpoint")
@@ -211,6 +224,13 @@ impl Metrics {
                 &["endpoint", "outcome"],
             ),
             query_seconds,
+            read_cache: counter_vec(
+                &r,
+                "digame_read_cache_total",
+                "Person reads by how the read cache answered (hit, render, fill, store)",
+                &["outcome"],
+            ),
+            read_cache_cells,
             registry: r,
         }
     }

@@ -128,7 +128,7 @@ async fn settings_and_profiles_round_trip_and_changes_follow_commit_order(url: S
     // Reopening applies nothing new and keeps everything.
     drop(meta);
     let meta = MetaStore::open(&url, dir).await.unwrap();
-    assert_eq!(meta.migrate().await.unwrap(), vec![1, 2, 3, 4, 5]);
+    assert_eq!(meta.migrate().await.unwrap(), vec![1, 2, 3, 4, 5, 6, 7]);
     assert_eq!(meta.changes_since(0).await.unwrap().revision, 4);
 }
 
@@ -182,14 +182,58 @@ async fn jobs_record_progress_and_are_tenant_scoped(url: String, dir: &Path) {
 
 async fn released_groups_are_recorded_once_per_tenant(url: String, dir: &Path) {
     let meta = MetaStore::open(&url, dir).await.unwrap();
-    let group: std::collections::BTreeSet<String> = ["a", "b", "c", "d", "e"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    meta.record_released_group("acme", &group).await.unwrap();
-    meta.record_released_group("acme", &group).await.unwrap();
-    assert_eq!(meta.released_groups("acme").await.unwrap(), vec![group]);
-    assert!(meta.released_groups("globex").await.unwrap().is_empty());
+    let set = |names: &[&str]| -> std::collections::BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    };
+    let group = set(&["a", "b", "c", "d", "e"]);
+    // What a check sees: the groups already shown for overlapping windows.
+    let seen = std::sync::Mutex::new(Vec::new());
+    let release = |g: std::collections::BTreeSet<String>, range: (i64, i64)| {
+        let (meta, seen) = (&meta, &seen);
+        async move {
+            meta.release_group("acme", &g, range, |released| {
+                *seen.lock().unwrap() = released.to_vec();
+                Ok::<(), ()>(())
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        }
+    };
+    release(group.clone(), (100, 200)).await;
+    release(group.clone(), (150, 300)).await;
+    assert_eq!(*seen.lock().unwrap(), vec![group.clone()]);
+    // The range widened to [100, 300): a release at [290, 400) overlaps it, one at
+    // [300, 400) does not.
+    let other = set(&["v", "w", "x", "y", "z"]);
+    release(other.clone(), (300, 400)).await;
+    assert!(seen.lock().unwrap().is_empty());
+    release(other.clone(), (290, 400)).await;
+    assert_eq!(*seen.lock().unwrap(), vec![group.clone(), other.clone()]);
+    // A refusal records nothing; another tenant sees none of acme's releases.
+    let refused = meta
+        .release_group("acme", &set(&["q"]), (0, 1000), |_| Err("no"))
+        .await
+        .unwrap();
+    assert_eq!(refused, Err("no"));
+    let mut globex = None;
+    meta.release_group("globex", &group, (0, 1000), |r| {
+        globex = Some(r.len());
+        Ok::<(), ()>(())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(globex, Some(0));
+    let mut all = None;
+    meta.release_group("acme", &group, (0, 1000), |r| {
+        all = Some(r.len());
+        Ok::<(), ()>(())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(all, Some(2), "the refused group was not recorded");
 }
 
 async fn event_ids_name_one_event_per_tenant(url: String, dir: &Path) {
@@ -308,6 +352,11 @@ async fn accounts_are_unique_by_email_and_tenant_scoped(url: String, dir: &Path)
             .is_none()
     );
     assert_eq!(meta.accounts("acme").await.unwrap().len(), 1);
+    // The change feed starts with every account, in creation order.
+    let (all, rev) = meta.account_changes_since(0).await.unwrap();
+    let emails: Vec<&str> = all.iter().map(|a| a.email.as_str()).collect();
+    assert_eq!(emails, ["ana@example.com", "g@example.com"]);
+    assert!(meta.account_changes_since(rev).await.unwrap().0.is_empty());
 
     let change = AccountChange {
         role: Some("analyst".into()),
@@ -332,6 +381,11 @@ async fn accounts_are_unique_by_email_and_tenant_scoped(url: String, dir: &Path)
         .unwrap()
         .unwrap();
     assert_eq!(read, changed);
+    // Followers see the change once, as it now is; a failed update (wrong tenant) is no change.
+    let (feed, rev2) = meta.account_changes_since(rev).await.unwrap();
+    assert_eq!(feed, vec![changed.clone()]);
+    assert!(rev2 > rev);
+    assert!(meta.account_changes_since(rev2).await.unwrap().0.is_empty());
     let enabled = meta
         .update_account(
             "acme",

@@ -5,10 +5,16 @@
 //! - **k people per value.** A group smaller than `k` (the tenant's `min_group_size`,
 //!   default 5) gets no aggregate at all; inside a group, a window where fewer than `k`
 //!   members have data is suppressed (no values, only the reason).
-//! - **No disclosure by difference.** Two nested groups whose difference is 1 to k−1
-//!   people would expose that small set by subtraction. Every group released is recorded
-//!   (by the caller, in the metadata store); [`difference_check`] refuses a group that is
-//!   nested with a released one at a distance under k, whichever is asked first.
+//! - **No disclosure by any combination of releases.** The groups released for the same
+//!   windows form a laminar family: any two are disjoint or nested (teams, managers' org
+//!   trees, saved groups that respect them). Each group's *atom* — its members not in a
+//!   smaller released group inside it — has none or at least k people. Every sum over a
+//!   group is the sum of its atoms' sums, so every linear combination of released sums
+//!   (and so of means, with the counts) is a sum over whole atoms: no combination of
+//!   releases isolates fewer than k people. [`release_check`] refuses a group that
+//!   overlaps a released one without nesting, or that would leave an atom of 1 to k−1
+//!   people; the caller decides and records each release in one metadata-store
+//!   transaction, so the rule holds across API nodes.
 //! - Windows are matched across members by their **local** date (day and week windows
 //!   start at each person's own midnight), so a team spread over time zones aggregates
 //!   the same calendar day.
@@ -173,6 +179,14 @@ pub enum Refusal {
         if *distance == 1 { "person" } else { "people" }
     )]
     Difference { distance: usize, k: usize },
+    #[error(
+        "this group shares {shared} people with a group already shown for these windows and has {outside} others; groups shown for the same windows must be disjoint or nested (teams, org trees), or combining them would expose individuals"
+    )]
+    Overlap {
+        shared: usize,
+        outside: usize,
+        k: usize,
+    },
 }
 
 impl Refusal {
@@ -180,13 +194,15 @@ impl Refusal {
         match self {
             Refusal::TooSmall { .. } => "group_too_small",
             Refusal::Difference { .. } => "difference_disclosure",
+            Refusal::Overlap { .. } => "overlapping_group",
         }
     }
 }
 
-/// Refuses `group` when it is nested with an already released group at a distance of 1
-/// to k−1 people, or is itself smaller than k.
-pub fn difference_check(
+/// Refuses `group` unless releasing it keeps every individual hidden whatever the caller
+/// combines: see the module docs. `released` are the groups already released for windows
+/// this release shares.
+pub fn release_check(
     group: &BTreeSet<String>,
     released: &[BTreeSet<String>],
     k: usize,
@@ -197,16 +213,40 @@ pub fn difference_check(
             k,
         });
     }
+    if released.contains(group) {
+        return Ok(());
+    }
+    // Laminar: every released group is disjoint from this one or nested with it.
     for r in released {
-        let distance = if group.is_subset(r) {
-            r.len() - group.len()
-        } else if r.is_subset(group) {
-            group.len() - r.len()
-        } else {
-            continue;
-        };
-        if distance > 0 && distance < k {
-            return Err(Refusal::Difference { distance, k });
+        let shared = group.intersection(r).count();
+        if shared > 0 && shared < group.len() && shared < r.len() {
+            return Err(Refusal::Overlap {
+                shared,
+                outside: group.len() - shared,
+                k,
+            });
+        }
+    }
+    // Atoms: this group less the released groups inside it, and each released group
+    // holding this one less what it now has inside. Only these change.
+    let atom = |of: &BTreeSet<String>, with: Option<&BTreeSet<String>>| -> usize {
+        of.iter()
+            .filter(|m| {
+                !released
+                    .iter()
+                    .chain(with)
+                    .any(|r| r.len() < of.len() && r.is_subset(of) && r.contains(*m))
+            })
+            .count()
+    };
+    let own = atom(group, None);
+    if own > 0 && own < k {
+        return Err(Refusal::Difference { distance: own, k });
+    }
+    for r in released.iter().filter(|r| group.is_subset(r)) {
+        let (before, after) = (atom(r, None), atom(r, Some(group)));
+        if after != before && after > 0 && after < k {
+            return Err(Refusal::Difference { distance: after, k });
         }
     }
     Ok(())
@@ -318,9 +358,9 @@ mod tests {
         let team: BTreeSet<String> = (0..9).map(|i| format!("p{i}")).collect();
         let five: BTreeSet<String> = (0..5).map(|i| format!("p{i}")).collect();
         let k = 5;
-        assert!(difference_check(&team, &[], k).is_ok());
+        assert!(release_check(&team, &[], k).is_ok());
         // 9 − 5 = 4 people by difference.
-        let err = difference_check(&five, std::slice::from_ref(&team), k)
+        let err = release_check(&five, std::slice::from_ref(&team), k)
             .unwrap_err()
             .to_string();
         assert!(
@@ -328,11 +368,11 @@ mod tests {
             "{err}"
         );
         // The same group again, or a disjoint one, is fine.
-        assert!(difference_check(&team, std::slice::from_ref(&team), k).is_ok());
+        assert!(release_check(&team, std::slice::from_ref(&team), k).is_ok());
         let other: BTreeSet<String> = (10..15).map(|i| format!("p{i}")).collect();
-        assert!(difference_check(&other, std::slice::from_ref(&team), k).is_ok());
+        assert!(release_check(&other, std::slice::from_ref(&team), k).is_ok());
         // A team of 4 is too small on its own.
-        let err = difference_check(&set(&["a", "b", "c", "d"]), &[], k).unwrap_err();
+        let err = release_check(&set(&["a", "b", "c", "d"]), &[], k).unwrap_err();
         assert_eq!(err.code(), "group_too_small");
         assert_eq!(
             err.to_string(),
@@ -340,8 +380,159 @@ mod tests {
         );
         // Growing a shown group by one person would expose that person.
         let six: BTreeSet<String> = (0..6).map(|i| format!("p{i}")).collect();
-        let err = difference_check(&six, std::slice::from_ref(&five), k).unwrap_err();
+        let err = release_check(&six, std::slice::from_ref(&five), k).unwrap_err();
         assert_eq!(err.code(), "difference_disclosure");
         assert!(err.to_string().contains("by 1 person;"), "{err}");
+    }
+
+    /// Which members' values a set of released sums gives away: those whose indicator
+    /// vector is in the row space of the releases' (Gaussian elimination over the
+    /// rationals, exact here since every entry is 0 or 1 and pivots stay small integers
+    /// scaled to 1 — f64 with a tolerance is enough at these sizes).
+    fn recoverable(people: &[String], released: &[BTreeSet<String>]) -> Vec<String> {
+        let n = people.len();
+        let mut rows: Vec<Vec<f64>> = released
+            .iter()
+            .map(|g| {
+                people
+                    .iter()
+                    .map(|p| if g.contains(p) { 1.0 } else { 0.0 })
+                    .collect()
+            })
+            .collect();
+        // Reduced row echelon form.
+        let mut pivots = Vec::new();
+        let mut r = 0;
+        for c in 0..n {
+            let Some(p) = (r..rows.len()).find(|&i| rows[i][c].abs() > 1e-9) else {
+                continue;
+            };
+            rows.swap(r, p);
+            let lead = rows[r][c];
+            for v in &mut rows[r] {
+                *v /= lead;
+            }
+            for i in 0..rows.len() {
+                if i != r && rows[i][c].abs() > 1e-9 {
+                    let f = rows[i][c];
+                    let pivot_row = rows[r].clone();
+                    for (v, pv) in rows[i].iter_mut().zip(&pivot_row) {
+                        *v -= f * pv;
+                    }
+                }
+            }
+            pivots.push(c);
+            r += 1;
+        }
+        // e_i is in the row space iff some reduced row is e_i.
+        people
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                rows.iter().take(r).any(|row| {
+                    row.iter()
+                        .enumerate()
+                        .all(|(j, v)| (v.abs() > 1e-9) == (j == *i))
+                })
+            })
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    #[test]
+    fn the_solver_recovers_what_pairwise_checks_let_through() {
+        // Six 5-person subsets of a 6-person team: each differs from each other by one in
+        // and one out, so a check of nested pairs releases them all, and they solve for
+        // every individual (the attack this rule replaces).
+        let team: Vec<String> = (0..6).map(|i| format!("p{i}")).collect();
+        let subsets: Vec<BTreeSet<String>> = (0..6)
+            .map(|out| team.iter().filter(|p| **p != team[out]).cloned().collect())
+            .collect();
+        assert_eq!(recoverable(&team, &subsets), team);
+        // The team and two disjoint halves of 3: the halves' atoms are 3 < 5, refused; a
+        // single person from the team and its complement: solved.
+        let all: BTreeSet<String> = team.iter().cloned().collect();
+        let rest: BTreeSet<String> = team[1..].iter().cloned().collect();
+        assert_eq!(recoverable(&team, &[all, rest]), vec!["p0".to_string()]);
+    }
+
+    /// Every group a manager of 11 people (in two teams of 5 and 6 and as a whole) may ask
+    /// for — the whole org, each team, every subset of 5 or more of the org — asked in
+    /// several orders: whatever gets released, no individual's value can be solved for.
+    #[test]
+    fn no_sequence_of_requests_lets_a_solver_recover_anyone() {
+        let k = 5;
+        let org: Vec<String> = (0..11).map(|i| format!("p{i:02}")).collect();
+        let team_a: BTreeSet<String> = org[..5].iter().cloned().collect();
+        let team_b: BTreeSet<String> = org[5..].iter().cloned().collect();
+        let whole: BTreeSet<String> = org.iter().cloned().collect();
+        let mut candidates = vec![whole.clone(), team_a.clone(), team_b.clone()];
+        // Every subset of size >= 5 (of 11: 1,486 of them).
+        for mask in 0u32..(1 << org.len()) {
+            if mask.count_ones() >= 5 {
+                candidates.push(
+                    (0..org.len())
+                        .filter(|i| mask & (1 << i) != 0)
+                        .map(|i| org[i].clone())
+                        .collect(),
+                );
+            }
+        }
+        let mut rng_state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 7;
+            rng_state ^= rng_state << 17;
+            rng_state
+        };
+        for order in 0..6 {
+            let mut asked = candidates.clone();
+            if order > 0 {
+                // Fisher–Yates with a fixed xorshift: reproducible orders.
+                for i in (1..asked.len()).rev() {
+                    asked.swap(i, (next() % (i as u64 + 1)) as usize);
+                }
+            }
+            let mut released: Vec<BTreeSet<String>> = Vec::new();
+            for g in asked {
+                if release_check(&g, &released, k).is_ok() && !released.contains(&g) {
+                    released.push(g);
+                }
+            }
+            // The first group asked for is always released (all candidates have >= k).
+            assert!(!released.is_empty(), "order {order}");
+            assert_eq!(
+                recoverable(&org, &released),
+                Vec::<String>::new(),
+                "order {order}: {released:?}"
+            );
+            // And each released group's atom is empty or at least k.
+            for g in &released {
+                let inner: BTreeSet<&String> = released
+                    .iter()
+                    .filter(|r| r.len() < g.len() && r.is_subset(g))
+                    .flatten()
+                    .collect();
+                let atom = g.iter().filter(|m| !inner.contains(m)).count();
+                assert!(
+                    atom == 0 || atom >= k,
+                    "order {order}: atom {atom} of {g:?}"
+                );
+            }
+        }
+        // In the natural order (org, then its teams), the org view and both team views
+        // are all released.
+        let mut released = Vec::new();
+        for g in [&whole, &team_a, &team_b] {
+            release_check(g, &released, k).unwrap();
+            released.push(g.clone());
+        }
+        // A 5-of-6 subset of team b now overlaps nothing but nests in b with an atom of 1.
+        let err = release_check(&org[5..10].iter().cloned().collect(), &released, k).unwrap_err();
+        assert_eq!(err.code(), "difference_disclosure");
+        // A group straddling the teams overlaps both without nesting.
+        let straddle: BTreeSet<String> = org[3..8].iter().cloned().collect();
+        let err = release_check(&straddle, &released, k).unwrap_err();
+        assert_eq!(err.code(), "overlapping_group");
     }
 }

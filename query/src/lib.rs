@@ -53,6 +53,9 @@ pub enum QueryError {
     Timeout(u64),
     #[error("query engine error: {0}")]
     Internal(String),
+    /// The store is answering as many reads as it may; retry shortly.
+    #[error("{0}")]
+    Overloaded(String),
     /// Too many queries are running; retry shortly.
     #[error("{0}")]
     Busy(String),
@@ -143,6 +146,7 @@ pub struct FeatureSeries {
     pub windows: Vec<FeatureWindow>,
 }
 
+pub mod cache;
 pub mod charts;
 pub mod clickhouse_sql;
 pub mod events;
@@ -166,7 +170,22 @@ pub struct QueryEngine {
     config: QueryConfig,
     /// Where tenants' SQL runs, and who may start a query.
     isolation: isolation::Isolation,
+    /// Person reads served from memory (`None` with `query.cache_cells = 0`).
+    cache: Option<cache::FeatureCache>,
+    /// Person reads that may wait for the store at once.
+    store_reads: tokio::sync::Semaphore,
 }
+
+/// A person's values of one range, through the cache.
+enum PersonRead {
+    /// The answer as cached, ready to send.
+    Rendered(Arc<cache::Rendered>),
+    /// Values sorted by window, feature and breakdown; with the cache version they are of.
+    Cells(Vec<FeatureCell>, Option<u64>),
+}
+
+/// Far enough ahead to cover every window a person will have.
+const END_OF_TIME: EventTime = EventTime(i64::MAX / 4);
 
 impl QueryEngine {
     /// Over the embedded store under `store_root`.
@@ -175,6 +194,8 @@ impl QueryEngine {
             backend: Backend::Embedded(store_root.into()),
             isolation: isolation::Isolation::new(&config)
                 .expect("the query executor's threads start"),
+            cache: Self::cache_of(&config),
+            store_reads: tokio::sync::Semaphore::new(config.max_store_reads.max(1)),
             config,
         }
     }
@@ -185,8 +206,25 @@ impl QueryEngine {
             backend: Backend::ClickHouse(Box::new(client)),
             isolation: isolation::Isolation::new(&config)
                 .expect("the query executor's threads start"),
+            cache: Self::cache_of(&config),
+            store_reads: tokio::sync::Semaphore::new(config.max_store_reads.max(1)),
             config,
         }
+    }
+
+    fn cache_of(config: &QueryConfig) -> Option<cache::FeatureCache> {
+        (config.cache_cells > 0).then(|| {
+            cache::FeatureCache::new(
+                config.cache_cells,
+                config.cache_days,
+                Duration::from_secs(config.cache_ttl_secs.max(1)),
+            )
+        })
+    }
+
+    /// The person-read cache, to feed from the features stream and to clear on deletions.
+    pub fn cache(&self) -> Option<&cache::FeatureCache> {
+        self.cache.as_ref()
     }
 
     fn root(&self) -> Result<&std::path::Path> {
@@ -290,6 +328,7 @@ impl QueryEngine {
             Err(QueryError::Timeout(_)) => "timeout",
             Err(QueryError::Internal(_)) => "error",
             Err(QueryError::Busy(_)) => "busy",
+            Err(QueryError::Overloaded(_)) => "overloaded",
         };
         metrics()
             .query_requests
@@ -344,6 +383,127 @@ impl QueryEngine {
         to: EventTime,
         granularity: Granularity,
     ) -> Result<FeatureSeries> {
+        let cells = match self
+            .person_read(tenant, user, granularity, (from, to), false)
+            .await?
+        {
+            PersonRead::Cells(cells, _) => cells,
+            PersonRead::Rendered(_) => unreachable!("asked for values"),
+        };
+        Ok(FeatureSeries {
+            user_id: user.to_string(),
+            granularity,
+            from,
+            to,
+            windows: shape_cells(cells),
+        })
+    }
+
+    /// As [`Self::features`], serialized as the features endpoint answers: from the cache's
+    /// rendered answers when the range is cached and unchanged.
+    pub async fn features_json(
+        &self,
+        tenant: &str,
+        user: &str,
+        from: EventTime,
+        to: EventTime,
+        granularity: Granularity,
+    ) -> Result<Arc<cache::Rendered>> {
+        let (cells, version) = match self
+            .person_read(tenant, user, granularity, (from, to), true)
+            .await?
+        {
+            PersonRead::Rendered(r) => return Ok(r),
+            PersonRead::Cells(cells, version) => (cells, version),
+        };
+        let series = FeatureSeries {
+            user_id: user.to_string(),
+            granularity,
+            from,
+            to,
+            windows: shape_cells(cells),
+        };
+        let rendered = Arc::new(cache::Rendered::new(
+            serde_json::to_vec(&series).map_err(internal)?,
+        ));
+        if let (Some(cache), Some(v)) = (&self.cache, version) {
+            cache.keep(tenant, user, granularity, (from, to), v, rendered.clone());
+        }
+        Ok(rendered)
+    }
+
+    /// A person's values of `[from, to)`: from the cache when it covers the range (reading
+    /// the person into it on a miss, one read per person at a time), else from the store.
+    async fn person_read(
+        &self,
+        tenant: &str,
+        user: &str,
+        granularity: Granularity,
+        (from, to): (EventTime, EventTime),
+        rendered_ok: bool,
+    ) -> Result<PersonRead> {
+        if to <= from {
+            return Err(QueryError::Invalid(format!(
+                "`to` ({to}) must be after `from` ({from})"
+            )));
+        }
+        let outcome = |o: &str| metrics().read_cache.with_label_values(&[o]).inc();
+        let now = EventTime::now();
+        let Some(cache) = self.cache.as_ref().filter(|c| from >= c.horizon(now)) else {
+            outcome("store");
+            let cells = self
+                .person_store_read(tenant, user, granularity, (from, to))
+                .await?;
+            return Ok(PersonRead::Cells(cells, None));
+        };
+        digame_schemas::validate::validate_tenant_id(tenant).map_err(QueryError::Invalid)?;
+        loop {
+            match cache.lookup(tenant, user, granularity, (from, to), now, rendered_ok) {
+                cache::Lookup::Hit(r) => {
+                    outcome("hit");
+                    return Ok(PersonRead::Rendered(r));
+                }
+                cache::Lookup::Cells(cells, version) => {
+                    outcome("render");
+                    return Ok(PersonRead::Cells(cells, Some(version)));
+                }
+                cache::Lookup::Wait(mut done) => {
+                    let wait = Duration::from_secs(self.config.timeout_secs);
+                    if tokio::time::timeout(wait, done.wait_for(|d| *d))
+                        .await
+                        .is_err()
+                    {
+                        return Err(QueryError::Timeout(self.config.timeout_secs));
+                    }
+                }
+                cache::Lookup::Fill(fill) => {
+                    outcome("fill");
+                    let cells = self
+                        .person_store_read(tenant, user, granularity, (fill.from, END_OF_TIME))
+                        .await?;
+                    fill.finish(cells);
+                    metrics().read_cache_cells.set(cache.cells() as i64);
+                }
+            }
+        }
+    }
+
+    /// A person's values of `[from, to)` from the store, with at most
+    /// `query.max_store_reads` such reads waiting at once (503 beyond, at once: a queue of
+    /// seconds helps nobody).
+    async fn person_store_read(
+        &self,
+        tenant: &str,
+        user: &str,
+        granularity: Granularity,
+        (from, to): (EventTime, EventTime),
+    ) -> Result<Vec<FeatureCell>> {
+        let _permit = self.store_reads.try_acquire().map_err(|_| {
+            QueryError::Overloaded(format!(
+                "{} person reads are waiting for the store; retry in a second",
+                self.config.max_store_reads
+            ))
+        })?;
         let scope = CellScope {
             user: Some(user),
             granularity,
@@ -351,18 +511,8 @@ impl QueryEngine {
             to,
             features: &[],
         };
-        let windows = self
-            .run("features", self.cells(tenant, &scope))
-            .await?
-            .remove(user)
-            .unwrap_or_default();
-        Ok(FeatureSeries {
-            user_id: user.to_string(),
-            granularity,
-            from,
-            to,
-            windows,
-        })
+        let cells = self.run("features", self.raw_cells(tenant, &scope)).await?;
+        Ok(cells.into_iter().map(|(_, c)| c).collect())
     }
 
     /// Every person's windows with `from <= window_start < to`, only `features` (their
@@ -393,13 +543,31 @@ impl QueryEngine {
         tenant: &str,
         scope: &CellScope<'_>,
     ) -> Result<BTreeMap<String, Vec<FeatureWindow>>> {
+        let cells = self.raw_cells(tenant, scope).await?;
+        let mut by_user: BTreeMap<String, Vec<FeatureCell>> = BTreeMap::new();
+        for (user, cell) in cells {
+            by_user.entry(user).or_default().push(cell);
+        }
+        Ok(by_user
+            .into_iter()
+            .map(|(user, cells)| (user, shape_cells(cells)))
+            .collect())
+    }
+
+    /// The feature values in `scope`, latest revision per key, sorted by user, window,
+    /// feature and breakdown.
+    async fn raw_cells(
+        &self,
+        tenant: &str,
+        scope: &CellScope<'_>,
+    ) -> Result<Vec<(String, FeatureCell)>> {
         let (from, to) = (scope.from, scope.to);
         if to <= from {
             return Err(QueryError::Invalid(format!(
                 "`to` ({to}) must be after `from` ({from})"
             )));
         }
-        let cells = if let Backend::ClickHouse(client) = &self.backend {
+        Ok(if let Backend::ClickHouse(client) = &self.backend {
             clickhouse_features(client, tenant, scope).await?
         } else {
             let ctx = self.tenant_context(tenant)?;
@@ -447,15 +615,7 @@ impl QueryEngine {
                 ])
                 .map_err(internal)?;
             read_cells(&df.collect().await.map_err(internal)?)?
-        };
-        let mut by_user: BTreeMap<String, Vec<FeatureCell>> = BTreeMap::new();
-        for (user, cell) in cells {
-            by_user.entry(user).or_default().push(cell);
-        }
-        Ok(by_user
-            .into_iter()
-            .map(|(user, cells)| (user, shape_cells(cells)))
-            .collect())
+        })
     }
 }
 
@@ -574,8 +734,8 @@ fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> Result<&'a T> {
 }
 
 /// One feature value of one window, whichever backend read it.
-#[derive(Debug, PartialEq)]
-struct FeatureCell {
+#[derive(Clone, Debug, PartialEq)]
+pub struct FeatureCell {
     window_start: EventTime,
     window_end: EventTime,
     timezone: String,

@@ -292,7 +292,13 @@ impl DigameProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         let http = reqwest::Client::new();
         loop {
-            if let Ok(r) = http.get(format!("{}/healthz", self.url())).send().await
+            // `Connection: close`: the probe leaves no idle connection behind to count
+            // against the server's connection limits.
+            if let Ok(r) = http
+                .get(format!("{}/healthz", self.url()))
+                .header("connection", "close")
+                .send()
+                .await
                 && r.status().is_success()
             {
                 return Ok(());
@@ -524,6 +530,26 @@ impl Client {
             .send()
             .await?;
         Self::reply(r).await
+    }
+
+    /// `GET` with extra request headers, as the server answered: status, headers and the
+    /// body's bytes undecoded (for conditional requests and content encodings).
+    pub async fn get_raw(
+        &self,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<(u16, reqwest::header::HeaderMap, Vec<u8>)> {
+        let mut req = self
+            .http
+            .get(format!("{}{path_and_query}", self.base))
+            .bearer_auth(&self.reader);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let r = req.send().await?;
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        Ok((status, headers, r.bytes().await?.to_vec()))
     }
 
     /// Rows of a successful SQL query; fails on an error reply.

@@ -25,7 +25,7 @@ use serde_json::json;
 
 use super::rbac::{Permission, Role};
 use super::tokens::{Claims, random_secret};
-use super::{ActorKind, KEY_PREFIX, Principal, client_ip, passwords, record};
+use super::{ActorKind, KEY_PREFIX, Principal, client_ip, passwords};
 use crate::{ApiError, AppState, json_body};
 
 fn now_ms() -> i64 {
@@ -315,7 +315,7 @@ pub async fn login(
                 StatusCode::OK,
                 String::new(),
             );
-            record(&state.meta, entry).await;
+            state.audit.record(entry).await;
             issue_tokens(&state, &account).await
         }
         other => {
@@ -334,7 +334,7 @@ pub async fn login(
                     }
                     .into(),
                 );
-                record(&state.meta, entry).await;
+                state.audit.record(entry).await;
             }
             Err(ApiError::Unauthorized(
                 "wrong email or password (or the account is disabled)".into(),
@@ -536,7 +536,7 @@ pub async fn request_reset(
             StatusCode::ACCEPTED,
             String::new(),
         );
-        record(&state.meta, entry).await;
+        state.audit.record(entry).await;
     }
     Ok((
         StatusCode::ACCEPTED,
@@ -585,7 +585,7 @@ pub async fn confirm_reset(
         StatusCode::NO_CONTENT,
         String::new(),
     );
-    record(&state.meta, entry).await;
+    state.audit.record(entry).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -761,6 +761,8 @@ pub async fn patch_account(
         .await
         .map_err(ApiError::Meta)?
         .ok_or_else(|| no_such("account", &id))?;
+    // In force on this node from the next request; on others within `meta.refresh_ms`.
+    state.auth.apply_accounts(std::slice::from_ref(&updated));
     if change.disabled == Some(true) {
         sync_revocations(&state).await?;
     }
@@ -891,6 +893,8 @@ pub async fn get_audit(
         action_prefix: p.action,
         limit: p.limit.unwrap_or(100),
     };
+    // Every record of a request that completed before this one is written first.
+    state.audit.flush().await;
     let records = state
         .meta
         .audit(&me.tenant, &q)

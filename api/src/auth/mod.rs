@@ -9,14 +9,17 @@
 //!   constant time), or a key from config (`ingest.keys`, `admin.keys`). The result is a
 //!   [`Principal`]: tenant, actor, role, linked person. Its tenant scopes everything the
 //!   request reads or writes; no request names its tenant.
-//! - **Revocation is immediate.** Revoked sessions and API keys are followed from the
-//!   metadata store every `meta.refresh_ms` and applied at once on the node that
-//!   revoked them.
+//! - **Revocation and changes are immediate.** Revoked sessions and API keys, and
+//!   accounts' role, person link and disabled state, are followed from the metadata store
+//!   every `meta.refresh_ms` and applied at once on the node that changed them. An access
+//!   token names its account; what the account may do is looked up on every request, so
+//!   a demotion, relink or disable applies to tokens already issued.
 //! - **Limits and audit.** Each authenticated request is charged to its caller's and
 //!   tenant's token buckets ([`limits`]); every mutating request and every read of another
 //!   person's data is appended to the audit log with who, what, when, from where and the
 //!   outcome.
 
+pub mod audit;
 pub mod handlers;
 pub mod limits;
 pub mod passwords;
@@ -34,7 +37,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use digame_infra::config::IngestKeys;
 use digame_infra::meta::MetaStore;
-use digame_infra::meta::identity::{ApiKeyRecord, AuditRecord, digest};
+use digame_infra::meta::identity::{Account, ApiKeyRecord, AuditRecord, digest};
 use subtle::ConstantTimeEq;
 
 use crate::{ApiError, AppState};
@@ -147,6 +150,16 @@ pub struct Auth {
     config_keys: HashMap<String, Principal>,
     /// Revoked sessions → when they were revoked (ms).
     revoked: RwLock<HashMap<String, i64>>,
+    /// Accounts' current standing by account id, followed from the metadata store: what an
+    /// access token's bearer may do now, whatever the token said when it was issued.
+    standing: RwLock<HashMap<String, Standing>>,
+}
+
+/// What an account may do now: its role and person link, and whether it is disabled.
+struct Standing {
+    role: Role,
+    person: Option<Arc<str>>,
+    disabled: bool,
 }
 
 impl std::fmt::Debug for Auth {
@@ -201,6 +214,36 @@ impl Auth {
             keys: RwLock::new(HashMap::new()),
             config_keys,
             revoked: RwLock::new(HashMap::new()),
+            standing: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Takes in created or changed accounts: from the next request on, a token of theirs
+    /// acts with the account's current role and person link, and a disabled account's
+    /// tokens are refused.
+    pub fn apply_accounts(&self, changed: &[Account]) {
+        let mut standing = self.standing.write().expect("account standing lock");
+        for a in changed {
+            let Some(role) = Role::parse(&a.role) else {
+                tracing::warn!(account = %a.account_id, role = %a.role, "stored account has an unknown role; its tokens are refused");
+                standing.insert(
+                    a.account_id.clone(),
+                    Standing {
+                        role: Role::Member,
+                        person: None,
+                        disabled: true,
+                    },
+                );
+                continue;
+            };
+            standing.insert(
+                a.account_id.clone(),
+                Standing {
+                    role,
+                    person: a.person_id.as_deref().map(Into::into),
+                    disabled: a.disabled,
+                },
+            );
         }
     }
 
@@ -279,12 +322,32 @@ impl Auth {
                     "the session of this token was ended (signed out, password changed or refresh token reused); sign in again".into(),
                 ));
             }
+            // The account's standing now, not as the token recorded it at issue. An
+            // account not (yet) followed here was created after the last follow, so the
+            // token's claims are its standing.
+            let (role, person) = match self
+                .standing
+                .read()
+                .expect("account standing lock")
+                .get(&claims.sub)
+            {
+                Some(s) if s.disabled => {
+                    return Err(ApiError::Unauthorized(
+                        "this account is disabled; ask your tenant admin".into(),
+                    ));
+                }
+                Some(s) => (s.role, s.person.clone()),
+                None => (
+                    Role::parse(&claims.role).expect("verify checked the role"),
+                    claims.person.map(Into::into),
+                ),
+            };
             return Ok(Principal {
                 tenant: claims.tid.into(),
                 actor: claims.sub.into(),
                 kind: ActorKind::Account,
-                role: Role::parse(&claims.role).expect("verify checked the role"),
-                person: claims.person.map(Into::into),
+                role,
+                person,
                 session: Some(claims.sid.into()),
                 scope: None,
             });
@@ -303,8 +366,15 @@ pub async fn follow(
     every: std::time::Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let (mut keys_seen, mut sessions_seen) = (0, 0);
+    let (mut keys_seen, mut sessions_seen, mut accounts_seen) = (0, 0, 0);
     loop {
+        match meta.account_changes_since(accounts_seen).await {
+            Ok((changed, rev)) => {
+                state.auth.apply_accounts(&changed);
+                accounts_seen = rev;
+            }
+            Err(e) => tracing::warn!(error = %e, "reading account changes failed; retrying"),
+        }
         match meta.api_key_changes_since(keys_seen).await {
             Ok((changed, rev)) => {
                 state.auth.apply_keys(&changed);
@@ -371,14 +441,14 @@ pub type AccessTable = HashMap<String, Vec<(Method, Access)>>;
 pub struct Gate {
     pub auth: Arc<Auth>,
     /// Where audit records go.
-    pub meta: MetaStore,
+    pub audit: audit::AuditLog,
     pub table: Arc<AccessTable>,
 }
 
 /// Authorizes a request against the route table, charges the limits, runs it, and
 /// audits it when it changes something or reads another person's data.
 pub async fn authorize(State(gate): State<Gate>, request: Request, next: Next) -> Response {
-    let Gate { auth, meta, table } = &gate;
+    let Gate { auth, audit, table } = &gate;
     let (mut parts, body) = request.into_parts();
     let Some(path) = parts
         .extensions
@@ -449,10 +519,10 @@ pub async fn authorize(State(gate): State<Gate>, request: Request, next: Next) -
             .filter(|u| !principal.is_self(u)),
         Err(_) => None,
     };
-    let audit = (mutating && path != "/v1/events") || other_person.is_some();
+    let audited = (mutating && path != "/v1/events") || other_person.is_some();
     // The record's request fields, taken only for requests that are audited (most reads
     // are not).
-    let pending = audit.then(|| AuditRecord {
+    let pending = audited.then(|| AuditRecord {
         event_id: uuid::Uuid::now_v7().to_string(),
         at: 0,
         tenant_id: principal.tenant.to_string(),
@@ -473,7 +543,7 @@ pub async fn authorize(State(gate): State<Gate>, request: Request, next: Next) -
     if let Some(mut entry) = pending {
         entry.at = digame_schemas::EventTime::now().0;
         entry.outcome = i32::from(response.status().as_u16());
-        record(meta, entry).await;
+        audit.record(entry).await;
     }
     response
 }
@@ -489,12 +559,4 @@ pub fn rate_limited(limited: limits::Limited) -> Response {
         HeaderValue::from_str(&secs.to_string()).expect("digits"),
     );
     resp
-}
-
-/// Appends an audit record; a failure is logged and counted, never hidden.
-pub async fn record(meta: &MetaStore, record: AuditRecord) {
-    if let Err(e) = meta.append_audit(&record).await {
-        digame_infra::telemetry::metrics().audit_failures.inc();
-        tracing::error!(error = %e, action = %record.action, actor = %record.actor, "could not write an audit record");
-    }
 }

@@ -138,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let gate = Gate {
         auth: Arc::new(auth),
-        meta,
+        audit: digame_api::auth::audit::AuditLog::start(meta).0,
         table: Arc::new(table),
     };
     let secured = digame_api::security_layers(

@@ -183,9 +183,10 @@ async fn insert_account(
         updated_at: now,
         disabled: false,
     };
+    let revision = MetaStore::next_revision(conn).await?;
     sqlx::query(
-        "INSERT INTO accounts (account_id, tenant_id, email, password_hash, role, person_id, display_name, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+        "INSERT INTO accounts (account_id, tenant_id, email, password_hash, role, person_id, display_name, created_at, updated_at, revision)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9)",
     )
     .bind(&account.account_id)
     .bind(&account.tenant_id)
@@ -195,6 +196,7 @@ async fn insert_account(
     .bind(account.person_id.clone())
     .bind(&account.display_name)
     .bind(now)
+    .bind(revision)
     .execute(&mut *conn)
     .await
     .map_err(|e| {
@@ -398,8 +400,10 @@ impl MetaStore {
         new: &NewAccount<'_>,
         password_hash: &str,
     ) -> Result<Account> {
-        let mut conn = self.pool.acquire().await?;
-        insert_account(&mut conn, new, password_hash).await
+        let mut tx = self.pool.begin().await?;
+        let account = insert_account(&mut tx, new, password_hash).await?;
+        tx.commit().await?;
+        Ok(account)
     }
 
     /// The account with `email` (any tenant) and its password hash: for login only.
@@ -480,8 +484,11 @@ impl MetaStore {
         let now = now_ms();
         account.updated_at = now;
         let mut tx = self.pool.begin().await?;
+        // A new revision, so that every node's follower sees the change (see
+        // `account_changes_since`).
+        let revision = Self::next_revision(&mut tx).await?;
         sqlx::query(
-            "UPDATE accounts SET role = $1, person_id = $2, display_name = $3, updated_at = $4
+            "UPDATE accounts SET role = $1, person_id = $2, display_name = $3, updated_at = $4, revision = $7
              WHERE tenant_id = $5 AND account_id = $6",
         )
         .bind(&account.role)
@@ -490,6 +497,7 @@ impl MetaStore {
         .bind(now)
         .bind(tenant)
         .bind(account_id)
+        .bind(revision)
         .execute(&mut *tx)
         .await
         .map_err(|e| {
@@ -517,6 +525,38 @@ impl MetaStore {
                 .await?;
         }
         Ok(Some(account))
+    }
+
+    /// Accounts created or changed after `revision` (0: every account), in commit order,
+    /// and the newest revision seen: what API nodes follow to apply role changes, relinks
+    /// and disables to access tokens already issued.
+    pub async fn account_changes_since(&self, revision: i64) -> Result<(Vec<Account>, i64)> {
+        let sql = format!(
+            "SELECT {ACCOUNT_COLUMNS}, revision FROM accounts WHERE revision > $1 ORDER BY revision"
+        );
+        self.changes_after(&sql, revision, 9, account_of).await
+    }
+
+    /// Rows of a change feed (`sql` selects rows whose revision, at column `revision_at`,
+    /// is above `$1`, in revision order), decoded, and the newest revision seen.
+    async fn changes_after<T>(
+        &self,
+        sql: &str,
+        revision: i64,
+        revision_at: usize,
+        decode: fn(&AnyRow) -> Result<T>,
+    ) -> Result<(Vec<T>, i64)> {
+        let rows = sqlx::query(sql)
+            .bind(revision)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut newest = revision;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in &rows {
+            out.push(decode(r)?);
+            newest = newest.max(r.try_get(revision_at)?);
+        }
+        Ok((out, newest))
     }
 
     /// Replaces an account's password hash and revokes its sessions (every device must
@@ -763,17 +803,7 @@ impl MetaStore {
         let sql = format!(
             "SELECT {KEY_COLUMNS}, revision FROM api_keys WHERE revision > $1 ORDER BY revision"
         );
-        let rows = sqlx::query(&sql)
-            .bind(revision)
-            .fetch_all(&self.pool)
-            .await?;
-        let mut newest = revision;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in &rows {
-            out.push(key_of(r)?);
-            newest = newest.max(r.try_get(10)?);
-        }
-        Ok((out, newest))
+        self.changes_after(&sql, revision, 10, key_of).await
     }
 
     /// Stores a password-reset token (as a digest) for an account.
@@ -810,6 +840,20 @@ impl MetaStore {
 
     /// Appends one audit record.
     pub async fn append_audit(&self, record: &AuditRecord) -> Result<()> {
+        self.append_audits(std::slice::from_ref(record)).await
+    }
+
+    /// Appends audit records in one transaction: all of them or none.
+    pub async fn append_audits(&self, records: &[AuditRecord]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for record in records {
+            Self::insert_audit(&mut tx, record).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert_audit(conn: &mut sqlx::AnyConnection, record: &AuditRecord) -> Result<()> {
         sqlx::query(
             "INSERT INTO audit_log (event_id, at, tenant_id, actor, actor_kind, action, target, source_ip, request_id, outcome, detail)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
@@ -825,7 +869,7 @@ impl MetaStore {
         .bind(&record.request_id)
         .bind(record.outcome)
         .bind(&record.detail)
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await?;
         Ok(())
     }

@@ -292,10 +292,10 @@ impl MetaStore {
     }
 
     /// Takes the next revision inside `tx`; holds the counter row until commit.
-    async fn next_revision(tx: &mut sqlx::Transaction<'_, sqlx::Any>) -> Result<i64> {
+    async fn next_revision(conn: &mut sqlx::AnyConnection) -> Result<i64> {
         let row =
             sqlx::query("UPDATE meta_revision SET value = value + 1 WHERE id = 1 RETURNING value")
-                .fetch_one(&mut **tx)
+                .fetch_one(&mut *conn)
                 .await?;
         Ok(row.try_get::<i64, _>(0)?)
     }
@@ -607,41 +607,65 @@ impl MetaStore {
         Ok(())
     }
 
-    /// Every member set of the tenant whose group aggregates were shown.
-    pub async fn released_groups(&self, tenant: &str) -> Result<Vec<BTreeSet<String>>> {
-        let rows = sqlx::query("SELECT members FROM released_groups WHERE tenant_id = $1")
-            .bind(tenant)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
+    /// Decides whether `members` may be shown for the windows in `[from, to)` and, if
+    /// `check` allows it against the groups already shown for overlapping windows,
+    /// records the release: one transaction, serialized per tenant on its lock row, so
+    /// two API nodes deciding at once see each other's releases. `Ok(Err(_))` is the
+    /// check's refusal (nothing recorded).
+    pub async fn release_group<E>(
+        &self,
+        tenant: &str,
+        members: &BTreeSet<String>,
+        (from_ms, to_ms): (i64, i64),
+        check: impl FnOnce(&[BTreeSet<String>]) -> std::result::Result<(), E>,
+    ) -> Result<std::result::Result<(), E>> {
+        use sha2::Digest;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO group_release_locks (tenant_id, decisions) VALUES ($1, 1) \
+             ON CONFLICT (tenant_id) DO UPDATE SET decisions = group_release_locks.decisions + 1",
+        )
+        .bind(tenant)
+        .execute(&mut *tx)
+        .await?;
+        let rows = sqlx::query(
+            "SELECT members FROM released_groups WHERE tenant_id = $1 AND from_ms < $2 AND to_ms > $3",
+        )
+        .bind(tenant)
+        .bind(to_ms)
+        .bind(from_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        let released = rows
+            .iter()
             .map(|r| {
                 decode(&r.try_get::<String, _>(0)?, || {
                     format!("a released group of {tenant}")
                 })
             })
-            .collect()
-    }
-
-    /// Records that the aggregates of `members` were shown (idempotent).
-    pub async fn record_released_group(
-        &self,
-        tenant: &str,
-        members: &BTreeSet<String>,
-    ) -> Result<()> {
-        use sha2::Digest;
+            .collect::<Result<Vec<BTreeSet<String>>>>()?;
+        if let Err(refused) = check(&released) {
+            tx.rollback().await?;
+            return Ok(Err(refused));
+        }
         let json = serde_json::to_string(members).expect("sets serialize");
         let hash = format!("{:x}", sha2::Sha256::digest(json.as_bytes()));
         sqlx::query(
-            "INSERT INTO released_groups (tenant_id, members_hash, members, released_at) \
-             VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id, members_hash) DO NOTHING",
+            "INSERT INTO released_groups (tenant_id, members_hash, members, released_at, from_ms, to_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, members_hash) DO UPDATE SET \
+             from_ms = CASE WHEN excluded.from_ms < released_groups.from_ms THEN excluded.from_ms ELSE released_groups.from_ms END, \
+             to_ms = CASE WHEN excluded.to_ms > released_groups.to_ms THEN excluded.to_ms ELSE released_groups.to_ms END",
         )
         .bind(tenant)
         .bind(hash)
         .bind(json)
         .bind(now_ms())
-        .execute(&self.pool)
+        .bind(from_ms)
+        .bind(to_ms)
+        .execute(&mut *tx)
         .await?;
-        Ok(())
+        tx.commit().await?;
+        Ok(Ok(()))
     }
 
     /// Marks jobs left queued or running by a previous process as failed; returns how many.
