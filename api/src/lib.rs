@@ -488,9 +488,9 @@ async fn group_members(
     })
 }
 
-/// Checks that `members` may be shown as a group (k-anonymity and no disclosure by
-/// difference); returns k and the gate to hold until the release is recorded, so two
-/// requests cannot both pass against the same released set.
+/// Decides whether `members` may be shown as a group for the windows of `[from, to)`
+/// (k-anonymity, and no disclosure by any combination of releases; see
+/// `digame_query::groups`) and records the release; returns k.
 pub(crate) async fn group_clearance(
     state: &AppState,
     tenant: &str,
@@ -1227,9 +1227,11 @@ async fn follow_features(
     while !*stop.borrow() {
         match consumer.poll(2000, Duration::from_millis(300)).await {
             Ok(records) => {
+                let wanted = cache.wanted(records.iter().map(|r| &r.key[..]));
                 let rows: Vec<digame_schemas::FeatureRow> = records
                     .iter()
-                    .filter(|r| cache.wants(&r.key))
+                    .zip(wanted)
+                    .filter_map(|(r, wanted)| wanted.then_some(r))
                     .filter_map(|r| match serde_json::from_slice(&r.payload) {
                         Ok(row) => Some(row),
                         Err(e) => {
@@ -1240,9 +1242,6 @@ async fn follow_features(
                     .collect();
                 if !rows.is_empty() {
                     cache.apply(&rows);
-                    digame_infra::telemetry::metrics()
-                        .read_cache_cells
-                        .set(cache.cells() as i64);
                 }
             }
             Err(e) => {

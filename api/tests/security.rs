@@ -41,6 +41,19 @@ async fn signed_in(server: &DigameProcess, email: &str, password: &str) -> (Clie
     )
 }
 
+/// Creates an account through `POST /v1/accounts` (asserting 201) and returns the answer.
+async fn new_account(admin: &Client, email: &str, role: &str, person: Option<&str>) -> Value {
+    let (status, body) = admin
+        .post_json(
+            "/v1/accounts",
+            &json!({"email": email, "role": role, "person_id": person}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    body
+}
+
 async fn security(meta_url: String) {
     let dir = tempfile::tempdir().unwrap();
     let env = [
@@ -127,14 +140,7 @@ async fn security(meta_url: String) {
         ("ana@acme.example", "member", Some("m2")),
         ("bob@acme.example", "analyst", None),
     ] {
-        let (status, body) = acme
-            .post_json(
-                "/v1/accounts",
-                &json!({"email": email, "role": role, "person_id": person}),
-            )
-            .await
-            .unwrap();
-        assert_eq!(status, 201, "{body}");
+        let body = new_account(acme, email, role, person).await;
         creds.insert(
             email,
             body["initial_password"].as_str().unwrap().to_string(),
@@ -219,14 +225,7 @@ async fn security(meta_url: String) {
         ("carol@acme.example", "analyst", None),
         ("dave@acme.example", "member", Some("m4")),
     ] {
-        let (status, body) = acme
-            .post_json(
-                "/v1/accounts",
-                &json!({"email": email, "role": role, "person_id": person}),
-            )
-            .await
-            .unwrap();
-        assert_eq!(status, 201, "{body}");
+        let body = new_account(acme, email, role, person).await;
         let pw = body["initial_password"].as_str().unwrap().to_string();
         let id = body["account"]["account_id"].as_str().unwrap().to_string();
         ids.insert(email, (id, signed_in(&server, email, &pw).await.0));

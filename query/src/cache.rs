@@ -19,7 +19,7 @@
 //! - **Bounded.** At most `query.cache_cells` values; past it the people read least
 //!   recently are dropped. A person is read from the store again after
 //!   `query.cache_ttl_secs`, bounding how stale a value can be should a change ever
-//!   bypass the stream.
+//!   bypass the stream. `digame_read_cache_cells` shows how many values it holds.
 //! - **Rendered once per change.** The answer to a (range) request is serialized once
 //!   per version of the person's values and served as bytes with its ETag until a value
 //!   in the person changes.
@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use digame_infra::telemetry::metrics;
 use digame_schemas::{EventTime, FeatureRow, Granularity};
 use tokio::sync::watch;
 
@@ -315,13 +316,19 @@ impl FeatureCache {
         }
     }
 
-    /// Whether values of the person with partition key `key` are wanted (cached or being
-    /// read): the stream's records of anyone else are skipped without being decoded.
+    /// Whether values of the people with these partition keys are wanted (cached or being
+    /// read), under one lock for a whole poll: the stream's records of anyone else are
+    /// skipped without being decoded.
+    pub fn wanted<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) -> Vec<bool> {
+        let inner = self.lock();
+        keys.into_iter()
+            .map(|key| std::str::from_utf8(key).is_ok_and(|k| inner.people.contains_key(k)))
+            .collect()
+    }
+
+    /// [`Self::wanted`] for one key.
     pub fn wants(&self, key: &[u8]) -> bool {
-        let Ok(key) = std::str::from_utf8(key) else {
-            return false;
-        };
-        self.lock().people.contains_key(key)
+        self.wanted([key])[0]
     }
 
     /// Merges values written by the pipeline (or a recomputation).
@@ -376,12 +383,16 @@ impl FeatureCache {
             }
             !gone
         });
+        drop(inner);
+        self.evict();
     }
 
-    /// Drops the people read least recently until the cache is under 90 % of its bound.
+    /// Drops the people read least recently until the cache is under 90 % of its bound,
+    /// and publishes how many values it holds (called after every change of size).
     fn evict(&self) {
         let mut inner = self.lock();
         if inner.cells <= self.max_cells {
+            metrics().read_cache_cells.set(inner.cells as i64);
             return;
         }
         let mut by_age: Vec<(u64, String)> = inner
@@ -403,6 +414,7 @@ impl FeatureCache {
                 inner.cells -= slots.iter().map(|(_, s)| s.cells.len()).sum::<usize>();
             }
         }
+        metrics().read_cache_cells.set(inner.cells as i64);
     }
 }
 

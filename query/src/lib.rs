@@ -190,36 +190,29 @@ const END_OF_TIME: EventTime = EventTime(i64::MAX / 4);
 impl QueryEngine {
     /// Over the embedded store under `store_root`.
     pub fn new(store_root: impl Into<std::path::PathBuf>, config: QueryConfig) -> Self {
-        QueryEngine {
-            backend: Backend::Embedded(store_root.into()),
-            isolation: isolation::Isolation::new(&config)
-                .expect("the query executor's threads start"),
-            cache: Self::cache_of(&config),
-            store_reads: tokio::sync::Semaphore::new(config.max_store_reads.max(1)),
-            config,
-        }
+        Self::over(Backend::Embedded(store_root.into()), config)
     }
 
     /// Over ClickHouse; `client` is bound to Digame's database.
     pub fn clickhouse(client: clickhouse::Client, config: QueryConfig) -> Self {
+        Self::over(Backend::ClickHouse(Box::new(client)), config)
+    }
+
+    fn over(backend: Backend, config: QueryConfig) -> Self {
         QueryEngine {
-            backend: Backend::ClickHouse(Box::new(client)),
+            backend,
             isolation: isolation::Isolation::new(&config)
                 .expect("the query executor's threads start"),
-            cache: Self::cache_of(&config),
+            cache: (config.cache_cells > 0).then(|| {
+                cache::FeatureCache::new(
+                    config.cache_cells,
+                    config.cache_days,
+                    Duration::from_secs(config.cache_ttl_secs.max(1)),
+                )
+            }),
             store_reads: tokio::sync::Semaphore::new(config.max_store_reads.max(1)),
             config,
         }
-    }
-
-    fn cache_of(config: &QueryConfig) -> Option<cache::FeatureCache> {
-        (config.cache_cells > 0).then(|| {
-            cache::FeatureCache::new(
-                config.cache_cells,
-                config.cache_days,
-                Duration::from_secs(config.cache_ttl_secs.max(1)),
-            )
-        })
     }
 
     /// The person-read cache, to feed from the features stream and to clear on deletions.
@@ -390,13 +383,7 @@ impl QueryEngine {
             PersonRead::Cells(cells, _) => cells,
             PersonRead::Rendered(_) => unreachable!("asked for values"),
         };
-        Ok(FeatureSeries {
-            user_id: user.to_string(),
-            granularity,
-            from,
-            to,
-            windows: shape_cells(cells),
-        })
+        Ok(series(user, granularity, (from, to), cells))
     }
 
     /// As [`Self::features`], serialized as the features endpoint answers: from the cache's
@@ -416,13 +403,7 @@ impl QueryEngine {
             PersonRead::Rendered(r) => return Ok(r),
             PersonRead::Cells(cells, version) => (cells, version),
         };
-        let series = FeatureSeries {
-            user_id: user.to_string(),
-            granularity,
-            from,
-            to,
-            windows: shape_cells(cells),
-        };
+        let series = series(user, granularity, (from, to), cells);
         let rendered = Arc::new(cache::Rendered::new(
             serde_json::to_vec(&series).map_err(internal)?,
         ));
@@ -482,7 +463,6 @@ impl QueryEngine {
                         .person_store_read(tenant, user, granularity, (fill.from, END_OF_TIME))
                         .await?;
                     fill.finish(cells);
-                    metrics().read_cache_cells.set(cache.cells() as i64);
                 }
             }
         }
@@ -782,6 +762,22 @@ fn read_cells(batches: &[RecordBatch]) -> Result<Vec<(String, FeatureCell)>> {
         }
     }
     Ok(cells)
+}
+
+/// A person's series of `[from, to)` from their cells (sorted by window start).
+fn series(
+    user: &str,
+    granularity: Granularity,
+    (from, to): (EventTime, EventTime),
+    cells: Vec<FeatureCell>,
+) -> FeatureSeries {
+    FeatureSeries {
+        user_id: user.to_string(),
+        granularity,
+        from,
+        to,
+        windows: shape_cells(cells),
+    }
 }
 
 /// Groups cells, sorted by window start, into windows of totals and breakdowns.

@@ -224,24 +224,16 @@ impl Auth {
     pub fn apply_accounts(&self, changed: &[Account]) {
         let mut standing = self.standing.write().expect("account standing lock");
         for a in changed {
-            let Some(role) = Role::parse(&a.role) else {
+            let role = Role::parse(&a.role);
+            if role.is_none() {
                 tracing::warn!(account = %a.account_id, role = %a.role, "stored account has an unknown role; its tokens are refused");
-                standing.insert(
-                    a.account_id.clone(),
-                    Standing {
-                        role: Role::Member,
-                        person: None,
-                        disabled: true,
-                    },
-                );
-                continue;
-            };
+            }
             standing.insert(
                 a.account_id.clone(),
                 Standing {
-                    role,
+                    role: role.unwrap_or(Role::Member),
                     person: a.person_id.as_deref().map(Into::into),
-                    disabled: a.disabled,
+                    disabled: a.disabled || role.is_none(),
                 },
             );
         }
