@@ -1,11 +1,11 @@
 //! Analysis and visualization routes: work styles, a person's hour-of-week pattern
 //! (heatmap) and its shift, app transitions (Sankey), and a radar of a person's features
-//! against their team's percentiles.
+//! against their team's mean.
 //!
 //! Person-level views are read with the tenant's key like the features endpoint; views
-//! that involve a group (styles over the tenant, team percentiles in the radar) need an
-//! admin key, and team percentiles pass the same k-anonymity and difference checks as the
-//! group views.
+//! that involve a group (styles over the tenant, the team mean in the radar) need an
+//! admin key, and the team mean passes the same k-anonymity and laminar release rules as
+//! the group views.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -153,7 +153,8 @@ pub(crate) async fn get_transitions(
 }
 
 /// `GET /v1/users/{user}/radar?from=&to=`: the person's style features (the work-style
-/// vector over the range) against their team's 25th, 50th and 75th percentiles.
+/// vector over the range) against their team's mean (never a percentile or extreme: each
+/// of those is one colleague's value).
 pub(crate) async fn get_radar(
     State(state): State<Arc<AppState>>,
     tenant: Principal,
@@ -207,15 +208,12 @@ pub(crate) async fn get_radar(
         .iter()
         .find(|(u, _)| *u == user)
         .map(|(_, v)| v.clone());
-    let mut p25 = Vec::new();
-    let mut median = Vec::new();
-    let mut p75 = Vec::new();
+    let mut mean = Vec::new();
     let mut max = Vec::new();
     for d in 0..styles::STYLE_FEATURES.len() {
-        let s = groups::stats(vectors.iter().map(|(_, v)| v[d]).collect());
-        p25.push(s.p25);
-        median.push(s.median);
-        p75.push(s.p75);
+        let values: Vec<f64> = vectors.iter().map(|(_, v)| v[d]).collect();
+        let s = groups::stats(&values, values.len());
+        mean.push(s.mean);
         // The axis' scale: the person's own value or twice the team mean, whichever is
         // larger — never a colleague's own value (the team maximum would be one).
         let mine = person.as_ref().map_or(0.0, |v| v[d]);
@@ -232,7 +230,7 @@ pub(crate) async fn get_radar(
         "team_people": vectors.len(),
         "indicators": indicators,
         "person": person,
-        "team_p25": p25, "team_median": median, "team_p75": p75,
+        "team_mean": mean,
     }))
     .into_response())
 }
@@ -323,8 +321,7 @@ pub(crate) async fn get_network(
             "from": from, "to": to, "members": members.len(), "network": null,
             "suppressed": true,
             "reason": format!(
-                "{} of the group's people have collaboration data here; statistics need at least {k}",
-                net.members_with_data
+                "fewer than {k} of the group's people have collaboration data here; statistics need at least {k}"
             ),
         }))
         .into_response());

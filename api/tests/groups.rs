@@ -1,11 +1,14 @@
 //! Group views end to end: a team of 5 gets aggregates (hand-computed below), a team of 4
 //! gets none, a day with data from only 2 members is suppressed, and groups that differ
 //! from an already shown group by fewer than 5 people are refused, as are statistics over
-//! fewer than 5 people with data.
+//! fewer than 5 people with data. Then an attacker asks for every group of an 11-person
+//! org and feeds every answer to a solver, which must recover nobody.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::{Days, Utc};
+use digame_testkit::reconstruct::recover;
 use digame_testkit::{Bus, DigameProcess, TestClickHouse, assert_refused, eventually, utc_ms};
 use serde_json::{Value, json};
 
@@ -155,13 +158,14 @@ async fn group_views(store: Option<TestClickHouse>) {
     let (body, day) = reply;
     assert_eq!(body["members"], 5);
     assert_eq!(body["k"], 5);
-    assert_eq!(day["contributors"], 5);
     assert_eq!(day["suppressed"], false);
-    // Sorted 600 1200 1800 2400 3000: quartile positions 1, 2, 3 fall on order statistics.
+    // 600 + 1200 + 1800 + 2400 + 3000 over 5 people; no per-window count of people with
+    // data and no order statistics.
     assert_eq!(
         day["features"]["active_seconds"],
-        json!({"n": 5, "sum": 9000.0, "mean": 1800.0, "p25": 1200.0, "median": 1800.0, "p75": 2400.0})
+        json!({"n": 5, "sum": 9000.0, "mean": 1800.0})
     );
+    assert!(day.get("contributors").is_none(), "{day}");
     let earlier = body["windows"]
         .as_array()
         .unwrap()
@@ -170,7 +174,10 @@ async fn group_views(store: Option<TestClickHouse>) {
         .cloned()
         .expect("the two-person day is listed");
     assert_eq!(earlier["suppressed"], true, "{earlier}");
-    assert_eq!(earlier["contributors"], 2);
+    assert_eq!(
+        earlier["reason"],
+        "fewer than 5 of the group's people have data here; values need at least 5"
+    );
     assert_eq!(earlier["features"], json!({}));
 
     // A team of 4 gets nothing.
@@ -232,7 +239,7 @@ async fn group_views(store: Option<TestClickHouse>) {
     assert_eq!(body["suppressed"], true);
     assert_eq!(
         body["reason"],
-        "2 of the group's people have collaboration data here; statistics need at least 5"
+        "fewer than 5 of the group's people have collaboration data here; statistics need at least 5"
     );
     let (status, body) = admin
         .get(&format!("/v1/groups/flow?team=core&{range}"))
@@ -248,6 +255,135 @@ async fn group_views(store: Option<TestClickHouse>) {
     );
     let reply = admin.get("/v1/groups/flow?team=small").await.unwrap();
     assert_refused(&reply, 403, "the group has 4 people");
+
+    let exit = server.terminate().await.unwrap();
+    assert!(exit.success(), "{exit}");
+}
+
+/// The reconstruction attack through the real binary. An org of 11 (team `a` of 5, team
+/// `b` of 6, all reporting to `m`) each with a distinct active time yesterday. The admin
+/// key (which may ask for any group, more than a manager may) asks first for the six
+/// 5-person subsets of `b` that a pairwise difference check let through, then for both
+/// teams, the org, and every other subset of 5 or more: 1,486 requests. Every answer's
+/// day sum goes to the solver, which must recover nobody's value; the sums themselves
+/// are checked against the hand-made data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_group_of_an_org_asked_for_gives_a_solver_nobody() {
+    let data = tempfile::tempdir().unwrap();
+    let mut env = env();
+    env.push(("DIGAME_LIMITS__PER_KEY__PER_PERIOD", "100000"));
+    env.push(("DIGAME_LIMITS__PER_KEY__BURST", "100000"));
+    let mut server = DigameProcess::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_digame")),
+        data.path(),
+        &env,
+    )
+    .await
+    .unwrap();
+    let admin = server.client(ADMIN_KEY);
+    let ingest = server.client(INGEST_KEY);
+
+    let org: Vec<String> = (0..5)
+        .map(|i| format!("a{i}"))
+        .chain((0..6).map(|i| format!("b{i}")))
+        .collect();
+    let minutes = |i: usize| 10 * (i as i64 + 1);
+    let today = Utc::now().date_naive();
+    let d1 = today.checked_sub_days(Days::new(1)).unwrap();
+    let y = utc_ms(d1, 0, 0);
+    let mut events = Vec::new();
+    for (i, user) in org.iter().enumerate() {
+        let team = if user.starts_with('a') { "a" } else { "b" };
+        let (status, body) = admin
+            .put_json(
+                &format!("/v1/users/{user}/profile"),
+                &json!({"team": team, "manager": "m"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{body}");
+        events.extend(work(user, y, minutes(i)));
+    }
+    let (status, body) = ingest.post_events(&events).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let seconds =
+        |user: &String| 60.0 * minutes(org.iter().position(|u| u == user).unwrap()) as f64;
+
+    let range = format!("from={d1}T00:00:00Z&to={today}T00:00:00Z");
+    // Wait until everyone's day is in, reading the org through a query that releases it
+    // (the org is nested with everything asked below, so asking it first changes nothing).
+    let all_in = format!("/v1/groups/features?manager=m&granularity=day&{range}");
+    let want: f64 = org.iter().map(seconds).sum();
+    eventually(Duration::from_secs(30), || async {
+        let (status, body) = admin.get(&all_in).await?;
+        anyhow::ensure!(status == 200, "{body}");
+        Ok((body["windows"][0]["features"]["active_seconds"]["sum"] == want).then_some(()))
+    })
+    .await
+    .unwrap();
+
+    let b: Vec<&String> = org[5..].iter().collect();
+    let mut asked: Vec<BTreeSet<String>> = (0..6)
+        .map(|out| {
+            b.iter()
+                .enumerate()
+                .filter(|(i, _)| *i != out)
+                .map(|(_, u)| (*u).clone())
+                .collect()
+        })
+        .collect();
+    asked.push(org[..5].iter().cloned().collect());
+    asked.push(org[5..].iter().cloned().collect());
+    asked.push(org.iter().cloned().collect());
+    for mask in 0u32..(1 << org.len()) {
+        if mask.count_ones() >= 5 {
+            let g: BTreeSet<String> = (0..org.len())
+                .filter(|i| mask & (1 << i) != 0)
+                .map(|i| org[i].clone())
+                .collect();
+            if !asked.contains(&g) {
+                asked.push(g);
+            }
+        }
+    }
+    let mut releases: Vec<(BTreeSet<String>, f64)> = Vec::new();
+    let mut refused = 0;
+    for g in &asked {
+        let users = g.iter().cloned().collect::<Vec<_>>().join(",");
+        let (status, body) = admin
+            .get(&format!(
+                "/v1/groups/features?users={users}&granularity=day&{range}"
+            ))
+            .await
+            .unwrap();
+        match status {
+            200 => {
+                let sum = body["windows"][0]["features"]["active_seconds"]["sum"]
+                    .as_f64()
+                    .unwrap_or_else(|| panic!("{body}"));
+                assert_eq!(sum, g.iter().map(seconds).sum::<f64>(), "{users}");
+                releases.push((g.clone(), sum));
+            }
+            403 => refused += 1,
+            _ => panic!("{users}: {status} {body}"),
+        }
+    }
+    println!(
+        "asked {} groups: {} released, {refused} refused",
+        asked.len(),
+        releases.len()
+    );
+    // The org (asked while waiting) was shown first, and the first subset of b fits inside
+    // it (atoms of 5 and 6): both are released, so the solver has work to do.
+    assert!(releases.len() >= 2, "{releases:?}");
+    let found = recover(&org, &releases);
+    assert!(found.is_empty(), "recovered {found:?} from {releases:?}");
+    // The same solver over what was asked (had it all been answered) recovers everyone.
+    let all_answers: Vec<(BTreeSet<String>, f64)> = asked
+        .iter()
+        .map(|g| (g.clone(), g.iter().map(seconds).sum()))
+        .collect();
+    assert_eq!(recover(&org, &all_answers).len(), org.len());
 
     let exit = server.terminate().await.unwrap();
     assert!(exit.success(), "{exit}");

@@ -133,10 +133,17 @@ async fn heatmap_sankey_radar_and_styles() {
     let close = |v: &Value, want: f64| (v.as_f64().unwrap() - want).abs() < 1e-9;
     assert!(close(&radar["person"][dev], 50.0 / 60.0), "{radar}");
     assert!(close(&radar["person"][comm], 10.0 / 60.0), "{radar}");
-    // Sorted 0.833, 1, 1, 1, 1: p25 = median = 1.
-    assert!(close(&radar["team_median"][dev], 1.0), "{radar}");
-    assert!(close(&radar["team_p25"][dev], 1.0), "{radar}");
-    assert!(close(&radar["team_median"][comm], 0.0), "{radar}");
+    // The team mean: (50/60 + 4 × 1) / 5 and (10/60 + 4 × 0) / 5; no percentiles (each
+    // would be one colleague's value).
+    assert!(
+        close(&radar["team_mean"][dev], (50.0 / 60.0 + 4.0) / 5.0),
+        "{radar}"
+    );
+    assert!(
+        close(&radar["team_mean"][comm], 10.0 / 60.0 / 5.0),
+        "{radar}"
+    );
+    assert!(radar.get("team_median").is_none(), "{radar}");
     // The axis' scale hides every colleague: twice the team mean (50/60 + 4 × 1) / 5,
     // above p0's own 50/60; the team maximum (1.0, someone's own value) is not shown.
     assert!(

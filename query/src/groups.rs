@@ -4,7 +4,13 @@
 //! Guarantees:
 //! - **k people per value.** A group smaller than `k` (the tenant's `min_group_size`,
 //!   default 5) gets no aggregate at all; inside a group, a window where fewer than `k`
-//!   members have data is suppressed (no values, only the reason).
+//!   members have data is suppressed (no values, only the reason, never the count).
+//! - **Only sums over the whole group.** Every value released is a sum over all the
+//!   group's members, or such a sum divided by the group's size: a member without data in
+//!   a window counts as 0, so which members contribute never depends on the data, and no
+//!   per-window count of members with data is shown (with it, two nested groups' counts
+//!   would tell that a difference of sums is one person's value). Order statistics
+//!   (percentiles, minima, maxima) are never released: each of them is one member's value.
 //! - **No disclosure by any combination of releases.** The groups released for the same
 //!   windows form a laminar family: any two are disjoint or nested (teams, managers' org
 //!   trees, saved groups that respect them). Each group's *atom* — its members not in a
@@ -19,9 +25,9 @@
 //!   start at each person's own midnight), so a team spread over time zones aggregates
 //!   the same calendar day.
 //!
-//! Statistics per feature total: contributors `n`, `sum`, `mean`, and the 25th, 50th and
-//! 75th percentiles (linear interpolation between order statistics). Plus F13's team
-//! workload state from the members' over/under-utilisation.
+//! Statistics per feature total: the members counted `n` (the group's size), `sum` and
+//! `mean` (per member). Plus F13's team workload state from the members'
+//! over/under-utilisation.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -29,15 +35,15 @@ use serde::Serialize;
 
 use crate::FeatureWindow;
 
-/// Summary statistics of one feature over a group's members.
+/// Summary statistics of one feature over a group's members: linear in the members'
+/// values, so any combination of releases stays a sum over whole atoms (module docs).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Stats {
+    /// Members counted: all of the group's, with or without data.
     pub n: usize,
     pub sum: f64,
+    /// `sum / n`.
     pub mean: f64,
-    pub p25: f64,
-    pub median: f64,
-    pub p75: f64,
 }
 
 /// One window of a group.
@@ -45,8 +51,6 @@ pub struct Stats {
 pub struct GroupWindow {
     /// Local date (`YYYY-MM-DD`) the members' windows start on.
     pub date: String,
-    /// Members with data in the window.
-    pub contributors: usize,
     pub suppressed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -56,7 +60,8 @@ pub struct GroupWindow {
     pub workload: Option<&'static str>,
 }
 
-/// The `q` quantile (0–1) of `sorted` values, interpolating linearly.
+/// The `q` quantile (0–1) of `sorted` values, interpolating linearly. For statistics over
+/// one person's own data (and the style clustering's radius); never released over a group.
 pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     match sorted.len() {
         0 => f64::NAN,
@@ -70,17 +75,15 @@ pub fn percentile(sorted: &[f64], q: f64) -> f64 {
     }
 }
 
-/// Statistics of `values` (any order).
-pub fn stats(mut values: Vec<f64>) -> Stats {
-    values.sort_by(f64::total_cmp);
+/// Statistics of the `members` values given (`values.len() <= members`); the members not
+/// in `values` count as 0.
+pub fn stats(values: &[f64], members: usize) -> Stats {
     let sum: f64 = values.iter().sum();
+    let n = members.max(values.len());
     Stats {
-        n: values.len(),
+        n,
         sum,
-        mean: sum / values.len() as f64,
-        p25: percentile(&values, 0.25),
-        median: percentile(&values, 0.5),
-        p75: percentile(&values, 0.75),
+        mean: if n == 0 { 0.0 } else { sum / n as f64 },
     }
 }
 
@@ -113,7 +116,8 @@ pub fn workload_state(over: usize, under: usize, members: usize) -> Option<&'sta
 }
 
 /// Aggregates the members' windows (`(user, windows)`) by local date; windows with fewer
-/// than `k` contributors are suppressed.
+/// than `k` members have data are suppressed. Every member of the group counts in every
+/// released statistic (0 without data), so pass all of them, with or without windows.
 pub fn aggregate(members: &[(String, Vec<FeatureWindow>)], k: usize) -> Vec<GroupWindow> {
     let mut by_date: BTreeMap<String, Vec<&FeatureWindow>> = BTreeMap::new();
     for (_, windows) in members {
@@ -124,30 +128,28 @@ pub fn aggregate(members: &[(String, Vec<FeatureWindow>)], k: usize) -> Vec<Grou
     by_date
         .into_iter()
         .map(|(date, windows)| {
-            let contributors = windows.len();
-            if contributors < k {
+            if windows.len() < k {
                 return GroupWindow {
                     date,
-                    contributors,
                     suppressed: true,
                     reason: Some(format!(
-                        "{contributors} of the group's people have data here; values need at least {k}"
+                        "fewer than {k} of the group's people have data here; values need at least {k}"
                     )),
                     features: BTreeMap::new(),
                     workload: None,
                 };
             }
             // A feature a member's window lacks counts as 0 (absent means nothing
-            // happened, or a retracted value), so every contributor counts in every stat.
+            // happened, or a retracted value), as does a member without a window.
             let names: BTreeSet<&String> = windows.iter().flat_map(|w| w.features.keys()).collect();
             let features = names
                 .into_iter()
                 .map(|name| {
-                    let values = windows
+                    let values: Vec<f64> = windows
                         .iter()
                         .map(|w| w.features.get(name).and_then(|v| v.as_f64()).unwrap_or(0.0))
                         .collect();
-                    (name.clone(), stats(values))
+                    (name.clone(), stats(&values, members.len()))
                 })
                 .collect();
             let flag = |w: &&&FeatureWindow, f: &str| {
@@ -159,7 +161,6 @@ pub fn aggregate(members: &[(String, Vec<FeatureWindow>)], k: usize) -> Vec<Grou
             let under = active.iter().filter(|w| flag(w, "under_utilized")).count();
             GroupWindow {
                 date,
-                contributors,
                 suppressed: false,
                 reason: None,
                 features,
@@ -280,19 +281,25 @@ mod tests {
     #[test]
     fn percentiles_interpolate_between_order_statistics() {
         // 1 2 3 4: p25 at position 0.75 → 1.75; median at 1.5 → 2.5; p75 at 2.25 → 3.25.
-        let s = stats(vec![4.0, 1.0, 3.0, 2.0]);
+        let sorted = [1.0, 2.0, 3.0, 4.0];
+        let q: Vec<f64> = [0.25, 0.5, 0.75].map(|q| percentile(&sorted, q)).into();
+        assert_eq!(q, [1.75, 2.5, 3.25]);
+        assert_eq!(percentile(&[7.0], 0.9), 7.0);
+    }
+
+    #[test]
+    fn members_without_values_count_as_zero() {
+        // 4 values of a group of 5: the fifth member counts as 0, so the mean is 10 / 5.
+        let s = stats(&[4.0, 1.0, 3.0, 2.0], 5);
         assert_eq!(
             s,
             Stats {
-                n: 4,
+                n: 5,
                 sum: 10.0,
-                mean: 2.5,
-                p25: 1.75,
-                median: 2.5,
-                p75: 3.25
+                mean: 2.0
             }
         );
-        assert_eq!(percentile(&[7.0], 0.9), 7.0);
+        assert_eq!(stats(&[], 0).mean, 0.0);
     }
 
     #[test]
@@ -327,20 +334,23 @@ mod tests {
             }
             members.push((format!("u{i}"), windows));
         }
+        // A sixth member has no data at all: counted as 0 in every window.
+        members.push(("u5".into(), Vec::new()));
         let out = aggregate(&members, 5);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].date, "2026-11-24");
-        assert_eq!(out[0].contributors, 5);
         assert!(!out[0].suppressed);
-        // 0, 1, 2, 3, 4 hours.
+        // 0, 1, 2, 3, 4 hours and the sixth member's 0: 10 h over 6 people.
         let a = &out[0].features["active_seconds"];
-        assert_eq!((a.n, a.sum, a.mean, a.median), (5, 36000.0, 7200.0, 7200.0));
-        assert_eq!((a.p25, a.p75), (3600.0, 10800.0));
-        // 1 of 5 over, 4 healthy (80 % > 70 %).
+        assert_eq!((a.n, a.sum, a.mean), (6, 36000.0, 6000.0));
+        // 1 of 5 active over, 4 healthy (80 % > 70 %).
         assert_eq!(out[0].workload, Some("optimal"));
         assert!(out[1].suppressed);
         assert!(out[1].features.is_empty());
-        assert_eq!(out[1].contributors, 2);
+        assert_eq!(
+            out[1].reason.as_deref(),
+            Some("fewer than 5 of the group's people have data here; values need at least 5")
+        );
     }
 
     #[test]
@@ -385,58 +395,19 @@ mod tests {
         assert!(err.to_string().contains("by 1 person;"), "{err}");
     }
 
-    /// Which members' values a set of released sums gives away: those whose indicator
-    /// vector is in the row space of the releases' (Gaussian elimination over the
-    /// rationals, exact here since every entry is 0 or 1 and pivots stay small integers
-    /// scaled to 1 — f64 with a tolerance is enough at these sizes).
+    /// Who a solver recovers from the sums of `released` groups, each person holding a
+    /// distinct value (checked against what the solver says they hold).
     fn recoverable(people: &[String], released: &[BTreeSet<String>]) -> Vec<String> {
-        let n = people.len();
-        let mut rows: Vec<Vec<f64>> = released
+        let value = |p: &String| 100.0 + people.iter().position(|q| q == p).unwrap() as f64;
+        let releases: Vec<(BTreeSet<String>, f64)> = released
             .iter()
-            .map(|g| {
-                people
-                    .iter()
-                    .map(|p| if g.contains(p) { 1.0 } else { 0.0 })
-                    .collect()
-            })
+            .map(|g| (g.clone(), g.iter().map(value).sum()))
             .collect();
-        // Reduced row echelon form.
-        let mut pivots = Vec::new();
-        let mut r = 0;
-        for c in 0..n {
-            let Some(p) = (r..rows.len()).find(|&i| rows[i][c].abs() > 1e-9) else {
-                continue;
-            };
-            rows.swap(r, p);
-            let lead = rows[r][c];
-            for v in &mut rows[r] {
-                *v /= lead;
-            }
-            for i in 0..rows.len() {
-                if i != r && rows[i][c].abs() > 1e-9 {
-                    let f = rows[i][c];
-                    let pivot_row = rows[r].clone();
-                    for (v, pv) in rows[i].iter_mut().zip(&pivot_row) {
-                        *v -= f * pv;
-                    }
-                }
-            }
-            pivots.push(c);
-            r += 1;
+        let found = digame_testkit::reconstruct::recover(people, &releases);
+        for (p, v) in &found {
+            assert!((v - value(p)).abs() < 1e-6, "{p}: solved {v}");
         }
-        // e_i is in the row space iff some reduced row is e_i.
-        people
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| {
-                rows.iter().take(r).any(|row| {
-                    row.iter()
-                        .enumerate()
-                        .all(|(j, v)| (v.abs() > 1e-9) == (j == *i))
-                })
-            })
-            .map(|(_, p)| p.clone())
-            .collect()
+        found.into_keys().collect()
     }
 
     #[test]

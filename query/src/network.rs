@@ -16,17 +16,22 @@
 //! incidents are `incident` events with status `opened` and `resolved` sharing
 //! `properties.id` (a lone `resolved` event with `duration_ms` stands for both), and
 //! either may list the changes that caused it in `properties.commits`. Over the window:
-//! deployment frequency = deploys per week; lead time for changes = median of (first
+//! deployment frequency = deploys per week; lead time for changes = mean of (first
 //! deploy − commit) over deployed commits, non-positive values excluded; change failure
 //! rate = deployed changes linked to an incident ÷ deployed changes; time to restore =
-//! median duration of resolved incidents.
+//! mean duration of resolved incidents. Means, not DORA's customary medians: a median is
+//! one change's or one incident's figure, and so one person's (group views release only
+//! sums over the group, see `groups`).
+//!
+//! The per-member statistics count every member of the group, 0 for a member without
+//! collaboration data, so they are sums over the group like every group view's.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use digame_schemas::{ActivityEvent, EventKind, EventTime};
 use serde::Serialize;
 
-use crate::groups::{Stats, percentile, stats};
+use crate::groups::{Stats, stats};
 
 /// Interaction weight of one event, with the other participants; `None` when it is not
 /// a collaboration.
@@ -55,6 +60,8 @@ fn interaction(e: &ActivityEvent) -> Option<f64> {
 /// The group's collaboration, aggregated.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Network {
+    /// For the caller's suppression rule; not released (see `groups`).
+    #[serde(skip)]
     pub members_with_data: usize,
     pub network_size: Stats,
     pub cross_team_breadth: Stats,
@@ -138,8 +145,8 @@ pub fn network(
     }
     Network {
         members_with_data: sizes.len(),
-        network_size: stats(sizes),
-        cross_team_breadth: stats(breadths),
+        network_size: stats(&sizes, members.len()),
+        cross_team_breadth: stats(&breadths, members.len()),
         nodes,
         links,
     }
@@ -151,11 +158,11 @@ pub struct Flow {
     pub deploys: usize,
     pub deployments_per_week: f64,
     pub deployed_changes: usize,
-    /// Median hours from commit to its first deploy (`None` without deployed commits).
+    /// Mean hours from commit to its first deploy (`None` without deployed commits).
     pub lead_time_hours: Option<f64>,
     pub change_failure_rate: Option<f64>,
     pub resolved_incidents: usize,
-    /// Median hours from an incident opening to its resolution.
+    /// Mean hours from an incident opening to its resolution.
     pub time_to_restore_hours: Option<f64>,
 }
 
@@ -174,12 +181,8 @@ fn property_strings(e: &ActivityEvent, key: &str) -> Vec<String> {
     }
 }
 
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    Some(percentile(&v, 0.5))
+fn mean(v: &[f64]) -> Option<f64> {
+    (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
 }
 
 /// DORA over `[from, to)` from the group's events (commits may predate `from`).
@@ -256,11 +259,11 @@ pub fn flow(events: &[&ActivityEvent], from: EventTime, to: EventTime) -> Flow {
         deploys,
         deployments_per_week: deploys as f64 / weeks,
         deployed_changes: first_deploy.len(),
-        lead_time_hours: median(lead),
+        lead_time_hours: mean(&lead),
         change_failure_rate: (!first_deploy.is_empty())
             .then(|| failed.len() as f64 / first_deploy.len() as f64),
         resolved_incidents: restore.len(),
-        time_to_restore_hours: median(restore),
+        time_to_restore_hours: mean(&restore),
     }
 }
 
@@ -287,7 +290,7 @@ mod tests {
             ev("a", "commit", 0, json!({"properties": {"sha": "c1"}})),
             ev("a", "commit", 2, json!({"properties": {"sha": "c2"}})),
             ev("b", "commit", 10, json!({"properties": {"sha": "c3"}})),
-            // c1 after 10 h, c2 after 8 h; c3 (committed at 10 h) after 14 h.
+            // c1 after 10 h, c2 after 8 h; c3 (committed at 10 h) after 14 h: mean 32/3.
             ev(
                 "b",
                 "deploy",
@@ -339,7 +342,7 @@ mod tests {
                 deploys: 2,
                 deployments_per_week: 1.0,
                 deployed_changes: 3,
-                lead_time_hours: Some(10.0),
+                lead_time_hours: Some(32.0 / 3.0),
                 change_failure_rate: Some(1.0 / 3.0),
                 resolved_incidents: 2,
                 time_to_restore_hours: Some(2.0),
@@ -393,7 +396,15 @@ mod tests {
         // m1: x1 (2 meetings), y1 (6 chats = 2) → 2 collaborators in 2 other teams; m2 has
         // no interactions of their own.
         assert_eq!(n.members_with_data, 1);
-        assert_eq!(n.network_size.sum, 2.0);
+        // Both members count: m2's 0 halves the mean.
+        assert_eq!(
+            n.network_size,
+            Stats {
+                n: 2,
+                sum: 2.0,
+                mean: 1.0
+            }
+        );
         assert_eq!(n.cross_team_breadth.sum, 2.0);
         let names: Vec<&str> = n.nodes.iter().map(|x| x.name.as_str()).collect();
         assert_eq!(names, ["core", "external", "infra", "sales"]);

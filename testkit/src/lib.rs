@@ -5,6 +5,7 @@
 //! behind.
 
 pub mod golden;
+pub mod reconstruct;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
