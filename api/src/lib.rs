@@ -210,13 +210,27 @@ async fn delete_person_data(
         .delete(&tenant.tenant, &Deletion::Person(&user))
         .await
         .map_err(ApiError::Store)?;
-    // Deleted values leave this node's read cache now; other nodes read the person
-    // again within `query.cache_ttl_secs`.
-    if let Some(cache) = state.query.cache() {
-        cache.forget(&tenant.tenant, Some(&user));
-    }
+    forget_everywhere(&state, &tenant.tenant, Some(&user)).await?;
     tracing::info!(tenant = %tenant.tenant, rows = ?report.rows, "deleted a person's data");
     Ok(Json(report))
+}
+
+/// Deleted values leave this node's read cache now and every other node's within
+/// `meta.refresh_ms` (they follow the recorded invalidation, see `auth::follow`).
+async fn forget_everywhere(
+    state: &AppState,
+    tenant: &str,
+    user: Option<&str>,
+) -> Result<(), ApiError> {
+    if let Some(cache) = state.query.cache() {
+        cache.forget(tenant, user);
+    }
+    state
+        .meta
+        .record_invalidation(tenant, user)
+        .await
+        .map_err(ApiError::Meta)?;
+    Ok(())
 }
 
 #[derive(Deserialize)]
@@ -249,9 +263,7 @@ async fn post_retention(
         .delete(&tenant.tenant, &Deletion::Before(cutoff))
         .await
         .map_err(ApiError::Store)?;
-    if let Some(cache) = state.query.cache() {
-        cache.forget(&tenant.tenant, None);
-    }
+    forget_everywhere(&state, &tenant.tenant, None).await?;
     tracing::info!(tenant = %tenant.tenant, rows = ?report.rows, "applied retention");
     Ok(Json(report))
 }
@@ -1484,7 +1496,7 @@ impl Server {
                 ids,
             },
             query: query.clone(),
-            bus,
+            bus: bus.clone(),
             store: store.clone(),
             pipeline: pipeline_status,
             max_ready_lag: config.pipeline.max_ready_lag,
@@ -1492,6 +1504,7 @@ impl Server {
             recomputer: Recomputer {
                 query,
                 store,
+                bus,
                 meta: meta.clone(),
                 pipeline: config.pipeline.clone(),
                 horizon_days: config.ingest.longest_horizon_days(),

@@ -12,7 +12,10 @@
 //!    holds in that range that the new computation no longer produces (the retraction
 //!    convention of the live pipeline);
 //! 4. write them with revisions newer than anything written before the job started, so
-//!    they supersede the old rows in every reader.
+//!    they supersede the old rows in every reader, then publish them on the features
+//!    stream like the pipeline's own rows, so every API node's read cache takes them in
+//!    (a job whose publish fails is failed: its rows are stored, and running it again
+//!    publishes them).
 //!
 //! Jobs run one at a time per server; their state and progress (people done of people
 //! total) are in the metadata store. A job interrupted by a restart is marked failed at
@@ -21,6 +24,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use digame_infra::bus::{EventBus, Topic};
 use digame_infra::config::PipelineConfig;
 use digame_infra::meta::{JobState, MetaStore};
 use digame_infra::store::{StoreBatch, StoreSink};
@@ -121,6 +125,8 @@ pub struct RecomputeReport {
 pub struct Recomputer {
     pub query: Arc<QueryEngine>,
     pub store: Arc<dyn StoreSink>,
+    /// Where the rows go after the store: the features stream.
+    pub bus: Arc<dyn EventBus>,
     pub meta: MetaStore,
     pub pipeline: PipelineConfig,
     /// The longest tenant horizon (days), for the replay's state.
@@ -251,9 +257,14 @@ impl Recomputer {
                     ..StoreBatch::default()
                 };
                 self.store.write(&batch).await?;
-                // The pipeline's own writes reach the read cache through the features
-                // stream; a recomputation's reach this node's cache here, other nodes'
-                // within `query.cache_ttl_secs`.
+                self.bus
+                    .publish(
+                        Topic::Features,
+                        digame_pipelines::runtime::feature_records(chunk, EventTime::now().0),
+                    )
+                    .await?;
+                // Every node's cache follows the stream; this node's takes them at once
+                // too, so the job's end is visible here on the next read.
                 if let Some(cache) = self.query.cache() {
                     cache.apply(chunk);
                 }

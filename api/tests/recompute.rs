@@ -1,11 +1,13 @@
 //! Recomputation from stored events alone: the golden days' raw events are written to an
 //! embedded store with no pipeline running, a recompute job derives the features, and every
 //! hand-computed golden value is read back; a stale value in the range is retracted to 0
-//! and a row outside the range is left alone.
+//! and a row outside the range is left alone. Every row written is also on the features
+//! stream, where other nodes' read caches take it in.
 
 use std::sync::Arc;
 
 use digame_api::recompute::{RecomputeReport, RecomputeSpec, Recomputer};
+use digame_infra::bus::{EventBus, LogBus, LogConfig, Topic};
 use digame_infra::config::{PipelineConfig, QueryConfig};
 use digame_infra::meta::MetaStore;
 use digame_infra::store::{ParquetStore, StoreBatch, StoreSink};
@@ -83,9 +85,12 @@ async fn a_recompute_from_stored_events_reproduces_the_golden_days() {
         dir.path().join("store"),
         QueryConfig::default(),
     ));
+    let bus: Arc<dyn EventBus> =
+        Arc::new(LogBus::open(LogConfig::new(dir.path().join("bus"))).unwrap());
     let recomputer = Recomputer {
         query: query.clone(),
         store: store.clone(),
+        bus: bus.clone(),
         meta: meta.clone(),
         pipeline: PipelineConfig::default(),
         horizon_days: 120,
@@ -100,6 +105,30 @@ async fn a_recompute_from_stored_events_reproduces_the_golden_days() {
     assert_eq!(report.events_read, n_events);
     assert_eq!(report.rows_retracted, 1, "{report:?}");
     assert!(report.rows_written > 100, "{report:?}");
+    // The stream holds exactly the rows written, the retraction among them.
+    let mut consumer = bus.subscribe(Topic::Features, "test").await.unwrap();
+    let mut published: Vec<FeatureRow> = Vec::new();
+    loop {
+        let batch = consumer
+            .poll(10_000, std::time::Duration::from_millis(200))
+            .await
+            .unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        published.extend(
+            batch
+                .iter()
+                .map(|d| serde_json::from_slice::<FeatureRow>(&d.payload).unwrap()),
+        );
+    }
+    assert_eq!(published.len(), report.rows_written, "{report:?}");
+    assert!(
+        published
+            .iter()
+            .any(|r| r.dimension == "old-category" && r.value == 0.0),
+        "the retraction is published"
+    );
 
     let mut wrong = Vec::new();
     for (user, g, start, feature, dim, want) in golden::expected() {

@@ -39,6 +39,7 @@ on_both_backends!(
     password_resets_are_single_use_and_expire,
     audit_log_is_append_only_and_tenant_scoped,
     event_ids_name_one_event_per_tenant,
+    read_invalidations_follow_in_commit_order,
 );
 use digame_schemas::profile::{PersonProfile, TenantSettings};
 
@@ -128,7 +129,7 @@ async fn settings_and_profiles_round_trip_and_changes_follow_commit_order(url: S
     // Reopening applies nothing new and keeps everything.
     drop(meta);
     let meta = MetaStore::open(&url, dir).await.unwrap();
-    assert_eq!(meta.migrate().await.unwrap(), vec![1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(meta.migrate().await.unwrap(), vec![1, 2, 3, 4, 5, 6, 7, 8]);
     assert_eq!(meta.changes_since(0).await.unwrap().revision, 4);
 }
 
@@ -497,6 +498,30 @@ async fn api_keys_are_stored_as_digests_and_followed(url: String, dir: &Path) {
     let (changed, _) = meta.api_key_changes_since(rev).await.unwrap();
     assert_eq!(changed.len(), 1);
     assert!(changed[0].revoked_at.is_some());
+}
+
+async fn read_invalidations_follow_in_commit_order(url: String, dir: &Path) {
+    let meta = MetaStore::open(&url, dir).await.unwrap();
+    assert_eq!(meta.invalidations_since(0).await.unwrap(), (vec![], 0));
+    let first = meta.record_invalidation("acme", Some("ana")).await.unwrap();
+    let second = meta.record_invalidation("globex", None).await.unwrap();
+    assert!(second > first);
+    let (all, rev) = meta.invalidations_since(0).await.unwrap();
+    assert_eq!(
+        all,
+        vec![
+            ("acme".to_string(), Some("ana".to_string())),
+            ("globex".to_string(), None)
+        ]
+    );
+    assert_eq!(rev, second);
+    // A follower that saw the first sees only the second; one that saw both, nothing.
+    let (after_first, _) = meta.invalidations_since(first).await.unwrap();
+    assert_eq!(after_first, vec![("globex".to_string(), None)]);
+    assert_eq!(
+        meta.invalidations_since(second).await.unwrap(),
+        (vec![], second)
+    );
 }
 
 async fn password_resets_are_single_use_and_expire(url: String, dir: &Path) {

@@ -625,6 +625,19 @@ async fn bus_trouble(e: &digame_infra::bus::BusError) {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
+/// The features stream's records of `rows` (keyed like events, by tenant and person),
+/// stamped `now_ms`: one encoding for the pipeline and for recomputations, whose rows the
+/// read caches of every API node follow.
+pub fn feature_records(rows: &[FeatureRow], now_ms: i64) -> Vec<Record> {
+    rows.iter()
+        .map(|row| Record {
+            key: Bytes::from(digame_schemas::partition_key(&row.tenant_id, &row.user_id)),
+            payload: Bytes::from(serde_json::to_vec(row).expect("rows serialize")),
+            timestamp_ms: now_ms,
+        })
+        .collect()
+}
+
 fn now_ms() -> i64 {
     EventTime::now().0
 }
@@ -743,16 +756,7 @@ impl FeaturePipeline {
         // The derived stream, for consumers outside Digame; after the store so that a
         // row on the topic is always also queryable.
         if !batch.features.is_empty() {
-            let now = now_ms();
-            let records: Vec<Record> = batch
-                .features
-                .iter()
-                .map(|row| Record {
-                    key: Bytes::from(digame_schemas::partition_key(&row.tenant_id, &row.user_id)),
-                    payload: Bytes::from(serde_json::to_vec(row).expect("rows serialize")),
-                    timestamp_ms: now,
-                })
-                .collect();
+            let records = feature_records(&batch.features, now_ms());
             let bus = self.bus.clone();
             retrying("feature topic publish", shutdown, || async {
                 bus.publish(Topic::Features, records.clone())

@@ -24,6 +24,10 @@
 //!   `query.max_concurrent` in all run at once; more are answered 429 with `Retry-After`
 //!   at once rather than queued.
 //! - **A failure is the query's.** A panic inside a query becomes that query's error.
+//! - **Reads too.** The engine's own store reads (a person's features on a cache miss or
+//!   an uncached range, the tenant-wide feature reads of the style views) run on the same
+//!   executor through [`Isolation::execute`], bounded by `query.max_store_reads` rather
+//!   than by the SQL admission limits.
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
@@ -95,6 +99,17 @@ impl Isolation {
         F: std::future::Future<Output = Result<T>> + Send + 'static,
     {
         let _permits = self.admit(tenant)?;
+        self.execute(tenant, work).await
+    }
+
+    /// Runs `work` on the query executor without the admission limits: for the engine's
+    /// own reads (person and tenant feature reads), which have their own bounds. As with
+    /// [`Self::run`], dropping the future aborts the task and a panic is `work`'s error.
+    pub async fn execute<T, F>(&self, tenant: &str, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T>> + Send + 'static,
+    {
         let runtime = self
             .runtime
             .as_ref()
@@ -415,6 +430,48 @@ fn max_len(value: &ColumnarValue) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn engine_reads_run_on_the_query_threads_outside_sql_admission() {
+        let config = QueryConfig {
+            threads: 1,
+            max_concurrent: 1,
+            max_concurrent_per_tenant: 1,
+            ..QueryConfig::default()
+        };
+        let iso = Isolation::new(&config).unwrap();
+        // One SQL query holds the only admission permit…
+        let (release, held) = tokio::sync::oneshot::channel::<()>();
+        let sql = iso.run("acme", async move {
+            let _ = held.await;
+            Ok(())
+        });
+        tokio::pin!(sql);
+        assert!(futures::poll!(&mut sql).is_pending());
+        assert!(matches!(
+            iso.run("acme", async { Ok(()) }).await,
+            Err(QueryError::Busy(_))
+        ));
+        // …and a read still runs, on a query thread, not this test's.
+        let here = std::thread::current().id();
+        let (name, id) = iso
+            .execute("acme", async {
+                let t = std::thread::current();
+                Ok((t.name().map(str::to_string), t.id()))
+            })
+            .await
+            .unwrap();
+        assert_eq!(name.as_deref(), Some("query"));
+        assert_ne!(id, here);
+        // A panic is the read's error.
+        let err = iso
+            .execute("acme", async { panic!("boom") as Result<()> })
+            .await
+            .unwrap_err();
+        assert!(matches!(err, QueryError::Internal(_)), "{err}");
+        release.send(()).unwrap();
+        sql.await.unwrap();
+    }
 
     fn depth_of(sql: &str, limit: usize) -> Result<()> {
         let ctx = SessionContext::new();

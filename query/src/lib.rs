@@ -547,55 +547,61 @@ impl QueryEngine {
                 "`to` ({to}) must be after `from` ({from})"
             )));
         }
-        Ok(if let Backend::ClickHouse(client) = &self.backend {
-            clickhouse_features(client, tenant, scope).await?
-        } else {
-            let ctx = self.tenant_context(tenant)?;
-            let ts = |t: EventTime| {
-                lit(ScalarValue::TimestampMillisecond(
-                    Some(t.0),
-                    Some("UTC".into()),
-                ))
-            };
-            let mut filter = col("granularity")
-                .eq(lit(scope.granularity.as_str()))
-                .and(col("window_start").gt_eq(ts(from)))
-                .and(col("window_start").lt(ts(to)));
-            if let Some(user) = scope.user {
-                filter = col("user_id").eq(lit(user)).and(filter);
-            }
-            if !scope.features.is_empty() {
-                let names = scope.features.iter().map(|f| lit(*f)).collect();
-                filter = filter.and(col("feature").in_list(names, false));
-            }
-            let df = ctx
-                .table(Table::Features.name())
-                .await
-                .map_err(internal)?
-                .filter(filter)
-                .map_err(internal)?
-                .select_columns(&[
-                    "user_id",
-                    "window_start",
-                    "window_end",
-                    "timezone",
-                    "feature",
-                    "dimension",
-                    "value",
-                    "is_final",
-                    "revision",
-                    "final_revision",
-                ])
-                .map_err(internal)?
-                .sort(vec![
-                    col("user_id").sort(true, false),
-                    col("window_start").sort(true, false),
-                    col("feature").sort(true, false),
-                    col("dimension").sort(true, false),
-                ])
-                .map_err(internal)?;
-            read_cells(&df.collect().await.map_err(internal)?)?
-        })
+        if let Backend::ClickHouse(client) = &self.backend {
+            // ClickHouse does the work; this side only decodes rows.
+            return clickhouse_features(client, tenant, scope).await;
+        }
+        let ctx = self.tenant_context(tenant)?;
+        let ts = |t: EventTime| {
+            lit(ScalarValue::TimestampMillisecond(
+                Some(t.0),
+                Some("UTC".into()),
+            ))
+        };
+        let mut filter = col("granularity")
+            .eq(lit(scope.granularity.as_str()))
+            .and(col("window_start").gt_eq(ts(from)))
+            .and(col("window_start").lt(ts(to)));
+        if let Some(user) = scope.user {
+            filter = col("user_id").eq(lit(user)).and(filter);
+        }
+        if !scope.features.is_empty() {
+            let names = scope.features.iter().map(|f| lit(*f)).collect();
+            filter = filter.and(col("feature").in_list(names, false));
+        }
+        // Planning, the Parquet scan and decoding run on the query executor, like SQL: a
+        // burst of cache misses holds query threads, never the ones serving requests.
+        self.isolation
+            .execute(tenant, async move {
+                let df = ctx
+                    .table(Table::Features.name())
+                    .await
+                    .map_err(internal)?
+                    .filter(filter)
+                    .map_err(internal)?
+                    .select_columns(&[
+                        "user_id",
+                        "window_start",
+                        "window_end",
+                        "timezone",
+                        "feature",
+                        "dimension",
+                        "value",
+                        "is_final",
+                        "revision",
+                        "final_revision",
+                    ])
+                    .map_err(internal)?
+                    .sort(vec![
+                        col("user_id").sort(true, false),
+                        col("window_start").sort(true, false),
+                        col("feature").sort(true, false),
+                        col("dimension").sort(true, false),
+                    ])
+                    .map_err(internal)?;
+                read_cells(&df.collect().await.map_err(internal)?)
+            })
+            .await
     }
 }
 

@@ -351,15 +351,29 @@ impl Auth {
     }
 }
 
-/// Follows key and session changes made by other nodes, every `every`.
+/// Follows what other nodes change, every `every`: accounts, keys, revoked sessions, and
+/// deletions the read cache must forget.
 pub async fn follow(
     meta: MetaStore,
     state: Arc<AppState>,
     every: std::time::Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let (mut keys_seen, mut sessions_seen, mut accounts_seen) = (0, 0, 0);
+    let (mut keys_seen, mut sessions_seen, mut accounts_seen, mut forgets_seen) = (0, 0, 0, 0);
     loop {
+        match meta.invalidations_since(forgets_seen).await {
+            Ok((forgotten, rev)) => {
+                if let Some(cache) = state.query.cache() {
+                    for (tenant, user) in &forgotten {
+                        cache.forget(tenant, user.as_deref());
+                    }
+                }
+                forgets_seen = rev;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading read-cache invalidations failed; retrying")
+            }
+        }
         match meta.account_changes_since(accounts_seen).await {
             Ok((changed, rev)) => {
                 state.auth.apply_accounts(&changed);

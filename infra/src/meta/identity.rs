@@ -539,7 +539,7 @@ impl MetaStore {
 
     /// Rows of a change feed (`sql` selects rows whose revision, at column `revision_at`,
     /// is above `$1`, in revision order), decoded, and the newest revision seen.
-    async fn changes_after<T>(
+    pub(super) async fn changes_after<T>(
         &self,
         sql: &str,
         revision: i64,

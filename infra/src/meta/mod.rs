@@ -523,6 +523,46 @@ impl MetaStore {
             .collect()
     }
 
+    /// Records that `tenant`'s stored values changed under the read caches: one person's
+    /// (`Some(user)`, their data was deleted) or any of the tenant's (`None`, retention).
+    /// Every API node forgets them (see [`Self::invalidations_since`]). Prunes records
+    /// older than a day in the same transaction.
+    pub async fn record_invalidation(&self, tenant: &str, user: Option<&str>) -> Result<i64> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let revision = Self::next_revision(&mut tx).await?;
+        sqlx::query(
+            "INSERT INTO read_invalidations (revision, tenant_id, user_id, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(revision)
+        .bind(tenant)
+        .bind(user)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM read_invalidations WHERE created_at < $1")
+            .bind(now - 86_400_000)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(revision)
+    }
+
+    /// Invalidations recorded after `revision`, in commit order, as `(tenant, user)`
+    /// (`None`: the whole tenant), and the newest revision seen.
+    pub async fn invalidations_since(
+        &self,
+        revision: i64,
+    ) -> Result<(Vec<(String, Option<String>)>, i64)> {
+        self.changes_after(
+            "SELECT tenant_id, user_id, revision FROM read_invalidations WHERE revision > $1 ORDER BY revision",
+            revision,
+            2,
+            |r| Ok((r.try_get(0)?, r.try_get(1)?)),
+        )
+        .await
+    }
+
     /// Settings and profiles written after `revision` (0: everything).
     pub async fn changes_since(&self, revision: i64) -> Result<Changes> {
         let mut changes = Changes {
