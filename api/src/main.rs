@@ -51,6 +51,10 @@ enum Command {
     Schema,
     /// Print the effective configuration as TOML (secrets redacted) and exit.
     Config(ServeArgs),
+    /// Check every segment of the embedded log and every Parquet file of the embedded
+    /// store, read-only, and print a JSON report; exits 2 when something is damaged. For a
+    /// stopped server or a backup.
+    Scrub(ServeArgs),
     /// Prepare the metadata store: apply migrations, store the role catalogue and, on a
     /// fresh installation, create the tenant `default`, its first platform admin (password
     /// from DIGAME_ADMIN_PASSWORD, else generated) and an ingestion key, shown once.
@@ -187,6 +191,21 @@ async fn main() -> anyhow::Result<()> {
             delete(&args.serve, &args.tenant, what).await
         }
         Command::Simulate(args) => simulate(args).await,
+        Command::Scrub(args) => {
+            let config = load_config(&args)?;
+            let (bus, store) = (config.bus_dir(), config.store_dir());
+            let report = tokio::task::spawn_blocking(move || {
+                let bus = bus.unwrap_or_default();
+                let store = store.unwrap_or_default();
+                digame_infra::scrub::scrub(&bus, &store)
+            })
+            .await??;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.clean() {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
         Command::Schema => {
             println!(
                 "{}",

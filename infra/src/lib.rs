@@ -4,5 +4,6 @@
 pub mod bus;
 pub mod config;
 pub mod meta;
+pub mod scrub;
 pub mod store;
 pub mod telemetry;

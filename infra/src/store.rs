@@ -13,6 +13,14 @@
 //! replay after a crash does — changes no result. Compaction merges a partition's small
 //! files into one, deduplicated; the files it replaces are deleted only after a grace
 //! period so queries already planned over them still find them.
+//!
+//! A damaged file (one whose footer or pages do not decode: truncated, overwritten) is
+//! moved to `<root>/quarantine/<table>/tenant_id=…/date=…/`, outside every table, where
+//! queries never see it; the rest of the store, its tenant included, reads and compacts
+//! on. Files are checked when the store opens and when compaction reads them. The move is
+//! logged with the table, tenant and date it held and counted in
+//! `digame_store_quarantined_files_total{table}`; feature rows of that range come back
+//! with a recomputation from the raw events (`POST /v1/recompute`).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -217,7 +225,8 @@ pub struct ParquetStore {
 }
 
 impl ParquetStore {
-    /// Opens the store under `root`, removing temporary files a crash left behind.
+    /// Opens the store under `root`, removing temporary files a crash left behind and
+    /// quarantining files whose footer does not decode.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
         for table in Table::ALL {
@@ -226,6 +235,13 @@ impl ParquetStore {
             for file in walk_files(&dir)? {
                 if file.extension().is_some_and(|e| e == "tmp") {
                     let _ = fs::remove_file(&file);
+                } else if file.extension().is_some_and(|e| e == "parquet") {
+                    let footer = File::open(&file).map_err(|e| e.to_string()).and_then(|f| {
+                        ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| e.to_string())
+                    });
+                    if let Err(e) = footer {
+                        quarantine(&root, table, &file, &e)?;
+                    }
                 }
             }
         }
@@ -365,7 +381,11 @@ impl ParquetStore {
                     if files.len() < min_files.max(2) {
                         continue;
                     }
-                    self.compact_partition(table, &date_dir, &files).await?;
+                    if let Err(e) = self.compact_partition(table, &date_dir, &files).await {
+                        // Other partitions and tenants compact on.
+                        tracing::warn!(table = table.name(), partition = %date_dir.display(), error = %e, "compacting a partition failed; it is left as it is");
+                        continue;
+                    }
                     compacted += 1;
                     metrics()
                         .store_compactions
@@ -380,21 +400,21 @@ impl ParquetStore {
     async fn compact_partition(&self, table: Table, dir: &Path, files: &[PathBuf]) -> Result<()> {
         let schema = table.file_schema();
         let mut batches = Vec::new();
+        let mut merged_files = Vec::with_capacity(files.len());
         for path in files {
-            let file = File::open(path).map_err(io_err(path))?;
-            let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-                .and_then(|b| b.build())
-                .map_err(|e| StoreError::Encode {
-                    table: table.name(),
-                    message: format!("{}: {e}", path.display()),
-                })?;
-            for batch in reader {
-                batches.push(batch.map_err(|e| StoreError::Encode {
-                    table: table.name(),
-                    message: e.to_string(),
-                })?);
+            match read_file(path) {
+                Ok(b) => {
+                    batches.extend(b);
+                    merged_files.push(path.clone());
+                }
+                // A damaged input leaves the partition, not the compaction.
+                Err(e) => quarantine(&self.root, table, path, &e)?,
             }
         }
+        if merged_files.is_empty() {
+            return Ok(());
+        }
+        let files = &merged_files[..];
         let merged = dedupe(table, schema.clone(), batches).await?;
         let tenant = partition_value(dir.parent().unwrap_or(dir), "tenant_id");
         let date = partition_value(dir, "date");
@@ -422,6 +442,45 @@ impl ParquetStore {
     fn set_grace(&mut self, grace: Duration) {
         self.grace = grace;
     }
+}
+
+/// Every batch of one Parquet file, or why it does not decode.
+fn read_file(path: &Path) -> std::result::Result<Vec<RecordBatch>, String> {
+    let file = File::open(path).map_err(|e| e.to_string())?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .and_then(|b| b.build())
+        .map_err(|e| e.to_string())?;
+    reader
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())
+}
+
+/// Moves a damaged file of `table` out of the store's tables into
+/// `<root>/quarantine/<table>/<its partition path>`, where no query lists it.
+fn quarantine(root: &Path, table: Table, file: &Path, why: &str) -> Result<()> {
+    let table_dir = root.join(table.name());
+    let relative = file.strip_prefix(&table_dir).unwrap_or(file);
+    let to = root.join("quarantine").join(table.name()).join(relative);
+    let dir = to.parent().unwrap_or(root);
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    fs::rename(file, &to).map_err(io_err(file))?;
+    if let Some(from) = file.parent() {
+        let _ = File::open(from).and_then(|d| d.sync_all());
+    }
+    let partition = file.parent().unwrap_or(file);
+    tracing::warn!(
+        table = table.name(),
+        tenant = partition_value(partition.parent().unwrap_or(partition), "tenant_id"),
+        date = partition_value(partition, "date"),
+        kept = %to.display(),
+        error = why,
+        "a damaged store file was quarantined; the rest of the store reads on (recompute the range to restore its features)"
+    );
+    metrics()
+        .store_quarantined_files
+        .with_label_values(&[table.name()])
+        .inc();
+    Ok(())
 }
 
 fn partition_value(dir: &Path, column: &str) -> String {
@@ -739,6 +798,90 @@ mod tests {
             .value(0);
         assert_eq!(values, 30.0);
         assert!(batches[0].column_by_name("tenant_id").is_none());
+    }
+
+    /// Cuts the last `n` bytes off a file (its footer, as a bad block or a short write
+    /// would).
+    fn truncate(file: &Path, n: u64) {
+        let f = fs::OpenOptions::new().write(true).open(file).unwrap();
+        let len = f.metadata().unwrap().len();
+        f.set_len(len - n).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_damaged_file_is_quarantined_and_the_rest_compacts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = ParquetStore::open(dir.path()).unwrap();
+        store.set_grace(Duration::ZERO);
+        // Two partitions (two days) of three files each.
+        let day = 86_400_000;
+        for rev in 1..=3 {
+            let mut other = feature(rev as f64, rev);
+            other.window_start = EventTime(other.window_start.0 + day);
+            other.window_end = EventTime(other.window_end.0 + day);
+            store
+                .write(&StoreBatch {
+                    features: vec![feature(rev as f64 * 10.0, rev), other],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        let part = dir.path().join("features/tenant_id=acme/date=2026-11-24");
+        let next = dir.path().join("features/tenant_id=acme/date=2026-11-25");
+        let victim = store.live_files(&part).unwrap()[2].clone();
+        truncate(&victim, 10);
+        // Both partitions compact: the damaged file leaves its partition first.
+        assert_eq!(store.compact(3).await.unwrap(), 2);
+        store.sweep_retired();
+        let moved = dir
+            .path()
+            .join("quarantine/features/tenant_id=acme/date=2026-11-24")
+            .join(victim.file_name().unwrap());
+        assert!(moved.exists(), "{}", moved.display());
+        assert!(!victim.exists());
+        // What is left of the day: revisions 1 and 2, the latest kept.
+        let value = |dir: &Path| {
+            let batches = read_all(dir);
+            assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 1);
+            batches[0]
+                .column_by_name("value")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::Float64Array>()
+                .unwrap()
+                .value(0)
+        };
+        assert_eq!(value(&part), 20.0);
+        assert_eq!(value(&next), 3.0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_with_a_broken_footer_is_quarantined_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ParquetStore::open(dir.path()).unwrap();
+        for rev in 1..=2 {
+            store
+                .write(&StoreBatch {
+                    features: vec![feature(rev as f64, rev)],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        let part = dir.path().join("features/tenant_id=acme/date=2026-11-24");
+        let files = store.live_files(&part).unwrap();
+        truncate(&files[0], 10);
+        drop(store);
+        let store = ParquetStore::open(dir.path()).unwrap();
+        assert_eq!(store.live_files(&part).unwrap(), vec![files[1].clone()]);
+        assert_eq!(read_all(&part).len(), 1);
+        assert!(
+            dir.path()
+                .join("quarantine/features/tenant_id=acme/date=2026-11-24")
+                .join(files[0].file_name().unwrap())
+                .exists()
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

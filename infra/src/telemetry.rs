@@ -25,6 +25,7 @@ pub struct Metrics {
     pub bus_appended_bytes: IntCounterVec,
     pub bus_fsync_seconds: Histogram,
     pub bus_segments_deleted: IntCounterVec,
+    pub bus_quarantined_bytes: IntCounterVec,
     pub pipeline_events: IntCounterVec,
     pub pipeline_lag_records: IntGaugeVec,
     pub pipeline_rows_emitted: IntCounter,
@@ -34,6 +35,7 @@ pub struct Metrics {
     pub store_rows_written: IntCounterVec,
     pub store_files_written: IntCounterVec,
     pub store_compactions: IntCounterVec,
+    pub store_quarantined_files: IntCounterVec,
     pub store_insert_bisections: IntCounterVec,
     pub query_requests: IntCounterVec,
     pub query_seconds: HistogramVec,
@@ -163,6 +165,12 @@ impl Metrics {
                 "Log segments removed by retention",
                 &["topic"],
             ),
+            bus_quarantined_bytes: counter_vec(
+                &r,
+                "digame_bus_quarantined_bytes_total",
+                "Damaged bytes of the embedded log moved aside (records after them are kept)",
+                &["topic", "partition"],
+            ),
             pipeline_events: counter_vec(
                 &r,
                 "digame_pipeline_events_total",
@@ -209,6 +217,12 @@ impl Metrics {
                 &r,
                 "digame_store_compactions_total",
                 "Partitions compacted by table",
+                &["table"],
+            ),
+            store_quarantined_files: counter_vec(
+                &r,
+                "digame_store_quarantined_files_total",
+                "Damaged Parquet files moved out of the store's tables, by table",
                 &["table"],
             ),
             store_insert_bisections: counter_vec(

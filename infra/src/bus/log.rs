@@ -9,9 +9,16 @@
 //! - **Durability before acknowledgement.** One writer thread per topic drains every
 //!   pending append request (group commit), writes them, `fdatasync`s each touched
 //!   partition, and only then answers the requests. A crash after an answer loses nothing.
-//! - **Torn-tail recovery.** On open, the active segment of each partition is scanned and
-//!   truncated at the first frame that is incomplete, fails its CRC, or breaks the offset
-//!   sequence — what a crash in the middle of a write leaves behind.
+//! - **Damage costs only the damaged records.** On open, the active segment of each
+//!   partition is scanned: a range of bytes where no valid frame starts (a flipped bit, a
+//!   zeroed block) is quarantined and cut out, and every valid record after it is kept with
+//!   its offset; a torn tail (what a crash in the middle of a write leaves) is quarantined
+//!   and truncated. A reader that meets damage in any segment steps over it the same way
+//!   instead of failing, so one partition's bad block never stalls the others. See
+//!   [`super::recovery`].
+//! - **Offsets are never reused.** A partition's next offset after recovery is at least
+//!   every offset a consumer group has committed, even when the records below it were
+//!   lost.
 //! - **Readers see only durable records**: the tail they read up to advances after fsync.
 //! - **Bounded.** The request queue has a fixed capacity (full = callers wait, i.e.
 //!   backpressure) and one group commit takes at most `max_batch_bytes`.
@@ -30,14 +37,15 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::recovery::{self, Place};
 use super::{
     BusConsumer, BusError, BusStatus, Delivered, EventBus, Position, Record, Result, Topic,
     partition_for,
 };
 use crate::telemetry::metrics;
 
-const FRAME_HEADER: usize = 8;
-const BODY_FIXED: usize = 8 + 8 + 4;
+pub(super) const FRAME_HEADER: usize = 8;
+pub(super) const BODY_FIXED: usize = 8 + 8 + 4;
 const READ_CHUNK: usize = 1 << 20;
 
 /// Settings of the embedded log.
@@ -98,7 +106,10 @@ struct Tail {
 }
 
 struct PartitionShared {
+    topic: Topic,
     dir: PathBuf,
+    /// Damaged bytes this process quarantined (reported by [`EventBus::status`]).
+    quarantined: AtomicU64,
     tail: Mutex<Tail>,
     /// Base offsets of the segments on disk, ascending; the last is active.
     segments: Mutex<Vec<u64>>,
@@ -197,10 +208,12 @@ impl TopicLog {
             Err(e) => return Err(io_err(&meta_path)(e)),
         }
 
+        let floors = committed_floors(&dir.join("groups"))?;
         let mut writers = Vec::new();
         let mut shared = Vec::new();
         for p in 0..config.partitions {
-            let w = open_partition(&dir.join(p.to_string()))?;
+            let floor = floors.get(&p).copied().unwrap_or(0);
+            let w = open_partition(topic, p, &dir.join(p.to_string()), floor)?;
             shared.push(w.shared.clone());
             writers.push(w);
         }
@@ -235,7 +248,58 @@ impl TopicLog {
     }
 }
 
-fn open_partition(dir: &Path) -> Result<PartitionWriter> {
+/// A segment as [`crate::scrub`] reports it.
+pub struct SegmentScan {
+    pub records: u64,
+    pub len: usize,
+    /// End of the last valid record; what follows is a torn or damaged tail.
+    pub valid_end: usize,
+    /// Damaged byte ranges with valid records after them.
+    pub damaged: Vec<std::ops::Range<usize>>,
+}
+
+/// Scans one segment file read-only, as recovery would (its base offset from its name).
+pub fn scan_segment_file(path: &Path) -> std::io::Result<SegmentScan> {
+    let base = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(0);
+    let data = fs::read(path)?;
+    let scan = recovery::scan(&data, base);
+    Ok(SegmentScan {
+        records: scan.records,
+        len: data.len(),
+        valid_end: scan.valid_end,
+        damaged: scan.damaged,
+    })
+}
+
+/// Per partition, the highest next offset any consumer group of the topic committed.
+fn committed_floors(groups: &Path) -> Result<BTreeMap<u32, u64>> {
+    let mut floors = BTreeMap::new();
+    for entry in fs::read_dir(groups).map_err(io_err(groups))? {
+        let path = entry.map_err(io_err(groups))?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let text = fs::read_to_string(&path).map_err(io_err(&path))?;
+        let committed: BTreeMap<u32, u64> = serde_json::from_str(&text)
+            .map_err(|e| BusError::Corrupt(format!("{}: {e}", path.display())))?;
+        for (p, o) in committed {
+            let floor = floors.entry(p).or_insert(0);
+            *floor = (*floor).max(o);
+        }
+    }
+    Ok(floors)
+}
+
+/// Opens a partition's active segment for appending, after recovering it: damaged ranges
+/// inside it are quarantined and cut out (the valid records after them are kept), a torn
+/// or damaged tail is quarantined and truncated. The next offset is never below `floor`
+/// (the highest offset a consumer group has committed), so an offset once handed out is
+/// never given to another record.
+fn open_partition(topic: Topic, partition: u32, dir: &Path, floor: u64) -> Result<PartitionWriter> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut bases: Vec<u64> = fs::read_dir(dir)
         .map_err(io_err(dir))?
@@ -251,27 +315,33 @@ fn open_partition(dir: &Path) -> Result<PartitionWriter> {
     }
     let base = *bases.last().expect("at least one segment");
     let path = segment_path(dir, base);
+    let place = Place {
+        topic,
+        partition,
+        dir,
+    };
+    let (valid_len, mut next_offset, recovered_damage) = recover_active(place, &path, base)?;
     let file = OpenOptions::new()
         .create(true)
         .read(true)
         .append(true)
         .open(&path)
         .map_err(io_err(&path))?;
-    let (valid_len, next_offset) = recover_segment(&file, &path, base)?;
-    let file_len = file.metadata().map_err(io_err(&path))?.len();
-    if file_len != valid_len {
-        tracing::warn!(
-            segment = %path.display(),
-            kept_bytes = valid_len,
-            dropped_bytes = file_len - valid_len,
-            "truncating torn tail of bus segment"
-        );
-        file.set_len(valid_len).map_err(io_err(&path))?;
-        file.sync_all().map_err(io_err(&path))?;
-    }
     sync_dir(dir)?;
+    if next_offset < floor {
+        tracing::warn!(
+            topic = topic.name(),
+            partition,
+            recovered = next_offset,
+            committed = floor,
+            "the log ends below an offset a consumer group committed; new records continue above it"
+        );
+        next_offset = floor;
+    }
     let shared = Arc::new(PartitionShared {
+        topic,
         dir: dir.to_path_buf(),
+        quarantined: AtomicU64::new(recovered_damage),
         tail: Mutex::new(Tail {
             next_offset,
             segment_base: base,
@@ -291,29 +361,69 @@ fn open_partition(dir: &Path) -> Result<PartitionWriter> {
     })
 }
 
-/// Scans a segment; returns the length of its valid prefix and the next offset.
-fn recover_segment(file: &File, path: &Path, base: u64) -> Result<(u64, u64)> {
-    let len = file.metadata().map_err(io_err(path))?.len();
-    let mut data = vec![0u8; len as usize];
-    file.read_exact_at(&mut data, 0).map_err(io_err(path))?;
-    let mut pos = 0usize;
-    let mut next = base;
-    while let Some(frame) = decode_frame(&data[pos..]) {
-        match frame {
-            Ok((offset, _, _, _, size)) if offset == next => {
-                pos += size;
-                next += 1;
-            }
-            _ => break,
-        }
+/// Scans the segment at `path` (created empty if missing), quarantines what does not
+/// decode and leaves the file holding only valid frames; returns its length, the next
+/// offset and how many damaged bytes it quarantined.
+fn recover_active(place: Place<'_>, path: &Path, base: u64) -> Result<(u64, u64, u64)> {
+    let data = match fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    let scan = recovery::scan(&data, base);
+    let offset_at = |pos: usize| decode_frame(&data[pos..]).and_then(|f| f.ok()).map(|f| f.0);
+    let mut damage = 0;
+    for r in &scan.damaged {
+        recovery::quarantine(
+            place,
+            base,
+            r.start as u64,
+            &data[r.clone()],
+            offset_at(r.end),
+            "recovery",
+        )?;
+        damage += r.len() as u64;
     }
-    Ok((pos as u64, next))
+    if scan.valid_end < data.len() {
+        // A torn tail is what a crash mid-write leaves (never acknowledged); it is kept
+        // all the same, since damage to the last records looks the same.
+        recovery::quarantine(
+            place,
+            base,
+            scan.valid_end as u64,
+            &data[scan.valid_end..],
+            None,
+            "torn or damaged tail",
+        )?;
+    }
+    if scan.damaged.is_empty() {
+        if scan.valid_end < data.len() {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(io_err(path))?;
+            file.set_len(scan.valid_end as u64).map_err(io_err(path))?;
+            file.sync_all().map_err(io_err(path))?;
+        }
+        return Ok((scan.valid_end as u64, scan.next_offset, damage));
+    }
+    // Cut the damaged ranges out: the segment is rewritten with the valid frames alone
+    // (their offsets unchanged, so the lost records leave a gap) and swapped in atomically.
+    let mut kept = Vec::with_capacity(scan.valid_end);
+    let mut from = 0;
+    for r in &scan.damaged {
+        kept.extend_from_slice(&data[from..r.start]);
+        from = r.end;
+    }
+    kept.extend_from_slice(&data[from..scan.valid_end]);
+    write_atomic(path, &kept)?;
+    Ok((kept.len() as u64, scan.next_offset, damage))
 }
 
-type Frame<'a> = (u64, i64, &'a [u8], &'a [u8], usize);
+pub(super) type Frame<'a> = (u64, i64, &'a [u8], &'a [u8], usize);
 
 /// Decodes one frame from the front of `buf`. `None`: incomplete; `Some(Err)`: corrupt.
-fn decode_frame(buf: &[u8]) -> Option<std::result::Result<Frame<'_>, String>> {
+pub(super) fn decode_frame(buf: &[u8]) -> Option<std::result::Result<Frame<'_>, String>> {
     if buf.len() < FRAME_HEADER {
         return None;
     }
@@ -340,7 +450,7 @@ fn decode_frame(buf: &[u8]) -> Option<std::result::Result<Frame<'_>, String>> {
     Some(Ok((offset, ts, key, payload, FRAME_HEADER + len)))
 }
 
-fn encode_frame(buf: &mut Vec<u8>, offset: u64, rec: &Record) {
+pub(super) fn encode_frame(buf: &mut Vec<u8>, offset: u64, rec: &Record) {
     let len = BODY_FIXED + rec.key.len() + rec.payload.len();
     let start = buf.len();
     buf.extend_from_slice(&(len as u32).to_le_bytes());
@@ -651,6 +761,18 @@ impl EventBus for LogBus {
                 healthy = false;
                 detail.push(format!("{}: closed", log.topic.name()));
             }
+            // Quarantined damage is isolated (the records around it flow), so it is
+            // reported, not a reason to be unready.
+            for (p, part) in log.partitions.iter().enumerate() {
+                let bytes = part.quarantined.load(Ordering::Relaxed);
+                if bytes > 0 {
+                    detail.push(format!(
+                        "{}/{p}: {bytes} damaged bytes quarantined in {}",
+                        log.topic.name(),
+                        part.dir.join("quarantine").display()
+                    ));
+                }
+            }
         }
         BusStatus {
             healthy,
@@ -752,15 +874,13 @@ impl Cursor {
             file.read_exact_at(&mut self.buf, self.pos)
                 .map_err(io_err(&path))?;
             let mut used = 0usize;
+            let mut damaged = false;
             while out.len() - start_len < max {
                 match decode_frame(&self.buf[used..]) {
                     None => break,
-                    Some(Err(e)) => {
-                        return Err(BusError::Corrupt(format!(
-                            "{} at byte {}: {e}",
-                            path.display(),
-                            self.pos + used as u64
-                        )));
+                    Some(Err(_)) => {
+                        damaged = true;
+                        break;
                     }
                     Some(Ok((offset, ts, key, payload, size))) => {
                         used += size;
@@ -777,23 +897,60 @@ impl Cursor {
                     }
                 }
             }
-            if used == 0 {
-                // A frame larger than the chunk: grow the buffer and read again.
-                let need = u32::from_le_bytes(self.buf[0..4].try_into().expect("4 bytes")) as usize
-                    + FRAME_HEADER;
-                self.buf.reserve(need.saturating_sub(self.buf.len()));
-                if need > (limit - self.pos) as usize {
-                    return Err(BusError::Corrupt(format!(
-                        "{}: frame at byte {} runs past the durable end",
-                        path.display(),
-                        self.pos
-                    )));
-                }
+            self.pos += used as u64;
+            if damaged {
+                self.step_over_damage(limit)?;
                 continue;
             }
-            self.pos += used as u64;
+            if used == 0 {
+                // A frame larger than the chunk: grow the buffer and read again, unless it
+                // claims to run past the durable end (a damaged length).
+                let need = u32::from_le_bytes(self.buf[0..4].try_into().expect("4 bytes")) as usize
+                    + FRAME_HEADER;
+                if need > (limit - self.pos) as usize {
+                    self.step_over_damage(limit)?;
+                } else {
+                    self.buf.reserve(need.saturating_sub(self.buf.len()));
+                }
+            }
         }
         self.position.store(self.next_offset, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Cursor {
+    /// At `pos`, a frame that does not decode (bytes damaged on disk): keeps a copy of the
+    /// damaged bytes and moves on to the next valid frame of the segment, or to its end.
+    /// One partition's damage costs its damaged records only; nothing stalls.
+    fn step_over_damage(&mut self, limit: u64) -> Result<()> {
+        let path = segment_path(&self.part.dir, self.segment_base);
+        let file = self.file.as_ref().expect("segment open");
+        let mut rest = vec![0u8; (limit - self.pos) as usize];
+        file.read_exact_at(&mut rest, self.pos)
+            .map_err(io_err(&path))?;
+        let skip = recovery::resync(&rest, 1, self.next_offset).unwrap_or(rest.len());
+        let resumes_at = decode_frame(&rest[skip..])
+            .and_then(|f| f.ok())
+            .map(|f| f.0);
+        let place = Place {
+            topic: self.part.topic,
+            partition: self.partition,
+            dir: &self.part.dir,
+        };
+        if recovery::quarantine(
+            place,
+            self.segment_base,
+            self.pos,
+            &rest[..skip],
+            resumes_at,
+            "read",
+        )? {
+            self.part
+                .quarantined
+                .fetch_add(skip as u64, Ordering::Relaxed);
+        }
+        self.pos += skip as u64;
         Ok(())
     }
 }
@@ -982,6 +1139,174 @@ mod tests {
         bus.close().await;
     }
 
+    /// Where the frame of `offset` starts in a segment file (scanning it).
+    fn frame_start(seg: &Path, offset: u64) -> usize {
+        let data = fs::read(seg).unwrap();
+        let mut pos = 0;
+        while let Some(Ok((o, _, _, _, size))) = decode_frame(&data[pos..]) {
+            if o == offset {
+                return pos;
+            }
+            pos += size;
+        }
+        panic!("no frame {offset} in {}", seg.display());
+    }
+
+    fn flip(seg: &Path, at: usize) {
+        let mut data = fs::read(seg).unwrap();
+        data[at] ^= 0x5a;
+        fs::write(seg, data).unwrap();
+    }
+
+    fn quarantined(part_dir: &Path) -> usize {
+        fs::read_dir(part_dir.join("quarantine")).map_or(0, |d| d.count())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flipped_byte_in_the_active_segment_loses_that_record_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LogConfig {
+            partitions: 1,
+            ..config(dir.path())
+        };
+        {
+            let bus = LogBus::open(cfg.clone()).unwrap();
+            let records: Vec<Record> = (0..100).map(|i| rec("t:a", &format!("{i}"))).collect();
+            bus.publish(Topic::Events, records).await.unwrap();
+            bus.close().await;
+        }
+        let part = dir.path().join("events").join("0");
+        let seg = segment_path(&part, 0);
+        // A byte in the middle of record 50's payload.
+        flip(&seg, frame_start(&seg, 50) + FRAME_HEADER + BODY_FIXED + 4);
+
+        let bus = LogBus::open(cfg).unwrap();
+        assert_eq!(quarantined(&part), 1);
+        let mut c = bus.subscribe(Topic::Events, "g").await.unwrap();
+        let offsets: Vec<u64> = drain(&mut c).await.iter().map(|d| d.offset).collect();
+        let want: Vec<u64> = (0..100).filter(|o| *o != 50).collect();
+        assert_eq!(
+            offsets, want,
+            "every record but the damaged one, offsets unchanged"
+        );
+        let pos = bus
+            .publish(Topic::Events, vec![rec("t:a", "100")])
+            .await
+            .unwrap();
+        assert_eq!(pos[0].offset, 100);
+        bus.close().await;
+        // The segment was rewritten without the damage: a second open finds none.
+        let bus = LogBus::open(LogConfig {
+            partitions: 1,
+            ..config(dir.path())
+        })
+        .unwrap();
+        assert_eq!(quarantined(&part), 1);
+        bus.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn damage_in_a_sealed_segment_is_stepped_over_and_other_partitions_flow() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LogConfig {
+            partitions: 2,
+            segment_bytes: 600,
+            ..config(dir.path())
+        };
+        // Keys of each partition.
+        let key_of = |p: u32| {
+            (0..)
+                .map(|i| format!("t:u{i}"))
+                .find(|k| partition_for(k.as_bytes(), 2) == p)
+                .unwrap()
+        };
+        let (k0, k1) = (key_of(0), key_of(1));
+        {
+            let bus = LogBus::open(cfg.clone()).unwrap();
+            for i in 0..40 {
+                bus.publish(
+                    Topic::Events,
+                    vec![rec(&k0, &format!("a{i:03}")), rec(&k1, &format!("b{i:03}"))],
+                )
+                .await
+                .unwrap();
+            }
+            bus.close().await;
+        }
+        let part = dir.path().join("events").join("0");
+        let mut bases: Vec<u64> = fs::read_dir(&part)
+            .unwrap()
+            .filter_map(|e| {
+                e.unwrap()
+                    .file_name()
+                    .into_string()
+                    .unwrap()
+                    .strip_suffix(".log")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        bases.sort_unstable();
+        assert!(bases.len() >= 3, "{bases:?}");
+        // The second record of the first sealed segment.
+        let seg = segment_path(&part, bases[0]);
+        let victim = bases[0] + 1;
+        flip(&seg, frame_start(&seg, victim) + 3);
+
+        let bus = LogBus::open(cfg).unwrap();
+        let mut c = bus.subscribe(Topic::Events, "g").await.unwrap();
+        let got = drain(&mut c).await;
+        let of = |p: u32| -> Vec<u64> {
+            got.iter()
+                .filter(|d| d.partition == p)
+                .map(|d| d.offset)
+                .collect()
+        };
+        assert_eq!(of(0), (0..40).filter(|o| *o != victim).collect::<Vec<_>>());
+        assert_eq!(of(1), (0..40).collect::<Vec<_>>());
+        assert_eq!(quarantined(&part), 1);
+        assert_eq!(c.lag(), 0);
+        bus.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn offsets_are_never_reused_below_a_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LogConfig {
+            partitions: 1,
+            ..config(dir.path())
+        };
+        {
+            let bus = LogBus::open(cfg.clone()).unwrap();
+            let records: Vec<Record> = (0..10).map(|i| rec("t:a", &format!("{i}"))).collect();
+            bus.publish(Topic::Events, records).await.unwrap();
+            let mut c = bus.subscribe(Topic::Events, "g").await.unwrap();
+            assert_eq!(drain(&mut c).await.len(), 10);
+            c.commit(&BTreeMap::from([(0, 10)])).await.unwrap();
+            bus.close().await;
+        }
+        // The last four records are lost (damaged past recognition at the end).
+        let part = dir.path().join("events").join("0");
+        let seg = segment_path(&part, 0);
+        let cut = frame_start(&seg, 6);
+        let mut data = fs::read(&seg).unwrap();
+        data[cut..].fill(0);
+        fs::write(&seg, data).unwrap();
+
+        let bus = LogBus::open(cfg).unwrap();
+        let pos = bus
+            .publish(Topic::Events, vec![rec("t:a", "new")])
+            .await
+            .unwrap();
+        assert_eq!(pos[0].offset, 10, "not 6: offsets 6–9 were handed out");
+        let mut c = bus.subscribe(Topic::Events, "g").await.unwrap();
+        let got = drain(&mut c).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(&got[0].payload[..], b"new");
+        assert_eq!(quarantined(&part), 1, "the zeroed tail is kept");
+        bus.close().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn committed_offsets_survive_reopen_and_torn_tail_is_cut() {
         let dir = tempfile::tempdir().unwrap();
@@ -1050,7 +1375,7 @@ mod tests {
         bus.close().await;
 
         // Retention runs in the writer loop; drive it directly.
-        let mut w = open_partition(&part_dir).unwrap();
+        let mut w = open_partition(Topic::Events, 0, &part_dir, 0).unwrap();
         let bases = w.shared.segments.lock().unwrap().clone();
         let mut ctx = WriterContext {
             topic: Topic::Events,

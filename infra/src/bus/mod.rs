@@ -12,6 +12,7 @@
 
 pub mod kafka;
 pub mod log;
+mod recovery;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

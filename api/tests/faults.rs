@@ -1,0 +1,278 @@
+//! Disk damage on a stopped server's data directory, then a restart, through the real
+//! binary. Events are acknowledged by an ingest-only start (the pipeline off, so the damage
+//! hits events not yet counted); seeded faults then flip bytes inside some records of the
+//! bus and zero a block across others; a full start must count every acknowledged event
+//! except those whose bytes were damaged — exactly once, nothing stalled — keep the
+//! damaged bytes in quarantine, say so on `/readyz`, and go on counting new events. Then a
+//! store file cut short: quarantined at the next start, the tenant's reads go on.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use digame_testkit::DigameProcess;
+use serde_json::{Value, json};
+
+const KEY: &str = "acme-key-0123456789abcdef";
+const REQUESTS: usize = 40;
+const PER_REQUEST: usize = 50;
+
+fn event(n: usize) -> Value {
+    json!({"event_id": format!("0195a6a4-0000-7000-fa17-{n:012x}"),
+           "user_id": format!("u{}", n % 7), "source": "git", "kind": "commit",
+           "timestamp": 1_795_000_000_000i64 + (n as i64) * 60_000,
+           "attributes": {"project": "digame"}})
+}
+
+/// Files under `dir` (recursively) ending in `.ext`, sorted.
+fn files_under(dir: &Path, ext: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|x| x == ext) {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Every segment file of the events topic under `dir`.
+fn event_segments(dir: &Path) -> Vec<PathBuf> {
+    files_under(&dir.join("bus").join("events"), "log")
+}
+
+/// A frame of the log, read with the layout the log documents: `[len u32][crc u32]
+/// [offset u64][timestamp i64][key_len u32][key][payload]`, little endian.
+struct Frame {
+    start: usize,
+    end: usize,
+    payload: std::ops::Range<usize>,
+}
+
+fn frames(data: &[u8]) -> Vec<Frame> {
+    let u32_at = |p: usize| u32::from_le_bytes(data[p..p + 4].try_into().unwrap()) as usize;
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos + 8 <= data.len() {
+        let len = u32_at(pos);
+        let key_len = u32_at(pos + 8 + 16);
+        let payload = pos + 8 + 20 + key_len..pos + 8 + len;
+        out.push(Frame {
+            start: pos,
+            end: pos + 8 + len,
+            payload,
+        });
+        pos += 8 + len;
+    }
+    out
+}
+
+fn event_id(payload: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(payload).unwrap();
+    v["event_id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_bus_records_cost_only_themselves() {
+    let data = tempfile::tempdir().unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_digame"));
+    let keys = ("DIGAME_INGEST_KEYS", "acme-key-0123456789abcdef:acme");
+    // Small segments, so that faults land in sealed segments as well as active ones.
+    let small = ("DIGAME_BUS__SEGMENT_BYTES", "20000");
+    let mut ingest_only = DigameProcess::start(
+        bin,
+        data.path(),
+        &[keys, small, ("DIGAME_PIPELINE__ENABLED", "false")],
+    )
+    .await
+    .unwrap();
+    let client = ingest_only.client(KEY);
+    for r in 0..REQUESTS {
+        let batch: Vec<Value> = (0..PER_REQUEST)
+            .map(|i| event(r * PER_REQUEST + i))
+            .collect();
+        let (status, body) = client.post_events(&batch).await.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let exit = ingest_only.terminate().await.unwrap();
+    assert!(exit.success(), "{exit}");
+
+    // ---- Faults, seeded: in three segments, a flipped byte in one record's payload; in a
+    // fourth, a zeroed block from inside one record to inside the next but one.
+    let mut segments = event_segments(data.path());
+    assert!(segments.len() >= 16, "{segments:?}");
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    };
+    // Segments with room for a fault (a segment just rolled may be empty).
+    segments.retain(|s| frames(&std::fs::read(s).unwrap()).len() >= 4);
+    for i in (1..segments.len()).rev() {
+        segments.swap(i, next(i + 1));
+    }
+    let mut lost: BTreeSet<String> = BTreeSet::new();
+    let mut faults = 0;
+    for (i, seg) in segments.iter().take(4).enumerate() {
+        let mut bytes = std::fs::read(seg).unwrap();
+        let fr = frames(&bytes);
+        assert!(fr.len() >= 4, "{}: {} frames", seg.display(), fr.len());
+        let at = next(fr.len() - 3);
+        if i < 3 {
+            let f = &fr[at];
+            lost.insert(event_id(&bytes[f.payload.clone()]));
+            let byte = f.payload.start + next(f.payload.len());
+            bytes[byte] ^= 1 << next(8);
+        } else {
+            for f in &fr[at..at + 3] {
+                lost.insert(event_id(&bytes[f.payload.clone()]));
+            }
+            let (from, to) = (fr[at].start + 5, fr[at + 2].end - 5);
+            bytes[from..to].fill(0);
+        }
+        std::fs::write(seg, bytes).unwrap();
+        faults += 1;
+    }
+    assert_eq!(lost.len(), 6);
+
+    // `digame scrub` finds each fault, read-only, and exits 2.
+    let scrub = std::process::Command::new(bin)
+        .args(["scrub", "--data-dir"])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    assert_eq!(scrub.status.code(), Some(2), "{scrub:?}");
+    let report: Value = serde_json::from_slice(&scrub.stdout).unwrap();
+    let damaged: BTreeSet<String> = report["damaged_ranges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["kind"], "middle", "{r}");
+            r["segment"].as_str().unwrap().to_string()
+        })
+        .collect();
+    let hit: BTreeSet<String> = segments[..4]
+        .iter()
+        .map(|s| s.display().to_string())
+        .collect();
+    assert_eq!(damaged, hit, "{report}");
+    // Every event record but the lost ones (the other topics are empty: no pipeline ran).
+    assert_eq!(
+        report["records"],
+        json!(REQUESTS * PER_REQUEST - lost.len()),
+        "{report}"
+    );
+
+    let mut server = DigameProcess::start(bin, data.path(), &[keys, small])
+        .await
+        .unwrap();
+    let client = server.client(KEY);
+    let acknowledged = REQUESTS * PER_REQUEST;
+    let kept = acknowledged - lost.len();
+    client
+        .await_rows(
+            "SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM events",
+            &[json!({"n": kept, "d": kept})],
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    // Exactly the undamaged ones.
+    let stored: BTreeSet<String> = client
+        .rows("SELECT event_id FROM events")
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r["event_id"].as_str().unwrap().to_string())
+        .collect();
+    let expected: BTreeSet<String> = (0..acknowledged)
+        .map(|n| event(n)["event_id"].as_str().unwrap().to_string())
+        .filter(|id| !lost.contains(id))
+        .collect();
+    assert_eq!(stored, expected);
+    // Counted in the features, once each.
+    client
+        .await_rows(
+            "SELECT sum(value) AS n FROM features WHERE feature = 'event_count' \
+             AND granularity = 'day' AND dimension = ''",
+            &[json!({"n": kept as f64})],
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    // Ready, caught up, and saying what was set aside.
+    let (status, ready) = client.get("/readyz").await.unwrap();
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["pipeline"]["lag_records"], 0, "{ready}");
+    let detail = ready["bus"]["detail"].as_str().unwrap();
+    assert!(detail.contains("damaged bytes quarantined"), "{detail}");
+    let partitions: BTreeSet<PathBuf> = event_segments(data.path())
+        .iter()
+        .map(|s| s.parent().unwrap().to_path_buf())
+        .collect();
+    let quarantine_files = partitions
+        .iter()
+        .filter_map(|p| std::fs::read_dir(p.join("quarantine")).ok())
+        .map(|d| d.count())
+        .sum::<usize>();
+    // One copy per damaged range (the bytes read twice, by recovery and a reader, once).
+    assert_eq!(quarantine_files, faults);
+
+    // New events flow and count, on offsets of their own.
+    let more: Vec<Value> = (acknowledged..acknowledged + PER_REQUEST)
+        .map(event)
+        .collect();
+    let (status, body) = client.post_events(&more).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let total = kept + PER_REQUEST;
+    client
+        .await_rows(
+            "SELECT count(*) AS n FROM events",
+            &[json!({"n": total})],
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    // ---- A store file cut short by 10 bytes: quarantined at the next start; the tenant's
+    // reads go on over the other files (before, every read of the tenant failed).
+    let exit = server.terminate().await.unwrap();
+    assert!(exit.success(), "{exit}");
+    let parquet = files_under(&data.path().join("store").join("events"), "parquet");
+    assert!(parquet.len() >= 2, "{parquet:?}");
+    let victim = &parquet[next(parquet.len())];
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(victim)
+        .unwrap();
+    f.set_len(f.metadata().unwrap().len() - 10).unwrap();
+    drop(f);
+    server.restart().await.unwrap();
+    let client = server.client(KEY);
+    let rows = client
+        .rows("SELECT count(*) AS n FROM events")
+        .await
+        .unwrap();
+    let left = rows[0]["n"].as_u64().unwrap() as usize;
+    assert!(left > 0 && left < total, "{left} of {total}");
+    assert!(!victim.exists());
+    assert!(data.path().join("store").join("quarantine").exists());
+    eprintln!(
+        "faults: a store file of {} events quarantined; {left} events still read",
+        total - left
+    );
+    eprintln!(
+        "faults: {faults} injected, {acknowledged} acknowledged, {kept} counted, {} lost (all in damaged bytes), {quarantine_files} quarantined ranges",
+        lost.len()
+    );
+    let exit = server.terminate().await.unwrap();
+    assert!(exit.success(), "{exit}");
+}
