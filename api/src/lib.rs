@@ -1300,7 +1300,8 @@ pub async fn open_store(config: &Config) -> anyhow::Result<OpenedStore> {
             let parquet = Arc::new(ParquetStore::open(&dir)?);
             Ok(OpenedStore {
                 sink: parquet.clone(),
-                query: QueryEngine::new(&dir, config.query.clone()),
+                query: QueryEngine::new(&dir, config.query.clone())
+                    .with_snapshots(parquet.snapshots()),
                 parquet: Some(parquet),
             })
         }

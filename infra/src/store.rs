@@ -11,8 +11,8 @@
 //! upserts: readers and compaction keep one row per key (the highest `revision` for
 //! features; one copy per person and `event_id` for events), so writing the same rows twice — as a
 //! replay after a crash does — changes no result. Compaction merges a partition's small
-//! files into one, deduplicated; the files it replaces are deleted only after a grace
-//! period so queries already planned over them still find them.
+//! files into one, deduplicated; the files it replaces are hidden from new queries at once
+//! and deleted once no query that might have listed them is running ([`snapshots`]).
 //!
 //! A damaged file (one whose footer or pages do not decode: truncated, overwritten) is
 //! moved to `<root>/quarantine/<table>/tenant_id=…/date=…/`, outside every table, where
@@ -27,7 +27,6 @@ use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
-use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{
@@ -48,6 +47,7 @@ use serde_json::Value;
 use crate::telemetry::metrics;
 
 pub mod clickhouse;
+pub mod snapshots;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -219,9 +219,8 @@ pub struct ParquetStore {
     writer: String,
     healthy: AtomicBool,
     last_error: Mutex<String>,
-    /// Files replaced by compaction, deleted once their grace period has passed.
-    retired: Mutex<Vec<(PathBuf, Instant)>>,
-    grace: Duration,
+    /// Files replaced by compaction, and the queries that may still read them.
+    snapshots: Arc<snapshots::Snapshots>,
 }
 
 impl ParquetStore {
@@ -251,13 +250,18 @@ impl ParquetStore {
             writer: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
             healthy: AtomicBool::new(true),
             last_error: Mutex::new(String::new()),
-            retired: Mutex::new(Vec::new()),
-            grace: Duration::from_secs(60),
+            snapshots: snapshots::Snapshots::new(),
         })
     }
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// What the query engine over this store must share, so that its reads never see a
+    /// compaction.
+    pub fn snapshots(&self) -> Arc<snapshots::Snapshots> {
+        self.snapshots.clone()
     }
 
     pub fn table_dir(&self, table: Table) -> PathBuf {
@@ -357,19 +361,18 @@ impl ParquetStore {
 
     /// Live Parquet files of a partition directory (not retired by compaction).
     fn live_files(&self, dir: &Path) -> Result<Vec<PathBuf>> {
-        let retired = self.retired.lock().expect("retired lock");
         let mut files: Vec<PathBuf> = fs::read_dir(dir)
             .map_err(io_err(dir))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-            .filter(|p| !retired.iter().any(|(r, _)| r == p))
+            .filter(|p| !self.snapshots.is_retired(p))
             .collect();
         files.sort();
         Ok(files)
     }
 
     /// Merges every partition with at least `min_files` live files into one deduplicated
-    /// file, and deletes retired files whose grace period is over. Returns the number of
+    /// file, and deletes retired files no query can still read. Returns the number of
     /// partitions compacted.
     pub async fn compact(&self, min_files: usize) -> Result<usize> {
         self.sweep_retired();
@@ -419,28 +422,14 @@ impl ParquetStore {
         let tenant = partition_value(dir.parent().unwrap_or(dir), "tenant_id");
         let date = partition_value(dir, "date");
         self.write_file(table, &tenant, &date, &merged)?;
-        let now = Instant::now();
-        self.retired
-            .lock()
-            .expect("retired lock")
-            .extend(files.iter().map(|f| (f.clone(), now)));
+        self.snapshots.retire(files);
         Ok(())
     }
 
     fn sweep_retired(&self) {
-        let mut retired = self.retired.lock().expect("retired lock");
-        retired.retain(|(path, since)| {
-            if since.elapsed() < self.grace {
-                return true;
-            }
+        self.snapshots.sweep(|path| {
             let _ = fs::remove_file(path);
-            false
         });
-    }
-
-    #[cfg(test)]
-    fn set_grace(&mut self, grace: Duration) {
-        self.grace = grace;
     }
 }
 
@@ -769,8 +758,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn writes_partitioned_files_and_compaction_keeps_latest_revision() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = ParquetStore::open(dir.path()).unwrap();
-        store.set_grace(Duration::ZERO);
+        let store = ParquetStore::open(dir.path()).unwrap();
         for rev in 1..=3 {
             store
                 .write(&StoreBatch {
@@ -811,8 +799,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_damaged_file_is_quarantined_and_the_rest_compacts() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = ParquetStore::open(dir.path()).unwrap();
-        store.set_grace(Duration::ZERO);
+        let store = ParquetStore::open(dir.path()).unwrap();
         // Two partitions (two days) of three files each.
         let day = 86_400_000;
         for rev in 1..=3 {
@@ -887,8 +874,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_id_reused_by_another_person_erases_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = ParquetStore::open(dir.path()).unwrap();
-        store.set_grace(Duration::ZERO);
+        let store = ParquetStore::open(dir.path()).unwrap();
         let event = |user: &str| -> ActivityEvent {
             serde_json::from_value(serde_json::json!({
                 "event_id": "0190a000-0000-7000-8000-000000000007", "tenant_id": "acme",

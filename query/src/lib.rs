@@ -150,6 +150,7 @@ pub mod cache;
 pub mod charts;
 pub mod clickhouse_sql;
 pub mod events;
+mod files;
 pub mod groups;
 pub mod isolation;
 pub mod network;
@@ -174,6 +175,9 @@ pub struct QueryEngine {
     cache: Option<cache::FeatureCache>,
     /// Person reads that may wait for the store at once.
     store_reads: tokio::sync::Semaphore,
+    /// The embedded store's retired files and the queries reading (shared with the store
+    /// that compacts, see [`QueryEngine::with_snapshots`]).
+    snapshots: Arc<digame_infra::store::snapshots::Snapshots>,
 }
 
 /// A person's values of one range, through the cache.
@@ -211,8 +215,20 @@ impl QueryEngine {
                 )
             }),
             store_reads: tokio::sync::Semaphore::new(config.max_store_reads.max(1)),
+            snapshots: digame_infra::store::snapshots::Snapshots::new(),
             config,
         }
+    }
+
+    /// Reads through the file versions of the store that compacts these files
+    /// ([`digame_infra::store::ParquetStore::snapshots`]): no query then sees a file
+    /// disappear under it, and none started after a compaction reads the files it replaced.
+    pub fn with_snapshots(
+        mut self,
+        snapshots: Arc<digame_infra::store::snapshots::Snapshots>,
+    ) -> Self {
+        self.snapshots = snapshots;
+        self
     }
 
     /// The person-read cache, to feed from the features stream and to clear on deletions.
@@ -248,6 +264,12 @@ impl QueryEngine {
             .with_physical_optimizer_rule(Arc::new(isolation::YieldEverywhere))
             .build();
         let ctx = SessionContext::new_with_state(state);
+        // This session's own view of the files: what compaction retired is left out, and
+        // what it lists is not deleted while the session's plans live.
+        ctx.register_object_store(
+            datafusion::execution::object_store::ObjectStoreUrl::local_filesystem().as_ref(),
+            Arc::new(files::LiveFiles::new(&self.snapshots)),
+        );
         isolation::cap_functions(&ctx, self.config.max_value_bytes);
         for table in Table::ALL {
             let view = self.tenant_view(table, tenant)?;
@@ -961,6 +983,79 @@ mod tests {
             .unwrap();
         let engine = QueryEngine::new(dir.path(), QueryConfig::default());
         (dir, engine)
+    }
+
+    /// Queries in a loop while the same rows are written again and again and compacted
+    /// after each write (every compaction retires the files a running query may be
+    /// reading): every answer equals the answer before, and none fails.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_never_see_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(ParquetStore::open(dir.path()).unwrap());
+        let rows: Vec<FeatureRow> = (0..200)
+            .map(|i| {
+                row(
+                    "acme",
+                    &format!("u{i:03}"),
+                    "active_seconds",
+                    "",
+                    i as f64,
+                    1,
+                )
+            })
+            .collect();
+        for _ in 0..4 {
+            store.write_rows(Table::Features, &rows).unwrap();
+        }
+        let engine = Arc::new(
+            QueryEngine::new(dir.path(), QueryConfig::default()).with_snapshots(store.snapshots()),
+        );
+        let sql = "SELECT count(*) AS n, sum(value) AS s FROM features";
+        let want = engine.sql("acme", sql).await.unwrap().rows;
+        assert_eq!(want[0]["n"], 200, "{want:?}");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let (engine, stop) = (engine.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut answers = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let got = engine.sql("acme", sql).await.map(|r| r.rows);
+                    assert_eq!(got.as_ref().ok(), Some(&want), "answer {answers}: {got:?}");
+                    answers += 1;
+                }
+                answers
+            })
+        };
+        let part = dir.path().join("features");
+        let mut compactions = 0;
+        for _ in 0..30 {
+            store.write_rows(Table::Features, &rows).unwrap();
+            compactions += store.compact(2).await.unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let answers = reader.await.unwrap();
+        assert!(compactions >= 30, "{compactions}");
+        assert!(
+            answers > 10,
+            "{answers} answers during {compactions} compactions"
+        );
+        // Nothing retired is left behind once no query runs.
+        store.compact(usize::MAX).await.unwrap();
+        let files: Vec<_> = walk(&part);
+        assert_eq!(files.len(), 1, "{files:?}");
+    }
+
+    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
     }
 
     #[tokio::test]
