@@ -102,23 +102,18 @@ fn parquet_rows(path: &Path) -> Result<u64, String> {
 /// Files under `dir` (recursively, quarantine directories excepted) ending in `.ext`,
 /// sorted.
 fn files_with(dir: &Path, ext: &str) -> std::io::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
     if !dir.exists() {
-        return Ok(out);
+        return Ok(Vec::new());
     }
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d)? {
-            let path = entry?.path();
-            if path.is_dir() {
-                if path.file_name().is_some_and(|n| n != "quarantine") {
-                    stack.push(path);
-                }
-            } else if path.extension().is_some_and(|x| x == ext) {
-                out.push(path);
-            }
-        }
-    }
+    let mut out: Vec<PathBuf> = crate::store::walk_files(dir)
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .filter(|p| {
+            !p.strip_prefix(dir)
+                .is_ok_and(|r| r.iter().any(|c| c == "quarantine"))
+        })
+        .collect();
     out.sort();
     Ok(out)
 }

@@ -417,12 +417,11 @@ impl ParquetStore {
         if merged_files.is_empty() {
             return Ok(());
         }
-        let files = &merged_files[..];
         let merged = dedupe(table, schema.clone(), batches).await?;
         let tenant = partition_value(dir.parent().unwrap_or(dir), "tenant_id");
         let date = partition_value(dir, "date");
         self.write_file(table, &tenant, &date, &merged)?;
-        self.snapshots.retire(files);
+        self.snapshots.retire(&merged_files);
         Ok(())
     }
 
@@ -530,7 +529,8 @@ fn subdirs(dir: &Path) -> Result<Vec<PathBuf>> {
         .collect())
 }
 
-fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
+/// Every file under `dir`, recursively.
+pub(crate) fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_err(dir))? {
         let path = entry.map_err(io_err(dir))?.path();

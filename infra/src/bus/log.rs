@@ -275,6 +275,16 @@ pub fn scan_segment_file(path: &Path) -> std::io::Result<SegmentScan> {
     })
 }
 
+/// A consumer group's committed next offsets (none when it never committed).
+fn read_offsets(path: &Path) -> Result<BTreeMap<u32, u64>> {
+    match fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map_err(|e| BusError::Corrupt(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
 /// Per partition, the highest next offset any consumer group of the topic committed.
 fn committed_floors(groups: &Path) -> Result<BTreeMap<u32, u64>> {
     let mut floors = BTreeMap::new();
@@ -283,10 +293,7 @@ fn committed_floors(groups: &Path) -> Result<BTreeMap<u32, u64>> {
         if path.extension().and_then(|e| e.to_str()) != Some("json") {
             continue;
         }
-        let text = fs::read_to_string(&path).map_err(io_err(&path))?;
-        let committed: BTreeMap<u32, u64> = serde_json::from_str(&text)
-            .map_err(|e| BusError::Corrupt(format!("{}: {e}", path.display())))?;
-        for (p, o) in committed {
+        for (p, o) in read_offsets(&path)? {
             let floor = floors.entry(p).or_insert(0);
             *floor = (*floor).max(o);
         }
@@ -706,12 +713,7 @@ impl EventBus for LogBus {
         }
         let log = self.topic(topic).clone();
         let offsets_path = log.dir.join("groups").join(format!("{group}.json"));
-        let committed: BTreeMap<u32, u64> = match fs::read_to_string(&offsets_path) {
-            Ok(text) => serde_json::from_str(&text)
-                .map_err(|e| BusError::Corrupt(format!("{}: {e}", offsets_path.display())))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => return Err(io_err(&offsets_path)(e)),
-        };
+        let committed = read_offsets(&offsets_path)?;
         let mut cursors = Vec::new();
         let mut positions = Vec::new();
         for (p, part) in log.partitions.iter().enumerate() {

@@ -81,7 +81,7 @@ impl Snapshots {
         inner.retired.contains_key(location) || inner.gone.contains_key(location)
     }
 
-    /// Whether a local file was retired.
+    /// Whether a local file is hidden from queries (retired, or deleted recently).
     pub fn is_retired(&self, file: &std::path::Path) -> bool {
         object_path(file).is_some_and(|p| self.hidden(&p))
     }
