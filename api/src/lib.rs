@@ -67,6 +67,8 @@ pub struct AppState {
     pub store: Arc<dyn StoreSink>,
     pub pipeline: Arc<PipelineStatus>,
     pub max_ready_lag: u64,
+    /// A partition whose records wait this long without progress is stalled.
+    pub stall_after: Duration,
     /// False on ingest-only nodes.
     pub pipeline_enabled: bool,
     /// Tenant settings, person profiles, jobs.
@@ -852,19 +854,61 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let store = state.store.status();
     let lag = state.pipeline.backlog();
     let unflushed = state.pipeline.unflushed.load(Ordering::Relaxed);
+    let partitions = partition_gauges(&state);
     // An ingest-only node has no pipeline to wait for.
     let running = !state.pipeline_enabled || state.pipeline.running.load(Ordering::Relaxed);
     let lag_ok = lag <= state.max_ready_lag;
-    let ready = bus.healthy && store.healthy && running && lag_ok;
+    let store_failing = state.pipeline.store_failing.load(Ordering::Relaxed);
+    // Every reason this node is not ready, in words an operator can act on.
+    let mut reasons = Vec::new();
+    if !bus.healthy {
+        reasons.push(format!("bus: {}", bus.detail));
+    }
+    if !store.healthy {
+        reasons.push(format!("store: {}", store.detail));
+    }
+    if store_failing {
+        reasons.push("store refuses the pipeline's writes (retrying)".to_string());
+    }
+    if !running {
+        reasons.push("pipeline not running".to_string());
+    }
+    if !lag_ok {
+        reasons.push(format!(
+            "pipeline behind: {lag} records wait (more than pipeline.max_ready_lag = {})",
+            state.max_ready_lag
+        ));
+    }
+    let mut stalled = Vec::new();
+    for p in &partitions {
+        if p.waiting >= state.stall_after {
+            stalled.push(p.partition);
+            let behind = p
+                .behind
+                .map_or("records".into(), |b| format!("{b} records"));
+            reasons.push(format!(
+                "events/{} stalled: {behind} waited {} s without progress (at offset {})",
+                p.partition,
+                p.waiting.as_secs(),
+                p.processed
+            ));
+        }
+    }
+    let ready = reasons.is_empty();
     let body = json!({
         "ready": ready,
+        "reasons": reasons,
         "bus": {"ok": bus.healthy, "detail": bus.detail},
-        "store": {"ok": store.healthy && !state.pipeline.store_failing.load(Ordering::Relaxed), "detail": store.detail},
+        "store": {"ok": store.healthy && !store_failing, "detail": store.detail},
         // Until every accepted event is counted in stored features: records on the bus not
         // yet read, and events read but not yet flushed.
-        "pipeline": {"ok": running && lag_ok, "running": running, "lag_records": lag,
+        "pipeline": {"ok": running && lag_ok && stalled.is_empty(), "running": running, "lag_records": lag,
                      "unflushed_events": unflushed, "uncounted": lag + unflushed,
                      "max_lag_records": state.max_ready_lag,
+                     "stall_after_secs": state.stall_after.as_secs(),
+                     "stalled_partitions": stalled,
+                     "partitions": partitions,
+                     "notices": state.pipeline.notices.lock().expect("notices lock").clone(),
                      "settings_revision": state.pipeline.settings_revision.load(Ordering::Relaxed)},
     });
     let status = if ready {
@@ -875,7 +919,27 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn metrics_text() -> Response {
+/// Each events partition's progress, also set as its gauges (so `/metrics` and `/readyz`
+/// agree on which partition is how far behind).
+fn partition_gauges(state: &AppState) -> Vec<digame_pipelines::runtime::PartitionProgress> {
+    let partitions = state.pipeline.partitions();
+    let m = metrics();
+    for p in &partitions {
+        let label = p.partition.to_string();
+        if let Some(behind) = p.behind {
+            m.pipeline_partition_behind
+                .with_label_values(&[&label])
+                .set(behind as i64);
+        }
+        m.pipeline_partition_waiting
+            .with_label_values(&[&label])
+            .set(p.waiting.as_secs() as i64);
+    }
+    partitions
+}
+
+async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
+    partition_gauges(&state);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         metrics().render(),
@@ -1501,6 +1565,7 @@ impl Server {
             store: store.clone(),
             pipeline: pipeline_status,
             max_ready_lag: config.pipeline.max_ready_lag,
+            stall_after: Duration::from_secs(config.pipeline.stall_after_secs),
             pipeline_enabled: config.pipeline.enabled,
             recomputer: Recomputer {
                 query,

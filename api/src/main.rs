@@ -2,7 +2,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 use digame_api::simulate::{self, SimulationSpec, generate};
@@ -55,6 +55,13 @@ enum Command {
     /// store, read-only, and print a JSON report; exits 2 when something is damaged. For a
     /// stopped server or a backup.
     Scrub(ServeArgs),
+    /// Copy the embedded data (metadata, checkpoints, store, bus) of a running or stopped
+    /// server into a new directory, consistently, with a manifest of checksums; print a
+    /// summary. Kafka, ClickHouse and PostgreSQL are named as skipped.
+    Backup(BackupArgs),
+    /// Verify a backup and bring it back into the configured data directory, which must
+    /// hold no data yet; then scrub the result. Start `serve` on it to replay the rest.
+    Restore(RestoreArgs),
     /// Prepare the metadata store: apply migrations, store the role catalogue and, on a
     /// fresh installation, create the tenant `default`, its first platform admin (password
     /// from DIGAME_ADMIN_PASSWORD, else generated) and an ingestion key, shown once.
@@ -98,6 +105,24 @@ enum TopicsAction {
     Create(ServeArgs),
     /// Show each topic's partitions and retained records.
     Describe(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct BackupArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// Directory to create the backup in (must not exist or be empty).
+    #[arg(long)]
+    to: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct RestoreArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// Directory of a finished backup.
+    #[arg(long)]
+    from: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -151,6 +176,18 @@ struct SimulateArgs {
     concurrency: usize,
 }
 
+/// What `backup` and `restore` print: the manifest without its file list.
+fn backup_summary(m: &digame_infra::backup::Manifest) -> serde_json::Value {
+    serde_json::json!({
+        "files": m.files.len(),
+        "bytes": m.files.iter().map(|f| f.bytes).sum::<u64>(),
+        "started_ms": m.started_ms,
+        "finished_ms": m.finished_ms,
+        "store_files_replaced": m.store_files_replaced,
+        "skipped": m.skipped,
+    })
+}
+
 fn load_config(args: &ServeArgs) -> anyhow::Result<Config> {
     let mut config = Config::load(args.config.as_deref(), args)
         .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
@@ -201,6 +238,39 @@ async fn main() -> anyhow::Result<()> {
             })
             .await??;
             println!("{}", serde_json::to_string_pretty(&report)?);
+            if !report.clean() {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
+        Command::Backup(args) => {
+            let config = load_config(&args.serve)?;
+            let layout = digame_infra::backup::Layout::of(&config)
+                .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+            let manifest = digame_infra::backup::backup(&layout, &args.to).await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&backup_summary(&manifest))?
+            );
+            Ok(())
+        }
+        Command::Restore(args) => {
+            let config = load_config(&args.serve)?;
+            let layout = digame_infra::backup::Layout::of(&config)
+                .map_err(|e| anyhow::anyhow!("configuration: {e}"))?;
+            let from = args.from.clone();
+            let (manifest, report) = tokio::task::spawn_blocking(move || {
+                let manifest = digame_infra::backup::restore(&from, &layout)?;
+                let report = digame_infra::scrub::scrub(
+                    layout.bus.as_deref().unwrap_or(Path::new("")),
+                    layout.store.as_deref().unwrap_or(Path::new("")),
+                )?;
+                anyhow::Ok((manifest, report))
+            })
+            .await??;
+            let mut out = backup_summary(&manifest);
+            out["scrub"] = serde_json::to_value(&report)?;
+            println!("{}", serde_json::to_string_pretty(&out)?);
             if !report.clean() {
                 std::process::exit(2);
             }

@@ -5,9 +5,17 @@
 //! except those whose bytes were damaged — exactly once, nothing stalled — keep the
 //! damaged bytes in quarantine, say so on `/readyz`, and go on counting new events. Then a
 //! store file cut short: quarantined at the next start, the tenant's reads go on.
+//!
+//! Checkpoints: a server under a steady load of concurrent batches is killed (SIGKILL)
+//! again and again; before each restart a seeded fault flips a byte in, or cuts short,
+//! one partition's checkpoint. Each restart moves the damaged checkpoint aside, says so
+//! on `/readyz`, and rebuilds that partition from the bus; once `/readyz` says nothing is
+//! uncounted, every acknowledged event is counted exactly once.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use digame_testkit::DigameProcess;
@@ -22,6 +30,16 @@ fn event(n: usize) -> Value {
            "user_id": format!("u{}", n % 7), "source": "git", "kind": "commit",
            "timestamp": 1_795_000_000_000i64 + (n as i64) * 60_000,
            "attributes": {"project": "digame"}})
+}
+
+/// A seeded xorshift: the `n`-bounded draws of one test run, reproducible.
+fn seeded(mut state: u64) -> impl FnMut(usize) -> usize {
+    move |n: usize| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % n as u64) as usize
+    }
 }
 
 /// Files under `dir` (recursively) ending in `.ext`, sorted.
@@ -107,13 +125,7 @@ async fn damaged_bus_records_cost_only_themselves() {
     // fourth, a zeroed block from inside one record to inside the next but one.
     let mut segments = event_segments(data.path());
     assert!(segments.len() >= 16, "{segments:?}");
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move |n: usize| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % n as u64) as usize
-    };
+    let mut next = seeded(0x2545_f491_4f6c_dd1d);
     // Segments with room for a fault (a segment just rolled may be empty).
     segments.retain(|s| frames(&std::fs::read(s).unwrap()).len() >= 4);
     for i in (1..segments.len()).rev() {
@@ -272,6 +284,139 @@ async fn damaged_bus_records_cost_only_themselves() {
     eprintln!(
         "faults: {faults} injected, {acknowledged} acknowledged, {kept} counted, {} lost (all in damaged bytes), {quarantine_files} quarantined ranges",
         lost.len()
+    );
+    let exit = server.terminate().await.unwrap();
+    assert!(exit.success(), "{exit}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_checkpoints_are_rebuilt_from_the_bus_under_load() {
+    const ROUNDS: usize = 4;
+    const BATCH: usize = 20;
+    const LOADERS: usize = 3;
+    let data = tempfile::tempdir().unwrap();
+    let bin = Path::new(env!("CARGO_BIN_EXE_digame"));
+    let env = [
+        ("DIGAME_INGEST_KEYS", "acme-key-0123456789abcdef:acme"),
+        // Checkpoints often, so every kill finds one to damage.
+        ("DIGAME_PIPELINE__CHECKPOINT_INTERVAL_MS", "200"),
+        ("DIGAME_PIPELINE__FLUSH_INTERVAL_MS", "100"),
+    ];
+    let mut server = DigameProcess::start(bin, data.path(), &env).await.unwrap();
+    let base = chrono::Utc::now().timestamp_millis() - 2 * 86_400_000;
+    let ev = move |n: usize| {
+        json!({"event_id": format!("0195a6a4-0000-7000-cb00-{n:012x}"),
+               "user_id": format!("u{}", n % 11), "source": "git", "kind": "commit",
+               "timestamp": base + (n as i64) * 1_000,
+               "attributes": {"project": "digame"}})
+    };
+    // Concurrent loaders, each sending its own batches and retrying one until it is
+    // acknowledged (across kills and restarts), as an offline queue does.
+    let acknowledged = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loaders = Vec::new();
+    for l in 0..LOADERS {
+        let client = server.client(KEY);
+        let (acknowledged, stop) = (acknowledged.clone(), stop.clone());
+        loaders.push(tokio::spawn(async move {
+            let mut sent = 0;
+            for b in (l..).step_by(LOADERS) {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let batch: Vec<Value> = (b * BATCH..(b + 1) * BATCH).map(ev).collect();
+                loop {
+                    match client.post_events(&batch).await {
+                        Ok((200, _)) => break,
+                        _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
+                sent += 1;
+                acknowledged.fetch_add(BATCH, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            sent
+        }));
+    }
+    let checkpoints = data.path().join("pipeline").join("features");
+    let mut next = seeded(0x9e37_79b9_7f4a_7c15);
+    let mut damaged = Vec::new();
+    for round in 0..ROUNDS {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        server.kill9().await.unwrap();
+        let files = files_under(&checkpoints, "bin")
+            .into_iter()
+            .filter(|f| !f.starts_with(checkpoints.join("quarantine")))
+            .collect::<Vec<_>>();
+        assert!(!files.is_empty(), "no checkpoint after round {round}");
+        let victim = files[next(files.len())].clone();
+        let mut bytes = std::fs::read(&victim).unwrap();
+        if round % 2 == 0 {
+            let at = next(bytes.len());
+            bytes[at] ^= 1 << next(8);
+        } else {
+            bytes.truncate(next(bytes.len()));
+        }
+        std::fs::write(&victim, bytes).unwrap();
+        let partition = victim.file_stem().unwrap().to_str().unwrap()[1..].to_string();
+        damaged.push(partition.clone());
+        server.restart().await.unwrap();
+        // The restart says which checkpoint it set aside.
+        let client = server.client(KEY);
+        let notices = digame_testkit::eventually(Duration::from_secs(30), || async {
+            let Ok((_, ready)) = client.get("/readyz").await else {
+                return Ok(None);
+            };
+            let notices = ready["pipeline"]["notices"].clone();
+            Ok(notices
+                .as_array()
+                .is_some_and(|n| !n.is_empty())
+                .then_some(notices))
+        })
+        .await
+        .unwrap();
+        let notice = notices[0].as_str().unwrap();
+        assert!(
+            notice.starts_with(&format!("events/{partition}: checkpoint unusable")),
+            "{notice}"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut batches = 0;
+    for l in loaders {
+        batches += l.await.unwrap();
+    }
+    let acknowledged = acknowledged.load(Ordering::Relaxed);
+    assert_eq!(acknowledged, batches * BATCH);
+    let quarantined = files_under(&checkpoints.join("quarantine"), "bin").len();
+    assert_eq!(
+        quarantined, ROUNDS,
+        "one damaged checkpoint moved aside per round"
+    );
+
+    // Once `/readyz` says nothing is uncounted, everything acknowledged is counted, once.
+    let client = server.client(KEY);
+    digame_testkit::eventually(Duration::from_secs(90), || async {
+        let (status, ready) = client.get("/readyz").await?;
+        Ok((status == 200 && ready["pipeline"]["uncounted"] == 0).then_some(()))
+    })
+    .await
+    .unwrap();
+    let rows = client
+        .rows(
+            "SELECT count(*) AS n, count(DISTINCT event_id) AS d, \
+             (SELECT sum(value) FROM features WHERE feature = 'event_count' \
+              AND granularity = 'day' AND dimension = '') AS counted FROM events",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        vec![json!({"n": acknowledged, "d": acknowledged, "counted": acknowledged as f64})]
+    );
+    eprintln!(
+        "faults: {ROUNDS} kills under load, each with a damaged checkpoint (partitions {damaged:?}); \
+         {acknowledged} acknowledged, {acknowledged} counted once, {quarantined} checkpoints quarantined, 0 lost"
     );
     let exit = server.terminate().await.unwrap();
     assert!(exit.success(), "{exit}");

@@ -540,6 +540,9 @@ pub struct PipelineConfig {
     pub poll_batch: usize,
     /// `/readyz` reports not ready when more records than this wait unprocessed.
     pub max_ready_lag: u64,
+    /// `/readyz` reports a partition stalled, and not ready, once its records have waited
+    /// this long without the pipeline advancing on it.
+    pub stall_after_secs: u64,
 }
 
 impl Default for PipelineConfig {
@@ -557,6 +560,7 @@ impl Default for PipelineConfig {
             default_timezone: "UTC".into(),
             poll_batch: 10_000,
             max_ready_lag: 1_000_000,
+            stall_after_secs: 30,
         }
     }
 }
@@ -845,6 +849,17 @@ impl Config {
             database: database.to_string(),
         })
     }
+}
+
+/// `<data_dir>/pipeline`: the pipelines' checkpoints, one directory per consumer group.
+pub fn pipeline_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("pipeline")
+}
+
+/// `<data_dir>/jwt.keys`: token-signing keys generated on first start when none are
+/// configured.
+pub fn jwt_keys_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("jwt.keys")
 }
 
 fn local_dir(url: &str, data_dir: &Path, default_sub: &str) -> Result<PathBuf, String> {

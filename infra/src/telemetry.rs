@@ -28,6 +28,13 @@ pub struct Metrics {
     pub bus_quarantined_bytes: IntCounterVec,
     pub pipeline_events: IntCounterVec,
     pub pipeline_lag_records: IntGaugeVec,
+    /// Per partition of the events stream: records acknowledged and not yet processed.
+    pub pipeline_partition_behind: IntGaugeVec,
+    /// Per partition: seconds since it last made progress while records waited (0 while
+    /// caught up); past `pipeline.stall_after_secs` the partition is stalled.
+    pub pipeline_partition_waiting: IntGaugeVec,
+    /// Checkpoints that failed their checksum or did not decode, moved aside.
+    pub pipeline_checkpoints_quarantined: IntCounterVec,
     pub pipeline_rows_emitted: IntCounter,
     pub pipeline_checkpoint_seconds: Histogram,
     pub pipeline_reopen_seconds: Histogram,
@@ -53,6 +60,12 @@ fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCoun
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
     r.register(Box::new(c.clone())).expect("unique metric");
     c
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
@@ -178,6 +191,24 @@ impl Metrics {
                 &["result"],
             ),
             pipeline_lag_records,
+            pipeline_partition_behind: gauge_vec(
+                &r,
+                "digame_pipeline_partition_behind_records",
+                "Records of an events partition acknowledged and not yet processed",
+                &["partition"],
+            ),
+            pipeline_partition_waiting: gauge_vec(
+                &r,
+                "digame_pipeline_partition_waiting_seconds",
+                "Seconds an events partition has had records waiting without progress (0 while caught up)",
+                &["partition"],
+            ),
+            pipeline_checkpoints_quarantined: counter_vec(
+                &r,
+                "digame_pipeline_checkpoints_quarantined_total",
+                "Pipeline checkpoints that failed their checksum or did not decode, moved aside (the partition is rebuilt from the bus)",
+                &["partition"],
+            ),
             pipeline_rows_emitted,
             pipeline_checkpoint_seconds: histogram(
                 &r,

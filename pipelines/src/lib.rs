@@ -23,6 +23,9 @@ pub enum Error {
     Store(String),
     #[error("pipeline checkpoint error: {0}")]
     Checkpoint(String),
+    /// The checkpoint's bytes fail their checksum or do not decode: damaged on disk.
+    #[error("pipeline checkpoint damaged: {0}")]
+    CheckpointDamaged(String),
     #[error("pipeline i/o error: {0}")]
     Io(String),
 }

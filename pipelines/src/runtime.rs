@@ -54,6 +54,9 @@ pub const GROUP: &str = "features";
 /// Consumer group of the dead-letter sink.
 pub const DEAD_LETTER_GROUP: &str = "dead-letter-sink";
 const CHECKPOINT_VERSION: u32 = 5;
+/// Leads every checkpoint file: `DGCP`, then a CRC-32 of the rest (little endian), then the
+/// postcard body. A flipped bit fails the checksum instead of decoding into wrong state.
+const CHECKPOINT_MAGIC: &[u8; 4] = b"DGCP";
 const DAY_MS: i64 = 86_400_000;
 
 /// Where the runtime reads a person's stored raw events to reopen days no longer in memory.
@@ -93,6 +96,8 @@ pub struct PipelineStatus {
     pub store_failing: AtomicBool,
     /// Newest settings/profile revision of the metadata store the features use.
     pub settings_revision: AtomicI64,
+    /// What recovery did that an operator should know (a damaged checkpoint moved aside).
+    pub notices: std::sync::Mutex<Vec<String>>,
 }
 
 /// The operator core without I/O: decode, admit, emit. Used by the runtime and benchmarks.
@@ -134,11 +139,14 @@ const DUPLICATE: usize = 1;
 const LATE: usize = 2;
 const UNDECODABLE: usize = 3;
 
-/// The records of owned partitions not yet processed, from the bus's end offsets.
+/// The records of owned partitions not yet processed, from the bus's end offsets, and
+/// since when each partition has had records waiting without progress.
 #[derive(Default)]
 struct Backlog {
     ends: Option<digame_infra::bus::EndOffsets>,
     processed: BTreeMap<u32, u64>,
+    /// Per partition: the last moment it advanced or had nothing waiting.
+    settled: BTreeMap<u32, Instant>,
 }
 
 impl std::fmt::Debug for Backlog {
@@ -147,6 +155,27 @@ impl std::fmt::Debug for Backlog {
             .field("processed", &self.processed)
             .finish_non_exhaustive()
     }
+}
+
+/// One owned partition of the events stream, as `/readyz` and the metrics report it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PartitionProgress {
+    pub partition: u32,
+    /// Next offset to process.
+    pub processed: u64,
+    /// Next offset the bus will hand out, where the bus can say at any moment (the
+    /// embedded log); records below it were acknowledged.
+    pub end: Option<u64>,
+    /// `end - processed`, where `end` is known.
+    pub behind: Option<u64>,
+    /// How long records have waited here without progress: zero while caught up or
+    /// advancing.
+    #[serde(serialize_with = "millis")]
+    pub waiting: Duration,
+}
+
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_u64(d.as_millis() as u64)
 }
 
 impl PipelineStatus {
@@ -170,11 +199,68 @@ impl PipelineStatus {
         self.backlog() + self.unflushed.load(Ordering::Relaxed)
     }
 
+    /// Every owned partition's progress, in partition order. Where the bus cannot tell a
+    /// partition's end (Kafka), records wait as long as the last poll saw a lag and no
+    /// partition advanced.
+    pub fn partitions(&self) -> Vec<PartitionProgress> {
+        let b = self.backlog.lock().expect("backlog lock");
+        let ends: BTreeMap<u32, u64> = b
+            .ends
+            .as_ref()
+            .map(|e| e().into_iter().collect())
+            .unwrap_or_default();
+        let now = Instant::now();
+        b.processed
+            .iter()
+            .map(|(&partition, &processed)| {
+                let end = ends.get(&partition).copied();
+                let behind = end.map(|e| e.saturating_sub(processed));
+                let waiting = match behind {
+                    Some(0) => Duration::ZERO,
+                    _ if behind.is_none() && self.lag.load(Ordering::Relaxed) == 0 => {
+                        Duration::ZERO
+                    }
+                    _ => b
+                        .settled
+                        .get(&partition)
+                        .map_or(Duration::ZERO, |t| now - *t),
+                };
+                PartitionProgress {
+                    partition,
+                    processed,
+                    end,
+                    behind,
+                    waiting,
+                }
+            })
+            .collect()
+    }
+
+    /// Called by the pipeline after every poll (at least every flush interval): a
+    /// partition that advanced, or has nothing waiting, is settled now.
     fn track(&self, ends: Option<digame_infra::bus::EndOffsets>, processed: &BTreeMap<u32, u64>) {
         let mut b = self.backlog.lock().expect("backlog lock");
         if ends.is_some() {
             b.ends = ends;
         }
+        let now = Instant::now();
+        let end_now: BTreeMap<u32, u64> = b
+            .ends
+            .as_ref()
+            .map(|e| e().into_iter().collect())
+            .unwrap_or_default();
+        let lag = self.lag.load(Ordering::Relaxed);
+        for (&p, &done) in processed {
+            let advanced = b.processed.get(&p) != Some(&done);
+            let idle = match end_now.get(&p) {
+                Some(&end) => end <= done,
+                None => lag == 0,
+            };
+            if advanced || idle || !b.settled.contains_key(&p) {
+                b.settled.insert(p, now);
+            }
+        }
+        b.settled.retain(|p, _| processed.contains_key(p));
         b.processed.clone_from(processed);
     }
 }
@@ -461,20 +547,43 @@ impl Processor {
                 .filter(|p| p.partition == partition)
                 .collect(),
         };
-        postcard::to_allocvec(&cp).map_err(|e| Error::Checkpoint(e.to_string()))
+        let body = postcard::to_allocvec(&cp).map_err(|e| Error::Checkpoint(e.to_string()))?;
+        let mut framed = Vec::with_capacity(CHECKPOINT_MAGIC.len() + 4 + body.len());
+        framed.extend_from_slice(CHECKPOINT_MAGIC);
+        framed.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+        framed.extend_from_slice(&body);
+        Ok(framed)
     }
 
     /// Restores a partition's state from [`Self::encode_partition`]'s bytes; returns the
     /// offset it covers. `what` names the source in errors.
     pub fn restore_partition(&mut self, partition: u32, bytes: &[u8], what: &str) -> Result<u64> {
-        let cp: Checkpoint<PersonState> = postcard::from_bytes(bytes).map_err(|e| {
-            Error::Checkpoint(format!(
-                "{what} cannot be read ({e}); move it away to rebuild this partition's state from the bus"
-            ))
-        })?;
+        // Checkpoints written before the checksum have no magic and are read as they are.
+        let body = match bytes.strip_prefix(CHECKPOINT_MAGIC) {
+            Some(rest) if rest.len() >= 4 => {
+                let (crc, body) = rest.split_at(4);
+                let want = u32::from_le_bytes(crc.try_into().expect("4 bytes"));
+                if crc32fast::hash(body) != want {
+                    return Err(Error::CheckpointDamaged(format!(
+                        "{what} fails its checksum ({} bytes)",
+                        bytes.len()
+                    )));
+                }
+                body
+            }
+            Some(_) => {
+                return Err(Error::CheckpointDamaged(format!(
+                    "{what} is cut short ({} bytes)",
+                    bytes.len()
+                )));
+            }
+            None => bytes,
+        };
+        let cp: Checkpoint<PersonState> = postcard::from_bytes(body)
+            .map_err(|e| Error::CheckpointDamaged(format!("{what} cannot be decoded ({e})")))?;
         if cp.version != CHECKPOINT_VERSION || cp.partition != partition {
             return Err(Error::Checkpoint(format!(
-                "{what} holds version {} of partition {}, this build reads version {CHECKPOINT_VERSION}; move it away to rebuild from the bus",
+                "{what} holds version {} of partition {}, this build reads version {CHECKPOINT_VERSION}",
                 cp.version, cp.partition
             )));
         }
@@ -551,7 +660,7 @@ pub struct RuntimeSettings {
 impl RuntimeSettings {
     pub fn from_config(cfg: &PipelineConfig, data_dir: &std::path::Path) -> Self {
         RuntimeSettings {
-            checkpoint_dir: data_dir.join("pipeline").join(GROUP),
+            checkpoint_dir: digame_infra::config::pipeline_dir(data_dir).join(GROUP),
             flush_interval: Duration::from_millis(cfg.flush_interval_ms.max(10)),
             checkpoint_interval: Duration::from_millis(cfg.checkpoint_interval_ms.max(10)),
             poll_batch: cfg.poll_batch.max(1),
@@ -649,7 +758,10 @@ impl FeaturePipeline {
             .join(format!("p{partition}.bin"))
     }
 
-    /// Restores the state of `partition`; returns the offset it covers.
+    /// Restores the state of `partition`; returns the offset it covers. A damaged
+    /// checkpoint is moved to `<checkpoint_dir>/quarantine/` and the partition starts
+    /// afresh from the bus's start: its state is rebuilt by replaying what the bus holds
+    /// (rows emitted again carry newer revisions, so they supersede the stored ones).
     fn load_checkpoint(&mut self, partition: u32) -> Result<Option<u64>> {
         let path = self.checkpoint_path(partition);
         let bytes = match std::fs::read(&path) {
@@ -657,9 +769,33 @@ impl FeaturePipeline {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::Io(format!("{}: {e}", path.display()))),
         };
-        let offset =
+        let restored =
             self.processor
-                .restore_partition(partition, &bytes, &path.display().to_string())?;
+                .restore_partition(partition, &bytes, &path.display().to_string());
+        let offset = match restored {
+            Ok(offset) => offset,
+            // Damaged, or of another build's version: either way it cannot be used, and
+            // the bus holds what rebuilds it.
+            Err(Error::CheckpointDamaged(why) | Error::Checkpoint(why)) => {
+                let moved = self.quarantine_checkpoint(partition, &path)?;
+                tracing::error!(
+                    partition,
+                    reason = %why,
+                    quarantined = %moved.display(),
+                    "checkpoint unusable: moved aside; rebuilding the partition's state from the start of the bus"
+                );
+                metrics()
+                    .pipeline_checkpoints_quarantined
+                    .with_label_values(&[&partition.to_string()])
+                    .inc();
+                self.status.notices.lock().expect("notices lock").push(format!(
+                    "events/{partition}: checkpoint unusable ({why}), moved to {}; state rebuilt from the start of the bus",
+                    moved.display()
+                ));
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
         let people = self
             .processor
             .people
@@ -668,6 +804,16 @@ impl FeaturePipeline {
             .count();
         tracing::info!(partition, people, offset, "restored partition state");
         Ok(Some(offset))
+    }
+
+    /// Moves a damaged checkpoint to `<checkpoint_dir>/quarantine/p<N>-<ms>.bin`.
+    fn quarantine_checkpoint(&self, partition: u32, path: &std::path::Path) -> Result<PathBuf> {
+        let dir = self.settings.checkpoint_dir.join("quarantine");
+        let io = |e: std::io::Error| Error::Io(format!("{}: {e}", dir.display()));
+        std::fs::create_dir_all(&dir).map_err(io)?;
+        let to = dir.join(format!("p{partition}-{}.bin", now_ms()));
+        std::fs::rename(path, &to).map_err(io)?;
+        Ok(to)
     }
 
     /// Writes the checkpoint of every partition in `offsets`, then syncs the directory.
@@ -1054,5 +1200,75 @@ mod tests {
             reason.starts_with("not a canonical event: unknown field `extra`"),
             "{reason}"
         );
+    }
+
+    /// A partition is waiting only while it has records and makes no progress; catching
+    /// up or advancing settles it. Ends and offsets by hand.
+    #[test]
+    fn partitions_wait_only_while_records_stand_still() {
+        use std::collections::BTreeMap;
+        use std::sync::{Arc, Mutex};
+        use std::time::Duration;
+        let status = super::PipelineStatus::default();
+        let ends = Arc::new(Mutex::new(vec![(0u32, 10u64), (1, 5)]));
+        let probe = ends.clone();
+        let processed = |a: u64, b: u64| BTreeMap::from([(0u32, a), (1u32, b)]);
+        status.track(
+            Some(Arc::new(move || probe.lock().unwrap().clone())),
+            &processed(10, 2),
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        status.track(None, &processed(10, 2));
+        let p = status.partitions();
+        assert_eq!((p[0].behind, p[0].waiting), (Some(0), Duration::ZERO));
+        assert_eq!(p[1].behind, Some(3));
+        assert!(p[1].waiting >= Duration::from_millis(60), "{p:?}");
+        assert_eq!(status.backlog(), 3);
+        // Partition 1 advances: settled again. Partition 0 gets records, and waits from
+        // when it last had none.
+        *ends.lock().unwrap() = vec![(0, 12), (1, 5)];
+        status.track(None, &processed(10, 4));
+        let p = status.partitions();
+        assert!(p[1].waiting < Duration::from_millis(60), "{p:?}");
+        std::thread::sleep(Duration::from_millis(30));
+        let p = status.partitions();
+        assert_eq!(p[0].behind, Some(2));
+        assert!(p[0].waiting >= Duration::from_millis(30), "{p:?}");
+        assert!(
+            p[0].waiting < Duration::from_millis(60),
+            "waits from its last settle, not from the start: {p:?}"
+        );
+    }
+
+    /// A checkpoint with a flipped bit or cut short is refused as damaged, never decoded
+    /// into wrong state.
+    #[test]
+    fn damaged_checkpoints_are_refused() {
+        let mut p = Processor::new(&PipelineConfig::default(), 30).unwrap();
+        p.process_batch(
+            vec![(0, &commit(1, 1_795_000_000_000)[..])],
+            1_795_000_000_000,
+        );
+        let good = p.encode_partition(0, 7).unwrap();
+        assert_eq!(p.restore_partition(0, &good, "t").unwrap(), 7);
+        for at in [0, 5, good.len() / 2, good.len() - 1] {
+            let mut bad = good.clone();
+            bad[at] ^= 0x10;
+            let e = p.restore_partition(0, &bad, "t").unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    crate::Error::CheckpointDamaged(_) | crate::Error::Checkpoint(_)
+                ),
+                "{at}: {e}"
+            );
+        }
+        for len in [0, 3, 6, good.len() - 1] {
+            let e = p.restore_partition(0, &good[..len], "t").unwrap_err();
+            assert!(
+                matches!(e, crate::Error::CheckpointDamaged(_)),
+                "{len}: {e}"
+            );
+        }
     }
 }

@@ -94,7 +94,7 @@ pub fn signing_keys(config: &AuthConfig, data_dir: &Path) -> anyhow::Result<JwtK
     if !config.jwt_keys.0.is_empty() {
         return Ok(config.jwt_keys.clone());
     }
-    let path = data_dir.join("jwt.keys");
+    let path = digame_infra::config::jwt_keys_path(data_dir);
     if let Ok(text) = std::fs::read_to_string(&path) {
         return JwtKeys::parse(text.trim()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()));
     }
