@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod recompute;
+pub mod repair;
 pub mod serve;
 pub mod simulate;
 mod views;
@@ -65,6 +66,8 @@ pub struct AppState {
     pub query: Arc<QueryEngine>,
     pub bus: Arc<dyn EventBus>,
     pub store: Arc<dyn StoreSink>,
+    /// The embedded store, when it is the store: its ledger of damaged ranges.
+    pub parquet: Option<Arc<ParquetStore>>,
     pub pipeline: Arc<PipelineStatus>,
     pub max_ready_lag: u64,
     /// A partition whose records wait this long without progress is stalled.
@@ -894,12 +897,26 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
             ));
         }
     }
+    // Damaged store ranges: not ready until each is rebuilt (its reads are incomplete).
+    let (damaged, repaired) = state
+        .parquet
+        .as_ref()
+        .map_or((Vec::new(), Vec::new()), |p| {
+            (p.integrity().pending(), p.integrity().repaired())
+        });
+    for d in &damaged {
+        reasons.push(format!(
+            "store: {} of tenant {} on {} damaged ({}); rebuilding from the bus",
+            d.table, d.tenant, d.date, d.error
+        ));
+    }
     let ready = reasons.is_empty();
     let body = json!({
         "ready": ready,
         "reasons": reasons,
         "bus": {"ok": bus.healthy, "detail": bus.detail},
-        "store": {"ok": store.healthy && !store_failing, "detail": store.detail},
+        "store": {"ok": store.healthy && !store_failing && damaged.is_empty(), "detail": store.detail,
+                  "damaged": damaged, "repaired": repaired},
         // Until every accepted event is counted in stored features: records on the bus not
         // yet read, and events read but not yet flushed.
         "pipeline": {"ok": running && lag_ok && stalled.is_empty(), "running": running, "lag_records": lag,
@@ -1563,6 +1580,7 @@ impl Server {
             query: query.clone(),
             bus: bus.clone(),
             store: store.clone(),
+            parquet: opened.parquet.clone(),
             pipeline: pipeline_status,
             max_ready_lag: config.pipeline.max_ready_lag,
             stall_after: Duration::from_secs(config.pipeline.stall_after_secs),
@@ -1596,6 +1614,20 @@ impl Server {
                     state.query.clone(),
                     shutdown_rx.clone(),
                 )),
+            ));
+        }
+        // Ranges of the embedded store found damaged (now or at any later read) are
+        // rebuilt from the bus and the raw events.
+        if let (Some(parquet), Role::All) = (opened.parquet.clone(), role) {
+            let repairer = repair::Repairer {
+                bus: state.bus.clone(),
+                store: parquet,
+                recomputer: state.recomputer.clone(),
+                pipeline: state.pipeline.clone(),
+            };
+            tasks.push((
+                "store-repair",
+                tokio::spawn(repairer.run(shutdown_rx.clone())),
             ));
         }
         {

@@ -2,7 +2,8 @@
 //!
 //! Every segment of the embedded log is scanned frame by frame (the CRC of each record,
 //! its offset order), the same way recovery does, and every Parquet file of the embedded
-//! store is opened and decoded in full (footer, metadata, every page). Nothing is changed:
+//! store is checked against the checksum in its name and decoded in full (footer,
+//! metadata, every page). Nothing is changed:
 //! the report says what is damaged and where, for an operator to decide (a restart
 //! quarantines log damage itself). Meant for a stopped server or a backup; on a running
 //! server the active segments may end in a write in progress, reported as a tail.
@@ -85,8 +86,9 @@ pub fn scrub(bus_dir: &Path, store_dir: &Path) -> std::io::Result<ScrubReport> {
     Ok(report)
 }
 
-/// Decodes every row of a Parquet file.
+/// Verifies a Parquet file against the checksum in its name, then decodes every row.
 fn parquet_rows(path: &Path) -> Result<u64, String> {
+    crate::store::integrity::verify(path)?;
     let file = File::open(path).map_err(|e| e.to_string())?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| e.to_string())?

@@ -14,13 +14,15 @@
 //! files into one, deduplicated; the files it replaces are hidden from new queries at once
 //! and deleted once no query that might have listed them is running ([`snapshots`]).
 //!
-//! A damaged file (one whose footer or pages do not decode: truncated, overwritten) is
-//! moved to `<root>/quarantine/<table>/tenant_id=…/date=…/`, outside every table, where
-//! queries never see it; the rest of the store, its tenant included, reads and compacts
-//! on. Files are checked when the store opens and when compaction reads them. The move is
-//! logged with the table, tenant and date it held and counted in
-//! `digame_store_quarantined_files_total{table}`; feature rows of that range come back
-//! with a recomputation from the raw events (`POST /v1/recompute`).
+//! Every file carries the CRC-32 of its bytes in its name and is verified before it is
+//! first read ([`integrity`]). A damaged file (checksum mismatch, or a footer or page that
+//! does not decode: truncated, overwritten) is moved to
+//! `<root>/quarantine/<table>/tenant_id=…/date=…/`, outside every table, where queries
+//! never see it; the rest of the store, its tenant included, reads and compacts on. The
+//! move is logged with the table, tenant and date it held, counted in
+//! `digame_store_quarantined_files_total{table}`, and entered in the ledger of damage
+//! that `/readyz` reports until the range is rebuilt (raw events and dead letters from
+//! the bus, feature rows by recomputation from the raw events).
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -47,6 +49,7 @@ use serde_json::Value;
 use crate::telemetry::metrics;
 
 pub mod clickhouse;
+pub mod integrity;
 pub mod snapshots;
 
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +73,7 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.display().to_string(),
         source,
@@ -94,6 +97,11 @@ static DEAD_LETTER_LAYOUT: LazyLock<Layout> = LazyLock::new(Layout::of::<DeadLet
 
 impl Table {
     pub const ALL: [Table; 3] = [Table::Events, Table::Features, Table::DeadLetters];
+
+    /// The table named `name`.
+    pub fn from_name(name: &str) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.name() == name)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -225,9 +233,12 @@ pub struct ParquetStore {
 
 impl ParquetStore {
     /// Opens the store under `root`, removing temporary files a crash left behind and
-    /// quarantining files whose footer does not decode.
+    /// quarantining files that fail verification ([`integrity`]).
     pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
         let root = root.into();
+        let snapshots = snapshots::Snapshots::new();
+        let integrity = snapshots.integrity();
+        integrity.load(&root)?;
         for table in Table::ALL {
             let dir = root.join(table.name());
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -235,12 +246,7 @@ impl ParquetStore {
                 if file.extension().is_some_and(|e| e == "tmp") {
                     let _ = fs::remove_file(&file);
                 } else if file.extension().is_some_and(|e| e == "parquet") {
-                    let footer = File::open(&file).map_err(|e| e.to_string()).and_then(|f| {
-                        ParquetRecordBatchReaderBuilder::try_new(f).map_err(|e| e.to_string())
-                    });
-                    if let Err(e) = footer {
-                        quarantine(&root, table, &file, &e)?;
-                    }
+                    integrity.check(&file);
                 }
             }
         }
@@ -250,7 +256,7 @@ impl ParquetStore {
             writer: uuid::Uuid::new_v4().simple().to_string()[..8].to_string(),
             healthy: AtomicBool::new(true),
             last_error: Mutex::new(String::new()),
-            snapshots: snapshots::Snapshots::new(),
+            snapshots,
         })
     }
 
@@ -262,6 +268,27 @@ impl ParquetStore {
     /// compaction.
     pub fn snapshots(&self) -> Arc<snapshots::Snapshots> {
         self.snapshots.clone()
+    }
+
+    /// The verified files and the ledger of damaged ranges.
+    pub fn integrity(&self) -> &integrity::Integrity {
+        self.snapshots.integrity()
+    }
+
+    /// Every live file of every table, verified (those this process has not verified yet
+    /// are read in full); damaged ones are quarantined. Returns the files quarantined.
+    pub fn verify_all(&self) -> Result<usize> {
+        let before = self.integrity().pending().len();
+        for table in Table::ALL {
+            for file in walk_files(&self.table_dir(table))? {
+                if file.extension().is_some_and(|e| e == "parquet")
+                    && !self.snapshots.is_retired(&file)
+                {
+                    self.integrity().check(&file);
+                }
+            }
+        }
+        Ok(self.integrity().pending().len().saturating_sub(before))
     }
 
     pub fn table_dir(&self, table: Table) -> PathBuf {
@@ -287,11 +314,8 @@ impl ParquetStore {
                     message,
                 }
             })?;
-            let date = value[table.time_column()]
-                .as_str()
-                .and_then(|t| t.get(..10))
-                .unwrap_or("1970-01-01")
-                .to_string();
+            let date =
+                partition_date(value[table.time_column()].as_str().unwrap_or_default()).to_string();
             groups.entry((tenant, date)).or_default().push(value);
         }
         let schema = table.file_schema();
@@ -324,15 +348,14 @@ impl ParquetStore {
         let dir = self.partition_dir(table, tenant, date);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         // The writer id keeps names unique when several processes (pipeline workers)
-        // share one store directory.
-        let name = format!(
-            "part-{:013}-{}-{:08}.parquet",
+        // share one store directory; the checksum of the bytes completes the name.
+        let base = format!(
+            "part-{:013}-{}-{:08}",
             EventTime::now().0,
             self.writer,
             self.seq.fetch_add(1, Ordering::Relaxed)
         );
-        let path = dir.join(&name);
-        let tmp = dir.join(format!("{name}.tmp"));
+        let tmp = dir.join(format!("{base}.tmp"));
         let file = File::create(&tmp).map_err(io_err(&tmp))?;
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
@@ -341,17 +364,23 @@ impl ParquetStore {
             table: table.name(),
             message: e.to_string(),
         };
+        let out = integrity::Checksummed {
+            inner: file,
+            hasher: crc32fast::Hasher::new(),
+        };
         let mut writer =
-            ArrowWriter::try_new(file, table.file_schema(), Some(props)).map_err(encode)?;
+            ArrowWriter::try_new(out, table.file_schema(), Some(props)).map_err(encode)?;
         for batch in batches {
             writer.write(batch).map_err(encode)?;
         }
-        let file = writer.into_inner().map_err(encode)?;
-        file.sync_all().map_err(io_err(&tmp))?;
+        let out = writer.into_inner().map_err(encode)?;
+        out.inner.sync_all().map_err(io_err(&tmp))?;
+        let path = dir.join(integrity::checksummed_name(&base, out.hasher.finalize()));
         fs::rename(&tmp, &path).map_err(io_err(&path))?;
         File::open(&dir)
             .and_then(|d| d.sync_all())
             .map_err(io_err(&dir))?;
+        self.integrity().mark_verified(path.clone());
         metrics()
             .store_files_written
             .with_label_values(&[table.name()])
@@ -405,13 +434,16 @@ impl ParquetStore {
         let mut batches = Vec::new();
         let mut merged_files = Vec::with_capacity(files.len());
         for path in files {
+            // A damaged input leaves the partition, not the compaction.
+            if !self.integrity().check(path) {
+                continue;
+            }
             match read_file(path) {
                 Ok(b) => {
                     batches.extend(b);
                     merged_files.push(path.clone());
                 }
-                // A damaged input leaves the partition, not the compaction.
-                Err(e) => quarantine(&self.root, table, path, &e)?,
+                Err(e) => self.integrity().quarantine(path, &e)?,
             }
         }
         if merged_files.is_empty() {
@@ -426,14 +458,21 @@ impl ParquetStore {
     }
 
     fn sweep_retired(&self) {
-        self.snapshots.sweep(|path| {
+        for path in self.snapshots.sweep(|path| {
             let _ = fs::remove_file(path);
-        });
+        }) {
+            self.integrity().forget(&path);
+        }
     }
 }
 
+/// The `date=` partition of a row whose time column holds `time` (RFC 3339, UTC).
+pub fn partition_date(time: &str) -> &str {
+    time.get(..10).unwrap_or("1970-01-01")
+}
+
 /// Every batch of one Parquet file, or why it does not decode.
-fn read_file(path: &Path) -> std::result::Result<Vec<RecordBatch>, String> {
+pub fn read_file(path: &Path) -> std::result::Result<Vec<RecordBatch>, String> {
     let file = File::open(path).map_err(|e| e.to_string())?;
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
         .and_then(|b| b.build())
@@ -443,35 +482,7 @@ fn read_file(path: &Path) -> std::result::Result<Vec<RecordBatch>, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Moves a damaged file of `table` out of the store's tables into
-/// `<root>/quarantine/<table>/<its partition path>`, where no query lists it.
-fn quarantine(root: &Path, table: Table, file: &Path, why: &str) -> Result<()> {
-    let table_dir = root.join(table.name());
-    let relative = file.strip_prefix(&table_dir).unwrap_or(file);
-    let to = root.join("quarantine").join(table.name()).join(relative);
-    let dir = to.parent().unwrap_or(root);
-    fs::create_dir_all(dir).map_err(io_err(dir))?;
-    fs::rename(file, &to).map_err(io_err(file))?;
-    if let Some(from) = file.parent() {
-        let _ = File::open(from).and_then(|d| d.sync_all());
-    }
-    let partition = file.parent().unwrap_or(file);
-    tracing::warn!(
-        table = table.name(),
-        tenant = partition_value(partition.parent().unwrap_or(partition), "tenant_id"),
-        date = partition_value(partition, "date"),
-        kept = %to.display(),
-        error = why,
-        "a damaged store file was quarantined; the rest of the store reads on (recompute the range to restore its features)"
-    );
-    metrics()
-        .store_quarantined_files
-        .with_label_values(&[table.name()])
-        .inc();
-    Ok(())
-}
-
-fn partition_value(dir: &Path, column: &str) -> String {
+pub(crate) fn partition_value(dir: &Path, column: &str) -> String {
     dir.file_name()
         .and_then(|n| n.to_str())
         .and_then(|n| n.strip_prefix(&format!("{column}=")))
@@ -869,6 +880,58 @@ mod tests {
                 .join(files[0].file_name().unwrap())
                 .exists()
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flipped_page_byte_under_a_valid_footer_is_found_and_its_repair_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ParquetStore::open(dir.path()).unwrap();
+        let rows: Vec<FeatureRow> = (1..=3).map(|r| feature(r as f64, r)).collect();
+        store
+            .write(&StoreBatch {
+                features: rows,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let part = dir.path().join("features/tenant_id=acme/date=2026-11-24");
+        let file = store.live_files(&part).unwrap().remove(0);
+        drop(store);
+        // A byte of the first page (the footer sits at the end and stays valid).
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes[8] ^= 0x01;
+        std::fs::write(&file, &bytes).unwrap();
+        let store = ParquetStore::open(dir.path()).unwrap();
+        assert!(store.live_files(&part).unwrap().is_empty());
+        let pending = store.integrity().pending();
+        assert_eq!(pending.len(), 1, "{pending:?}");
+        let d = &pending[0];
+        assert_eq!(
+            (d.table, &*d.tenant, &*d.date),
+            ("features", "acme", "2026-11-24")
+        );
+        assert_eq!(
+            d.rows,
+            Some(3),
+            "the footer still says how many rows it held"
+        );
+        assert!(d.error.starts_with("checksum mismatch"), "{}", d.error);
+        let outcome = integrity::RepairOutcome {
+            source: "test".into(),
+            rows_rebuilt: 3,
+            lost: Some(0),
+            detail: String::new(),
+            at: EventTime(1),
+        };
+        store.integrity().resolve(&d.file, outcome.clone()).unwrap();
+        assert!(store.integrity().pending().is_empty());
+        drop(store);
+        // A restart remembers the range as rebuilt, not pending.
+        let store = ParquetStore::open(dir.path()).unwrap();
+        assert!(store.integrity().pending().is_empty());
+        let repaired = store.integrity().repaired();
+        assert_eq!(repaired.len(), 1);
+        assert_eq!(repaired[0].repair, Some(outcome));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

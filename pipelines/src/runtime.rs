@@ -98,6 +98,10 @@ pub struct PipelineStatus {
     pub settings_revision: AtomicI64,
     /// What recovery did that an operator should know (a damaged checkpoint moved aside).
     pub notices: std::sync::Mutex<Vec<String>>,
+    /// Windows whose stored rows were lost (a damaged store file), as (tenant, from, to):
+    /// the next flush emits every value the pipeline holds for them again, with revisions
+    /// newer than any row written meanwhile.
+    pub reemit: std::sync::Mutex<Vec<(String, i64, i64)>>,
 }
 
 /// The operator core without I/O: decode, admit, emit. Used by the runtime and benchmarks.
@@ -526,6 +530,18 @@ impl Processor {
         self.people.len()
     }
 
+    /// Forgets what was emitted for `tenant`'s windows starting in `[from, to)` that are
+    /// still in memory, so the next [`Self::emit`] sends all their values again (their
+    /// stored rows were lost). Returns the people affected.
+    pub fn forget_emitted(&mut self, tenant: &str, from: i64, to: i64) -> usize {
+        self.people
+            .values_mut()
+            .filter(|p| &*p.tenant == tenant)
+            .map(|p| p.forget_emitted(from, to))
+            .filter(|affected| *affected)
+            .count()
+    }
+
     /// Makes every revision emitted from now on newer than wall-clock time `wall_ms`,
     /// whatever wall clock `emit` is later given (a recomputation replays history with
     /// event times as its clock, yet its rows must supersede the live ones).
@@ -881,6 +897,10 @@ impl FeaturePipeline {
     /// shutdown is requested.
     async fn flush(&mut self, shutdown: &watch::Receiver<bool>) -> Result<()> {
         self.resolve_reopens(shutdown).await?;
+        let requests = std::mem::take(&mut *self.status.reemit.lock().expect("reemit lock"));
+        for (tenant, from, to) in requests {
+            self.processor.forget_emitted(&tenant, from, to);
+        }
         let features = self.processor.emit(now_ms());
         let batch = StoreBatch {
             events: std::mem::take(&mut self.processor.pending_events),
@@ -1151,6 +1171,60 @@ mod tests {
             "attributes": {"project": "p"},
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn forgotten_windows_are_emitted_again_with_the_same_values_and_newer_revisions() {
+        const DAY: i64 = 86_400_000;
+        // 2026-11-24T00:00Z (a Tuesday): two commits that day, one the next.
+        let d = 1_795_478_400_000;
+        let now = d + DAY + 7_200_000;
+        let mut p = Processor::new(&PipelineConfig::default(), 30).unwrap();
+        p.process_batch(
+            [
+                (0, &commit(1, d + 3_600_000)[..]),
+                (0, &commit(2, d + 3_700_000)[..]),
+                (0, &commit(3, d + DAY + 3_600_000)[..]),
+            ],
+            now,
+        );
+        let first = p.emit(now);
+        assert!(p.emit(now).is_empty(), "nothing changed, nothing emitted");
+        // Another tenant's windows are not this tenant's to re-emit.
+        assert_eq!(p.forget_emitted("other", d, d + DAY), 0);
+        assert!(p.emit(now).is_empty());
+        assert_eq!(p.forget_emitted("t", d, d + DAY), 1);
+        let again = p.emit(now);
+        let key = |r: &digame_schemas::FeatureRow| {
+            (
+                r.granularity,
+                r.window_start.0,
+                r.feature.to_string(),
+                r.dimension.clone(),
+                r.value.to_bits(),
+            )
+        };
+        // Every value of a window starting on the day comes again, as it was.
+        let mut expected: Vec<_> = first
+            .iter()
+            .filter(|r| (d..d + DAY).contains(&r.window_start.0))
+            .map(key)
+            .collect();
+        let mut got: Vec<_> = again
+            .iter()
+            .filter(|r| (d..d + DAY).contains(&r.window_start.0))
+            .map(key)
+            .collect();
+        expected.sort();
+        got.sort();
+        assert!(
+            expected
+                .iter()
+                .any(|k| k.2 == "event_count" && k.4 == 2f64.to_bits())
+        );
+        assert_eq!(got, expected);
+        let newest_first = first.iter().map(|r| r.revision).max().unwrap();
+        assert!(again.iter().all(|r| r.revision > newest_first));
     }
 
     #[test]

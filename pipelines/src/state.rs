@@ -757,6 +757,32 @@ impl PersonState {
     /// Emits changed and newly final rows; drops final days no longer held. `revision`
     /// yields a fresh, increasing revision per call. Returns how many days stay in memory
     /// only because events touched them lately (the processor bounds their total).
+    /// Forgets what was emitted for the windows starting in `[from, to)` this state still
+    /// holds, so the next emit sends each of their values again with a fresh revision
+    /// (used when the stored rows of those windows were lost). Whether any was held.
+    pub fn forget_emitted(&mut self, from: i64, to: i64) -> bool {
+        let mut any = false;
+        for day in self.days.values_mut() {
+            let mut held = false;
+            for ((_, start), w) in day.windows.iter_mut() {
+                if (from..to).contains(start) {
+                    w.values.clear();
+                    held = true;
+                }
+            }
+            day.dirty |= held;
+            any |= held;
+        }
+        for (start, w) in self.weeks.iter_mut() {
+            if (from..to).contains(start) {
+                w.emitted.values.clear();
+                w.dirty = true;
+                any = true;
+            }
+        }
+        any
+    }
+
     pub fn emit(
         &mut self,
         now_wall: i64,

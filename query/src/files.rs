@@ -6,6 +6,12 @@
 //! it), so compaction deletes no file the query may still open; and its listings leave out
 //! retired files, so a query that starts after a compaction reads the merged file only.
 //! See `digame_infra::store::snapshots`.
+//!
+//! A listed Parquet file this process has not verified yet (one written by another
+//! process, or since damaged and never read) is verified against the checksum in its name
+//! before the query sees it, on a blocking thread; a damaged one is quarantined and left
+//! out, so the query answers from the rest and `/readyz` names the range
+//! (`digame_infra::store::integrity`).
 
 use std::fmt;
 use std::ops::Range;
@@ -25,7 +31,7 @@ use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 /// The local file system without retired files, for one query.
 #[derive(Debug)]
 pub(crate) struct LiveFiles {
-    inner: LocalFileSystem,
+    inner: Arc<LocalFileSystem>,
     snapshots: Arc<Snapshots>,
     _hold: ReadGuard,
 }
@@ -33,7 +39,7 @@ pub(crate) struct LiveFiles {
 impl LiveFiles {
     pub(crate) fn new(snapshots: &Arc<Snapshots>) -> Self {
         LiveFiles {
-            inner: LocalFileSystem::new(),
+            inner: Arc::new(LocalFileSystem::new()),
             _hold: snapshots.begin(),
             snapshots: snapshots.clone(),
         }
@@ -43,11 +49,34 @@ impl LiveFiles {
         &self,
         stream: BoxStream<'static, Result<ObjectMeta>>,
     ) -> BoxStream<'static, Result<ObjectMeta>> {
-        let snapshots = self.snapshots.clone();
+        let (snapshots, fs) = (self.snapshots.clone(), self.inner.clone());
         stream
-            .try_filter(move |m| futures::future::ready(!snapshots.hidden(&m.location)))
+            .try_filter_map(move |m| {
+                let (snapshots, fs) = (snapshots.clone(), fs.clone());
+                async move { Ok(readable(&snapshots, &fs, &m).await.then_some(m)) }
+            })
             .boxed()
     }
+}
+
+/// Whether a listed object may be read: not retired, and for a Parquet file, verified.
+async fn readable(snapshots: &Arc<Snapshots>, fs: &LocalFileSystem, m: &ObjectMeta) -> bool {
+    if snapshots.hidden(&m.location) {
+        return false;
+    }
+    if m.location.extension() != Some("parquet") {
+        return true;
+    }
+    let Ok(file) = fs.path_to_filesystem(&m.location) else {
+        return true;
+    };
+    if snapshots.integrity().is_verified(&file) {
+        return true;
+    }
+    let snapshots = snapshots.clone();
+    tokio::task::spawn_blocking(move || snapshots.integrity().check(&file))
+        .await
+        .unwrap_or(false)
 }
 
 impl fmt::Display for LiveFiles {
@@ -104,9 +133,13 @@ impl ObjectStore for LiveFiles {
 
     async fn list_with_delimiter(&self, prefix: Option<&Path>) -> Result<ListResult> {
         let mut result = self.inner.list_with_delimiter(prefix).await?;
-        result
-            .objects
-            .retain(|m| !self.snapshots.hidden(&m.location));
+        let mut objects = Vec::with_capacity(result.objects.len());
+        for m in result.objects {
+            if readable(&self.snapshots, &self.inner, &m).await {
+                objects.push(m);
+            }
+        }
+        result.objects = objects;
         Ok(result)
     }
 
@@ -123,25 +156,78 @@ impl ObjectStore for LiveFiles {
 mod tests {
     use super::*;
 
+    use digame_infra::store::integrity::checksummed_name;
+
+    /// Writes `body` under `dir` with its checksum in the name, as the store names files.
+    fn stored(dir: &std::path::Path, base: &str, body: &[u8]) -> std::path::PathBuf {
+        let path = dir.join(checksummed_name(base, crc32fast::hash(body)));
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+
+    async fn listing(store: &LiveFiles, dir: &std::path::Path) -> Vec<String> {
+        let prefix = Path::from_absolute_path(dir).unwrap();
+        store
+            .list(Some(&prefix))
+            .map_ok(|m| m.location.to_string())
+            .try_collect()
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn retired_files_are_left_out_of_listings() {
         let dir = tempfile::tempdir().unwrap();
         let sub = dir.path().join("features/tenant_id=a/date=2026-01-01");
         std::fs::create_dir_all(&sub).unwrap();
-        let (a, b) = (sub.join("part-1.parquet"), sub.join("part-2.parquet"));
-        std::fs::write(&a, b"a").unwrap();
-        std::fs::write(&b, b"b").unwrap();
+        let a = stored(&sub, "part-1", b"a");
+        stored(&sub, "part-2", b"b");
         let snapshots = Snapshots::new();
         snapshots.retire(std::slice::from_ref(&a));
-        let store = LiveFiles::new(&snapshots);
-        let prefix = Path::from_absolute_path(dir.path()).unwrap();
-        let listed: Vec<String> = store
-            .list(Some(&prefix))
-            .map_ok(|m| m.location.to_string())
-            .try_collect()
-            .await
-            .unwrap();
+        let listed = listing(&LiveFiles::new(&snapshots), dir.path()).await;
         assert_eq!(listed.len(), 1, "{listed:?}");
-        assert!(listed[0].ends_with("part-2.parquet"), "{listed:?}");
+        assert!(listed[0].contains("/part-2-c"), "{listed:?}");
+    }
+
+    #[tokio::test]
+    async fn a_file_that_fails_its_checksum_is_quarantined_at_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("events/tenant_id=acme/date=2026-01-01");
+        std::fs::create_dir_all(&sub).unwrap();
+        stored(&sub, "part-1", b"intact bytes");
+        let damaged = stored(&sub, "part-2", b"bytes to flip");
+        let mut bytes = std::fs::read(&damaged).unwrap();
+        bytes[3] ^= 0x20;
+        std::fs::write(&damaged, bytes).unwrap();
+        let snapshots = Snapshots::new();
+        let listed = listing(&LiveFiles::new(&snapshots), dir.path()).await;
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert!(listed[0].contains("/part-1-c"), "{listed:?}");
+        let moved = dir
+            .path()
+            .join("quarantine/events/tenant_id=acme/date=2026-01-01")
+            .join(damaged.file_name().unwrap());
+        assert!(moved.exists() && !damaged.exists());
+        let pending = snapshots.integrity().pending();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(
+            (
+                pending[0].table,
+                &*pending[0].tenant,
+                &*pending[0].date,
+                &pending[0].file
+            ),
+            ("events", "acme", "2026-01-01", &moved)
+        );
+        assert!(
+            pending[0].error.starts_with("checksum mismatch"),
+            "{:?}",
+            pending[0]
+        );
+        // Verified once: a second listing reads nothing again and lists the same.
+        assert_eq!(
+            listing(&LiveFiles::new(&snapshots), dir.path()).await,
+            listed
+        );
     }
 }

@@ -9,6 +9,9 @@
 //! after a fixed grace period, which a query planned near its end outlives. A query
 //! between the merged file's write and the retirement lists both; upsert deduplication
 //! makes that invisible in results.
+//!
+//! The same shared value carries the store's [`super::integrity::Integrity`]: a query's
+//! listing leaves out, and quarantines, a file that fails verification.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -21,6 +24,8 @@ use datafusion::object_store::path::Path as ObjectPath;
 #[derive(Debug, Default)]
 pub struct Snapshots {
     inner: Mutex<Inner>,
+    /// Which files were verified, and the damaged ones.
+    integrity: super::integrity::Integrity,
 }
 
 #[derive(Debug, Default)]
@@ -58,6 +63,11 @@ impl Drop for ReadGuard {
 impl Snapshots {
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// The verified files and the ledger of damage, which queries consult as they list.
+    pub fn integrity(&self) -> &super::integrity::Integrity {
+        &self.integrity
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
