@@ -914,7 +914,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let body = json!({
         "ready": ready,
         "reasons": reasons,
-        "bus": {"ok": bus.healthy, "detail": bus.detail},
+        "bus": {"ok": bus.healthy, "detail": bus.detail, "lost_records": bus.lost_records},
         "store": {"ok": store.healthy && !store_failing && damaged.is_empty(), "detail": store.detail,
                   "damaged": damaged, "repaired": repaired},
         // Until every accepted event is counted in stored features: records on the bus not

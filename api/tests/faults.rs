@@ -234,6 +234,13 @@ async fn damaged_bus_records_cost_only_themselves() {
     assert_eq!(ready["pipeline"]["lag_records"], 0, "{ready}");
     let detail = ready["bus"]["detail"].as_str().unwrap();
     assert!(detail.contains("damaged bytes quarantined"), "{detail}");
+    // The bus counts the records it lost as the damage's own accounting does: none had
+    // been processed (the pipeline was off when they were acknowledged).
+    assert_eq!(
+        ready["bus"]["lost_records"],
+        json!({"processed": 0, "unprocessed": lost.len()}),
+        "{ready}"
+    );
     let partitions: BTreeSet<PathBuf> = event_segments(data.path())
         .iter()
         .map(|s| s.parent().unwrap().to_path_buf())

@@ -26,6 +26,7 @@ pub struct Metrics {
     pub bus_fsync_seconds: Histogram,
     pub bus_segments_deleted: IntCounterVec,
     pub bus_quarantined_bytes: IntCounterVec,
+    pub bus_lost_records: IntCounterVec,
     pub pipeline_events: IntCounterVec,
     pub pipeline_lag_records: IntGaugeVec,
     /// Per partition of the events stream: records acknowledged and not yet processed.
@@ -183,6 +184,12 @@ impl Metrics {
                 "digame_bus_quarantined_bytes_total",
                 "Damaged bytes of the embedded log moved aside (records after them are kept)",
                 &["topic", "partition"],
+            ),
+            bus_lost_records: counter_vec(
+                &r,
+                "digame_bus_lost_records_total",
+                "Records of the embedded log lost to damage, by whether a consumer group had processed them before (fate: processed, unprocessed)",
+                &["topic", "partition", "fate"],
             ),
             pipeline_events: counter_vec(
                 &r,

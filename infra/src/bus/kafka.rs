@@ -405,16 +405,19 @@ impl EventBus for KafkaBus {
             return BusStatus {
                 healthy: false,
                 detail: format!("kafka {}: no broker reachable", self.settings.brokers),
+                ..BusStatus::default()
             };
         }
         match &*self.failing.lock().expect("failing lock") {
             None => BusStatus {
                 healthy: true,
                 detail: format!("kafka {}", self.settings.brokers),
+                ..BusStatus::default()
             },
             Some(why) => BusStatus {
                 healthy: false,
                 detail: format!("kafka {}: {why}", self.settings.brokers),
+                ..BusStatus::default()
             },
         }
     }

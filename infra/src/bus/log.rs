@@ -107,9 +107,15 @@ struct Tail {
 
 struct PartitionShared {
     topic: Topic,
+    partition: u32,
     dir: PathBuf,
     /// Damaged bytes this process quarantined (reported by [`EventBus::status`]).
     quarantined: AtomicU64,
+    /// The highest offset a consumer group had committed when the log opened.
+    floor: u64,
+    /// Records lost to damage this process found, below and at or above `floor`.
+    lost_processed: AtomicU64,
+    lost_unprocessed: AtomicU64,
     tail: Mutex<Tail>,
     /// Base offsets of the segments on disk, ascending; the last is active.
     segments: Mutex<Vec<u64>>,
@@ -118,6 +124,33 @@ struct PartitionShared {
 impl PartitionShared {
     fn tail(&self) -> Tail {
         *self.tail.lock().expect("tail lock")
+    }
+
+    /// Counts the records of `offsets` as lost: those below the committed floor were
+    /// processed before the damage was found (their results are stored), the rest were not.
+    fn record_lost(&self, offsets: std::ops::Range<u64>) {
+        let processed = offsets.end.min(self.floor).saturating_sub(offsets.start);
+        let unprocessed = offsets.end - offsets.start.max(self.floor).min(offsets.end);
+        self.lost_processed.fetch_add(processed, Ordering::Relaxed);
+        self.lost_unprocessed
+            .fetch_add(unprocessed, Ordering::Relaxed);
+        let partition = self.partition.to_string();
+        for (fate, n) in [("processed", processed), ("unprocessed", unprocessed)] {
+            if n > 0 {
+                metrics()
+                    .bus_lost_records
+                    .with_label_values(&[self.topic.name(), &partition, fate])
+                    .inc_by(n);
+            }
+        }
+        tracing::warn!(
+            topic = self.topic.name(),
+            partition = self.partition,
+            offsets = format!("{}..{}", offsets.start, offsets.end),
+            processed,
+            unprocessed,
+            "records lost to damage in the bus log; those below the committed offset were processed before"
+        );
     }
 }
 
@@ -327,7 +360,7 @@ fn open_partition(topic: Topic, partition: u32, dir: &Path, floor: u64) -> Resul
         partition,
         dir,
     };
-    let (valid_len, mut next_offset, recovered_damage) = recover_active(place, &path, base)?;
+    let (valid_len, mut next_offset, recovered_damage, lost) = recover_active(place, &path, base)?;
     let file = OpenOptions::new()
         .create(true)
         .read(true)
@@ -335,6 +368,8 @@ fn open_partition(topic: Topic, partition: u32, dir: &Path, floor: u64) -> Resul
         .open(&path)
         .map_err(io_err(&path))?;
     sync_dir(dir)?;
+    // Records committed yet no longer in the log (a damaged tail) are lost too.
+    let below_floor = next_offset..floor.max(next_offset);
     if next_offset < floor {
         tracing::warn!(
             topic = topic.name(),
@@ -347,8 +382,12 @@ fn open_partition(topic: Topic, partition: u32, dir: &Path, floor: u64) -> Resul
     }
     let shared = Arc::new(PartitionShared {
         topic,
+        partition,
         dir: dir.to_path_buf(),
         quarantined: AtomicU64::new(recovered_damage),
+        floor,
+        lost_processed: AtomicU64::new(0),
+        lost_unprocessed: AtomicU64::new(0),
         tail: Mutex::new(Tail {
             next_offset,
             segment_base: base,
@@ -356,6 +395,11 @@ fn open_partition(topic: Topic, partition: u32, dir: &Path, floor: u64) -> Resul
         }),
         segments: Mutex::new(bases),
     });
+    for offsets in lost.into_iter().chain([below_floor]) {
+        if !offsets.is_empty() {
+            shared.record_lost(offsets);
+        }
+    }
     Ok(PartitionWriter {
         shared,
         file,
@@ -370,8 +414,12 @@ fn open_partition(topic: Topic, partition: u32, dir: &Path, floor: u64) -> Resul
 
 /// Scans the segment at `path` (created empty if missing), quarantines what does not
 /// decode and leaves the file holding only valid frames; returns its length, the next
-/// offset and how many damaged bytes it quarantined.
-fn recover_active(place: Place<'_>, path: &Path, base: u64) -> Result<(u64, u64, u64)> {
+/// offset, how many damaged bytes it quarantined and the offsets of the records they held.
+fn recover_active(
+    place: Place<'_>,
+    path: &Path,
+    base: u64,
+) -> Result<(u64, u64, u64, Vec<std::ops::Range<u64>>)> {
     let data = match fs::read(path) {
         Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -412,7 +460,7 @@ fn recover_active(place: Place<'_>, path: &Path, base: u64) -> Result<(u64, u64,
             file.set_len(scan.valid_end as u64).map_err(io_err(path))?;
             file.sync_all().map_err(io_err(path))?;
         }
-        return Ok((scan.valid_end as u64, scan.next_offset, damage));
+        return Ok((scan.valid_end as u64, scan.next_offset, damage, scan.lost));
     }
     // Cut the damaged ranges out: the segment is rewritten with the valid frames alone
     // (their offsets unchanged, so the lost records leave a gap) and swapped in atomically.
@@ -424,7 +472,7 @@ fn recover_active(place: Place<'_>, path: &Path, base: u64) -> Result<(u64, u64,
     }
     kept.extend_from_slice(&data[from..scan.valid_end]);
     write_atomic(path, &kept)?;
-    Ok((kept.len() as u64, scan.next_offset, damage))
+    Ok((kept.len() as u64, scan.next_offset, damage, scan.lost))
 }
 
 pub(super) type Frame<'a> = (u64, i64, &'a [u8], &'a [u8], usize);
@@ -750,6 +798,7 @@ impl EventBus for LogBus {
     fn status(&self) -> BusStatus {
         let mut detail = Vec::new();
         let mut healthy = true;
+        let mut lost = crate::bus::LostRecords::default();
         for log in self.topics.values() {
             if !log.healthy.load(Ordering::Relaxed) {
                 healthy = false;
@@ -767,11 +816,16 @@ impl EventBus for LogBus {
             // reported, not a reason to be unready.
             for (p, part) in log.partitions.iter().enumerate() {
                 let bytes = part.quarantined.load(Ordering::Relaxed);
+                let processed = part.lost_processed.load(Ordering::Relaxed);
+                let unprocessed = part.lost_unprocessed.load(Ordering::Relaxed);
+                lost.processed += processed;
+                lost.unprocessed += unprocessed;
                 if bytes > 0 {
                     detail.push(format!(
-                        "{}/{p}: {bytes} damaged bytes quarantined in {}",
+                        "{}/{p}: {bytes} damaged bytes quarantined in {} ({} records lost: {processed} processed before, {unprocessed} not)",
                         log.topic.name(),
-                        part.dir.join("quarantine").display()
+                        part.dir.join("quarantine").display(),
+                        processed + unprocessed
                     ));
                 }
             }
@@ -783,6 +837,7 @@ impl EventBus for LogBus {
             } else {
                 detail.join("; ")
             },
+            lost_records: lost,
         }
     }
 
@@ -951,6 +1006,9 @@ impl Cursor {
             self.part
                 .quarantined
                 .fetch_add(skip as u64, Ordering::Relaxed);
+            if let Some(resumes) = resumes_at {
+                self.part.record_lost(self.next_offset..resumes);
+            }
         }
         self.pos += skip as u64;
         Ok(())
@@ -1184,6 +1242,14 @@ mod tests {
 
         let bus = LogBus::open(cfg).unwrap();
         assert_eq!(quarantined(&part), 1);
+        // No group had committed anything: the one lost record was never processed.
+        assert_eq!(
+            bus.status().lost_records,
+            crate::bus::LostRecords {
+                processed: 0,
+                unprocessed: 1
+            }
+        );
         let mut c = bus.subscribe(Topic::Events, "g").await.unwrap();
         let offsets: Vec<u64> = drain(&mut c).await.iter().map(|d| d.offset).collect();
         let want: Vec<u64> = (0..100).filter(|o| *o != 50).collect();
@@ -1267,6 +1333,11 @@ mod tests {
         assert_eq!(of(0), (0..40).filter(|o| *o != victim).collect::<Vec<_>>());
         assert_eq!(of(1), (0..40).collect::<Vec<_>>());
         assert_eq!(quarantined(&part), 1);
+        assert_eq!(
+            bus.status().lost_records.unprocessed,
+            1,
+            "found by the reader"
+        );
         assert_eq!(c.lag(), 0);
         bus.close().await;
     }
@@ -1301,6 +1372,14 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(pos[0].offset, 10, "not 6: offsets 6–9 were handed out");
+        // Offsets 6–9 were committed: processed before their bytes were lost.
+        assert_eq!(
+            bus.status().lost_records,
+            crate::bus::LostRecords {
+                processed: 4,
+                unprocessed: 0
+            }
+        );
         let mut c = bus.subscribe(Topic::Events, "g").await.unwrap();
         let got = drain(&mut c).await;
         assert_eq!(got.len(), 1);

@@ -111,10 +111,22 @@ pub struct Delivered {
 }
 
 /// Health of the bus as seen by this process.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BusStatus {
     pub healthy: bool,
     pub detail: String,
+    /// Records the embedded log lost to damage found by this process (their offsets are
+    /// gaps between the valid records around the damage): `processed` ones were below an
+    /// offset a consumer group had committed when the log opened, so their results were
+    /// stored before the damage was found; `unprocessed` ones were not.
+    pub lost_records: LostRecords,
+}
+
+/// See [`BusStatus::lost_records`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LostRecords {
+    pub processed: u64,
+    pub unprocessed: u64,
 }
 
 #[async_trait]

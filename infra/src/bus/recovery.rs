@@ -36,6 +36,9 @@ pub(super) struct Scan {
     pub next_offset: u64,
     /// Damaged ranges before `valid_end`, each followed by a valid frame.
     pub damaged: Vec<Range<usize>>,
+    /// The offsets of the records lost in those ranges: those missing between the valid
+    /// frames around each.
+    pub lost: Vec<Range<u64>>,
     /// Valid records.
     pub records: u64,
 }
@@ -80,6 +83,7 @@ pub(super) fn scan(data: &[u8], base: u64) -> Scan {
     let mut valid_end = 0;
     let mut damaged = Vec::new();
     let mut records = 0;
+    let mut lost = Vec::new();
     while pos < data.len() {
         match frame_at(data, pos, next) {
             Some((offset, size)) => {
@@ -91,6 +95,8 @@ pub(super) fn scan(data: &[u8], base: u64) -> Scan {
             None => match resync(data, pos + 1, next) {
                 Some(p) => {
                     damaged.push(pos..p);
+                    let (resumes, _) = frame_at(data, p, next).expect("resync found a frame");
+                    lost.push(next..resumes);
                     pos = p;
                 }
                 None => break,
@@ -101,6 +107,7 @@ pub(super) fn scan(data: &[u8], base: u64) -> Scan {
         valid_end,
         next_offset: next,
         damaged,
+        lost,
         records,
     }
 }
@@ -202,6 +209,7 @@ mod tests {
                 valid_end: data.len(),
                 next_offset: 14,
                 damaged: vec![],
+                lost: vec![],
                 records: 4
             }
         );
@@ -219,6 +227,7 @@ mod tests {
             assert_eq!(s.next_offset, 50, "byte {at}");
             assert_eq!(s.valid_end, data.len(), "byte {at}");
             assert_eq!(s.damaged, vec![starts[20]..starts[21]], "byte {at}");
+            assert_eq!(s.lost, vec![20..21], "byte {at}");
         }
     }
 
@@ -231,6 +240,7 @@ mod tests {
         data[from..to].fill(0);
         let s = scan(&data, 100);
         assert_eq!(s.damaged, vec![starts[5]..starts[10]]);
+        assert_eq!(s.lost, vec![105..110]);
         assert_eq!(s.next_offset, 160);
     }
 
@@ -248,6 +258,7 @@ mod tests {
                 valid_end: end,
                 next_offset: 9,
                 damaged: vec![],
+                lost: vec![],
                 records: 5
             }
         );
