@@ -1542,10 +1542,15 @@ impl Server {
                             _ = tokio::time::sleep(every) => {}
                             _ = rx.changed() => return,
                         }
-                        match parquet.compact(min_files).await {
-                            Ok(0) => {}
-                            Ok(n) => tracing::info!(partitions = n, "compacted store partitions"),
-                            Err(e) => tracing::warn!(error = %e, "compaction failed"),
+                        let store = parquet.clone();
+                        let round =
+                            tokio::task::spawn_blocking(move || store.compact_blocking(min_files))
+                                .await;
+                        match round {
+                            Ok(Ok(0)) => {}
+                            Ok(Ok(n)) => tracing::info!(partitions = n, "compacted store partitions"),
+                            Ok(Err(e)) => tracing::warn!(error = %e, "compaction failed"),
+                            Err(e) => tracing::error!(error = %e, "compaction panicked; it runs again next interval"),
                         }
                     }
                 }),

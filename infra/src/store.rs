@@ -322,7 +322,7 @@ impl ParquetStore {
         let mut files = 0;
         for ((tenant, date), values) in groups {
             let batch = batch_from_values(table, layout, &schema, &values)?;
-            self.write_file(table, &tenant, &date, &[batch])?;
+            self.write_file(table, &tenant, &date, &[batch], Compression::LZ4_RAW)?;
             metrics()
                 .store_rows_written
                 .with_label_values(&[table.name()])
@@ -338,12 +338,16 @@ impl ParquetStore {
             .join(format!("date={date}"))
     }
 
+    /// Writes one file of a partition. `compression`: LZ4 for flush files, which
+    /// compaction reads back soon (cheap to write and to decode), zstd for merged files,
+    /// which stay.
     fn write_file(
         &self,
         table: Table,
         tenant: &str,
         date: &str,
         batches: &[RecordBatch],
+        compression: Compression,
     ) -> Result<PathBuf> {
         let dir = self.partition_dir(table, tenant, date);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
@@ -358,7 +362,7 @@ impl ParquetStore {
         let tmp = dir.join(format!("{base}.tmp"));
         let file = File::create(&tmp).map_err(io_err(&tmp))?;
         let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .set_compression(compression)
             .build();
         let encode = |e: datafusion::parquet::errors::ParquetError| StoreError::Encode {
             table: table.name(),
@@ -400,20 +404,27 @@ impl ParquetStore {
         Ok(files)
     }
 
-    /// Merges every partition with at least `min_files` live files into one deduplicated
-    /// file, and deletes retired files no query can still read. Returns the number of
+    /// Runs one compaction round on the calling thread (blocking: file reads, decoding,
+    /// deduplication, encoding, fsyncs), for a blocking thread (`spawn_blocking`), so that
+    /// merging never occupies the server's async workers.
+    ///
+    /// In every partition it merges one tier of files ([`tier`]): the small files, and a
+    /// large one only once the small ones add up to half its size. So the file of a day
+    /// that keeps receiving events is not rewritten at every round (which made the cost
+    /// of a round grow with the day), and each row is rewritten a logarithmic number of
+    /// times. Also deletes retired files no query can still read. Returns the number of
     /// partitions compacted.
-    pub async fn compact(&self, min_files: usize) -> Result<usize> {
+    pub fn compact_blocking(&self, min_files: usize) -> Result<usize> {
         self.sweep_retired();
         let mut compacted = 0;
         for table in Table::ALL {
             for tenant_dir in subdirs(&self.table_dir(table))? {
                 for date_dir in subdirs(&tenant_dir)? {
-                    let files = self.live_files(&date_dir)?;
-                    if files.len() < min_files.max(2) {
+                    let files = tier(&self.live_files(&date_dir)?, min_files);
+                    if files.is_empty() {
                         continue;
                     }
-                    if let Err(e) = self.compact_partition(table, &date_dir, &files).await {
+                    if let Err(e) = self.compact_partition(table, &date_dir, &files) {
                         // Other partitions and tenants compact on.
                         tracing::warn!(table = table.name(), partition = %date_dir.display(), error = %e, "compacting a partition failed; it is left as it is");
                         continue;
@@ -429,7 +440,13 @@ impl ParquetStore {
         Ok(compacted)
     }
 
-    async fn compact_partition(&self, table: Table, dir: &Path, files: &[PathBuf]) -> Result<()> {
+    /// [`Self::compact_blocking`] for callers in async code that may block (tests,
+    /// tools); a server runs it on a blocking thread instead.
+    pub async fn compact(&self, min_files: usize) -> Result<usize> {
+        self.compact_blocking(min_files)
+    }
+
+    fn compact_partition(&self, table: Table, dir: &Path, files: &[PathBuf]) -> Result<()> {
         let schema = table.file_schema();
         let mut batches = Vec::new();
         let mut merged_files = Vec::with_capacity(files.len());
@@ -449,10 +466,16 @@ impl ParquetStore {
         if merged_files.is_empty() {
             return Ok(());
         }
-        let merged = dedupe(table, schema.clone(), batches).await?;
+        let merged = dedupe(table, &schema, &batches)?;
         let tenant = partition_value(dir.parent().unwrap_or(dir), "tenant_id");
         let date = partition_value(dir, "date");
-        self.write_file(table, &tenant, &date, &merged)?;
+        self.write_file(
+            table,
+            &tenant,
+            &date,
+            &[merged],
+            Compression::ZSTD(ZstdLevel::default()),
+        )?;
         self.snapshots.retire(&merged_files);
         Ok(())
     }
@@ -491,42 +514,110 @@ pub(crate) fn partition_value(dir: &Path, column: &str) -> String {
 }
 
 /// Keeps one row per upsert key, the one with the highest version column, ordered by time.
-async fn dedupe(
-    table: Table,
-    schema: SchemaRef,
-    batches: Vec<RecordBatch>,
-) -> Result<Vec<RecordBatch>> {
-    use datafusion::datasource::MemTable;
-    use datafusion::prelude::SessionContext;
-
-    let ctx = SessionContext::new();
-    let mem = MemTable::try_new(schema.clone(), vec![batches])
-        .map_err(|e| StoreError::Query(e.to_string()))?;
-    ctx.register_table("t", Arc::new(mem))
-        .map_err(|e| StoreError::Query(e.to_string()))?;
-    let quote = |c: &str| format!("\"{c}\"");
-    let columns: Vec<String> = schema.fields().iter().map(|f| quote(f.name())).collect();
-    let columns = columns.join(", ");
-    let order = format!("{}, {}", quote("user_id"), quote(table.time_column()));
-    // Column names come from the record types, never from input.
-    let sql = match table.upsert_key() {
-        Some((key, version)) => {
-            let key: Vec<String> = key.iter().map(|c| quote(c)).collect();
-            format!(
-                "SELECT {columns} FROM (SELECT *, row_number() OVER (PARTITION BY {} ORDER BY {} DESC) AS __rn FROM t) WHERE __rn = 1 ORDER BY {order}",
-                key.join(", "),
-                quote(version)
-            )
+/// The files of a partition (in name order, which is write order) that one compaction
+/// round merges: taken smallest first while each is at most twice the size of those
+/// taken before it together; none unless at least `min_files` (and 2) qualify. Returned
+/// in name order, so that among rows of equal version the later file's wins.
+fn tier(files: &[PathBuf], min_files: usize) -> Vec<PathBuf> {
+    let mut sized: Vec<(u64, &PathBuf)> = files
+        .iter()
+        .map(|f| (fs::metadata(f).map_or(0, |m| m.len()), f))
+        .collect();
+    sized.sort();
+    let mut taken = 0;
+    let mut total = 0u64;
+    for (size, _) in &sized {
+        if taken > 0 && *size > total.saturating_mul(2) {
+            break;
         }
-        None => format!("SELECT {columns} FROM t ORDER BY {order}"),
+        total += size;
+        taken += 1;
+    }
+    if taken < min_files.max(2) {
+        return Vec::new();
+    }
+    let mut chosen: Vec<PathBuf> = sized[..taken].iter().map(|(_, f)| (*f).clone()).collect();
+    chosen.sort();
+    chosen
+}
+
+/// One row per upsert key (the highest version; on a tie, the row read last), sorted by
+/// person and time: hashing the key columns' row encoding, then two `take`s.
+fn dedupe(table: Table, schema: &SchemaRef, batches: &[RecordBatch]) -> Result<RecordBatch> {
+    use datafusion::arrow::array::{Array, UInt32Array};
+    use datafusion::arrow::compute::{
+        SortColumn, cast, concat_batches, lexsort_to_indices, take_record_batch,
     };
-    let df = ctx
-        .sql(&sql)
-        .await
-        .map_err(|e| StoreError::Query(e.to_string()))?;
-    df.collect()
-        .await
-        .map_err(|e| StoreError::Query(e.to_string()))
+    use datafusion::arrow::row::{RowConverter, SortField};
+
+    let query = |e: datafusion::arrow::error::ArrowError| StoreError::Query(e.to_string());
+    let all = concat_batches(schema, batches).map_err(query)?;
+    let column = |name: &str| {
+        all.column_by_name(name).cloned().ok_or_else(|| {
+            StoreError::Query(format!("table {} has no column {name}", table.name()))
+        })
+    };
+    let kept = match table.upsert_key() {
+        Some((key, version)) => {
+            let keys = key.iter().map(|c| column(c)).collect::<Result<Vec<_>>>()?;
+            let converter = RowConverter::new(
+                keys.iter()
+                    .map(|k| SortField::new(k.data_type().clone()))
+                    .collect(),
+            )
+            .map_err(query)?;
+            let rows = converter.convert_columns(&keys).map_err(query)?;
+            let versions = cast(&column(version)?, &DataType::Int64).map_err(query)?;
+            let versions = versions
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::Int64Array>()
+                .expect("cast to Int64");
+            let version_at = |i: usize| {
+                if versions.is_null(i) {
+                    i64::MIN
+                } else {
+                    versions.value(i)
+                }
+            };
+            let mut best: std::collections::HashMap<datafusion::arrow::row::Row<'_>, u32> =
+                std::collections::HashMap::with_capacity(all.num_rows());
+            for i in 0..all.num_rows() {
+                best.entry(rows.row(i))
+                    .and_modify(|at| {
+                        if version_at(i) >= version_at(*at as usize) {
+                            *at = i as u32;
+                        }
+                    })
+                    .or_insert(i as u32);
+            }
+            let mut idx: Vec<u32> = best.into_values().collect();
+            idx.sort_unstable();
+            take_record_batch(&all, &UInt32Array::from(idx)).map_err(query)?
+        }
+        None => all,
+    };
+    let order = lexsort_to_indices(
+        &[
+            SortColumn {
+                values: kept.column_by_name("user_id").cloned().ok_or_else(|| {
+                    StoreError::Query(format!("table {} has no user_id", table.name()))
+                })?,
+                options: None,
+            },
+            SortColumn {
+                values: kept
+                    .column_by_name(table.time_column())
+                    .cloned()
+                    .ok_or_else(|| {
+                        StoreError::Query(format!("table {} has no time column", table.name()))
+                    })?,
+                options: None,
+            },
+        ],
+        None,
+    )
+    .map_err(query)?;
+    take_record_batch(&kept, &order).map_err(query)
 }
 
 fn subdirs(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -880,6 +971,30 @@ mod tests {
                 .join(files[0].file_name().unwrap())
                 .exists()
         );
+    }
+
+    #[test]
+    fn a_round_merges_the_small_files_and_a_large_one_only_once_they_add_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, size: usize| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, vec![0u8; size]).unwrap();
+            path
+        };
+        // An earlier merge (100 bytes) and three flushes of 10.
+        let big = file("part-1.parquet", 100);
+        let small: Vec<PathBuf> = (2..5)
+            .map(|i| file(&format!("part-{i}.parquet"), 10))
+            .collect();
+        let all: Vec<PathBuf> = std::iter::once(big.clone()).chain(small.clone()).collect();
+        assert_eq!(tier(&all, 3), small, "100 > 2 x 30: the large file waits");
+        assert_eq!(tier(&all, 4), Vec::<PathBuf>::new(), "only three qualify");
+        // Once the small files add up to half of it, it is merged with them.
+        let more: Vec<PathBuf> = (5..7)
+            .map(|i| file(&format!("part-{i}.parquet"), 10))
+            .collect();
+        let all: Vec<PathBuf> = all.into_iter().chain(more).collect();
+        assert_eq!(tier(&all, 3), all, "100 <= 2 x 50");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

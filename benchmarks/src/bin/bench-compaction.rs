@@ -5,7 +5,8 @@
 //! operator core, and each flush's raw events and feature rows are written to a fresh
 //! Parquet store as the runtime writes them: one file per (table, tenant, date) per flush.
 //! Every `--compact-every` flushes a compaction round runs, as `serve` runs one every
-//! `store.compaction_interval_secs`, with the default `store.compaction_min_files`; the
+//! `store.compaction_interval_secs` (on a blocking thread, as `serve` does), with the
+//! default `store.compaction_min_files`; the
 //! day still receiving events is merged again and again, so the figure includes that
 //! rewriting. Flush writes and compaction are timed apart, wall clock and process CPU.
 //!
@@ -19,6 +20,7 @@
 //! ```
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -74,6 +76,12 @@ fn store_files(dir: &Path) -> (usize, u64) {
     (files, bytes)
 }
 
+/// A compaction round as `serve` runs it: on a blocking thread.
+async fn compact(store: &Arc<ParquetStore>, min_files: usize) -> anyhow::Result<usize> {
+    let store = store.clone();
+    Ok(tokio::task::spawn_blocking(move || store.compact_blocking(min_files)).await??)
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -101,7 +109,7 @@ async fn main() -> anyhow::Result<()> {
     let n = payloads.len();
 
     let dir = tempfile::tempdir()?;
-    let store = ParquetStore::open(dir.path())?;
+    let store = Arc::new(ParquetStore::open(dir.path())?);
     let min_files = StoreConfig::default().compaction_min_files;
     let mut p = Processor::new(&PipelineConfig::default(), 30)?;
     let (mut write_wall, mut write_cpu) = (Duration::ZERO, Duration::ZERO);
@@ -130,7 +138,7 @@ async fn main() -> anyhow::Result<()> {
         if (i + 1) % cli.compact_every.max(1) == 0 {
             peak_files = peak_files.max(store_files(dir.path()).0);
             let (t, c) = (Instant::now(), cpu());
-            merged += store.compact(min_files).await?;
+            merged += compact(&store, min_files).await?;
             compact_wall += t.elapsed();
             compact_cpu += cpu().saturating_sub(c);
             rounds += 1;
@@ -138,12 +146,12 @@ async fn main() -> anyhow::Result<()> {
     }
     // The last round, as the next interval would run it.
     let (t, c) = (Instant::now(), cpu());
-    merged += store.compact(min_files).await?;
+    merged += compact(&store, min_files).await?;
     compact_wall += t.elapsed();
     compact_cpu += cpu().saturating_sub(c);
     rounds += 1;
     // Deleting retired files happens at the start of the next round.
-    store.compact(usize::MAX).await?;
+    compact(&store, usize::MAX).await?;
     let (left, bytes) = store_files(dir.path());
 
     let per_event = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
