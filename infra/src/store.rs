@@ -275,22 +275,6 @@ impl ParquetStore {
         self.snapshots.integrity()
     }
 
-    /// Every live file of every table, verified (those this process has not verified yet
-    /// are read in full); damaged ones are quarantined. Returns the files quarantined.
-    pub fn verify_all(&self) -> Result<usize> {
-        let before = self.integrity().pending().len();
-        for table in Table::ALL {
-            for file in walk_files(&self.table_dir(table))? {
-                if file.extension().is_some_and(|e| e == "parquet")
-                    && !self.snapshots.is_retired(&file)
-                {
-                    self.integrity().check(&file);
-                }
-            }
-        }
-        Ok(self.integrity().pending().len().saturating_sub(before))
-    }
-
     pub fn table_dir(&self, table: Table) -> PathBuf {
         self.root.join(table.name())
     }
