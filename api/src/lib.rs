@@ -12,6 +12,7 @@
 //! final checkpoint, then closes the bus.
 
 pub mod auth;
+mod background;
 pub mod recompute;
 pub mod repair;
 pub mod serve;
@@ -42,7 +43,7 @@ use digame_pipelines::runtime::run_dead_letter_sink;
 use digame_pipelines::{FeaturePipeline, PipelineStatus, Processor, RuntimeSettings};
 use digame_query::{QueryEngine, QueryError};
 use digame_schemas::profile::{PersonProfile, TenantSettings};
-use digame_schemas::{EventTime, Granularity};
+use digame_schemas::{EventTime, Granularity, TimeRange};
 use recompute::{RecomputeSpec, Recomputer, StoredEvents};
 use serde::Deserialize;
 use serde_json::json;
@@ -406,14 +407,14 @@ async fn get_group_features(
             )));
         }
     };
-    let (to, from) = time_range(params.from.as_deref(), params.to.as_deref())?;
+    let range = time_range(params.from.as_deref(), params.to.as_deref())?;
     let members = resolve_group(&state, &tenant, &params).await?;
-    let k = group_clearance(&state, &tenant.tenant, &members, (from, to)).await?;
+    let k = group_clearance(&state, &tenant.tenant, &members, range).await?;
     let mut windows = Vec::with_capacity(members.len());
     for user in &members {
         let series = state
             .query
-            .features(&tenant.tenant, user, from, to, granularity)
+            .features(&tenant.tenant, user, range.from, range.to, granularity)
             .await
             .map_err(ApiError::Query)?;
         windows.push((user.clone(), series.windows));
@@ -423,8 +424,8 @@ async fn get_group_features(
         "members": members.len(),
         "k": k,
         "granularity": granularity,
-        "from": from,
-        "to": to,
+        "from": range.from,
+        "to": range.to,
         "windows": aggregated,
     }))
     .into_response())
@@ -440,6 +441,13 @@ pub(crate) async fn resolve_group(
 ) -> Result<std::collections::BTreeSet<String>, ApiError> {
     let tenant: &str = &caller.tenant;
     let members = group_members(state, tenant, params).await?;
+    let most = state.query.limits().max_group_members;
+    if members.len() > most {
+        return Err(ApiError::BadRequest(format!(
+            "the group has {} members; a group view covers at most {most} (query.max_group_members): name a smaller team, manager or users= list",
+            members.len()
+        )));
+    }
     if caller.can(auth::rbac::Permission::FeaturesReadTenant) {
         return Ok(members);
     }
@@ -512,7 +520,7 @@ pub(crate) async fn group_clearance(
     state: &AppState,
     tenant: &str,
     members: &std::collections::BTreeSet<String>,
-    (from, to): (EventTime, EventTime),
+    range: TimeRange,
 ) -> Result<usize, ApiError> {
     let settings = state.meta.settings(tenant).await.map_err(ApiError::Meta)?;
     let k = settings.map_or(TenantSettings::default().min_group_size, |s| {
@@ -521,7 +529,7 @@ pub(crate) async fn group_clearance(
     // Decided and recorded in one metadata-store transaction: the rule holds across nodes.
     state
         .meta
-        .release_group(tenant, members, (from.0, to.0), |released| {
+        .release_group(tenant, members, (range.from.0, range.to.0), |released| {
             digame_query::groups::release_check(members, released, k)
         })
         .await
@@ -531,10 +539,7 @@ pub(crate) async fn group_clearance(
 }
 
 /// `from`/`to` query parameters: default the 7 days before tomorrow.
-pub(crate) fn time_range(
-    from: Option<&str>,
-    to: Option<&str>,
-) -> Result<(EventTime, EventTime), ApiError> {
+pub(crate) fn time_range(from: Option<&str>, to: Option<&str>) -> Result<TimeRange, ApiError> {
     let now = EventTime::now().0;
     let to_given = to.is_some();
     let to = match to {
@@ -552,12 +557,8 @@ pub(crate) fn time_range(
             now.div_euclid(EventTime::DAY) * EventTime::DAY - 6 * EventTime::DAY - 14 * 3_600_000,
         ),
     };
-    if to <= from {
-        return Err(ApiError::BadRequest(format!(
-            "`to` ({to}) must be after `from` ({from})"
-        )));
-    }
-    Ok((to, from))
+    TimeRange::new(from, to)
+        .ok_or_else(|| ApiError::BadRequest(format!("`to` ({to}) must be after `from` ({from})")))
 }
 
 /// `POST /v1/recompute`: queues a recomputation of the admin's tenant; answers 202 with
@@ -619,6 +620,9 @@ async fn post_events(
 ) -> Response {
     let started = Instant::now();
     let limit = state.collector.config.max_body_bytes;
+    if let Err(refused) = events_content_type(&headers) {
+        return refused.into_response();
+    }
     let result = match axum::body::to_bytes(body, limit).await {
         Ok(bytes) => {
             let encoding = headers
@@ -651,6 +655,85 @@ async fn post_events(
         .ingest_request_seconds
         .observe(started.elapsed().as_secs_f64());
     response
+}
+
+/// The media types `POST /v1/events` reads: a JSON array, or NDJSON under its usual names.
+const EVENT_MEDIA_TYPES: [&str; 6] = [
+    "application/json",
+    "application/x-ndjson",
+    "application/ndjson",
+    "application/jsonl",
+    "application/jsonlines",
+    "application/x-jsonlines",
+];
+
+/// Refuses an events body not declared as JSON or NDJSON (415), before it is read.
+fn events_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let declared = headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let essence = declared
+        .as_deref()
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase());
+    if essence
+        .as_deref()
+        .is_some_and(|e| EVENT_MEDIA_TYPES.contains(&e))
+    {
+        return Ok(());
+    }
+    let got = declared.map_or("no Content-Type".to_string(), |v| {
+        format!("Content-Type `{v}`")
+    });
+    Err(ApiError::BodyRefused(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        format!(
+            "events were sent with {got}; send a JSON array as application/json or NDJSON as application/x-ndjson"
+        ),
+    ))
+}
+
+/// Refuses a body whose declared length is over the limit of its route (413, JSON like
+/// every other error) before anything reads it. Bodies without a length are cut at the
+/// same limits as they are read.
+async fn refuse_oversized_body(
+    limits: BodyLimits,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(length) = declared {
+        if req.uri().path() == "/v1/events" && length > limits.events as u64 {
+            let e = IngestError::BodyTooLarge {
+                limit: limits.events,
+            };
+            return ApiError::Ingest(e).into_response();
+        }
+        if length > limits.any as u64 {
+            return ApiError::BodyRefused(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "request body of {length} bytes exceeds {} bytes, the most any route reads; send a smaller body",
+                    limits.any
+                ),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// The body limits [`refuse_oversized_body`] applies.
+#[derive(Clone, Copy, Debug)]
+struct BodyLimits {
+    /// `POST /v1/events`: `ingest.max_body_bytes`.
+    events: usize,
+    /// Every route: the largest body any route accepts.
+    any: usize,
 }
 
 async fn get_schema() -> Json<serde_json::Value> {
@@ -690,10 +773,10 @@ async fn get_features(
         })?,
     };
     tenant.may_read_person(&user)?;
-    let (to, from) = time_range(params.from.as_deref(), params.to.as_deref())?;
+    let range = time_range(params.from.as_deref(), params.to.as_deref())?;
     let rendered = state
         .query
-        .features_json(&tenant.tenant, &user, from, to, granularity)
+        .features_json(&tenant.tenant, &user, range.from, range.to, granularity)
         .await
         .map_err(ApiError::Query)?;
     Ok(cached_json(&headers, &rendered))
@@ -795,13 +878,18 @@ async fn get_reconciliation(
     let p = &state.pipeline;
     let (lag, unflushed) = (p.backlog(), p.unflushed.load(Ordering::Relaxed));
     let mut body = serde_json::to_value(&r).expect("reconciliations serialize");
-    body["uncounted"] = json!(r.total.stored.saturating_sub(r.total.counted));
-    // Not per tenant: the bus and the pipeline's memory hold every tenant's events. Only
-    // a node running the pipeline can say it caught up.
+    // Both ways: features are written before the raw events they come from, so the
+    // stored events can trail the counted ones as well as the other way round.
+    let (stored, counted) = (r.total.stored, r.total.counted);
+    body["uncounted"] = json!(stored.saturating_sub(counted));
+    body["unstored"] = json!(counted.saturating_sub(stored));
+    // The bus and the pipeline's memory hold every tenant's events: drained is not per
+    // tenant, and only a node running the pipeline can say it. Caught up needs both that
+    // and this tenant's stored and counted events to agree.
     let running = p.running.load(Ordering::Relaxed);
     body["pipeline"] = json!({"running": running, "lag_records": lag,
                               "unflushed_events": unflushed,
-                              "caught_up": running && lag == 0 && unflushed == 0});
+                              "caught_up": running && lag == 0 && unflushed == 0 && stored == counted});
     Ok(Json(body).into_response())
 }
 
@@ -1274,7 +1362,15 @@ pub fn security_layers<S: Clone + Send + Sync + 'static>(
     };
     let body_limit = config.ingest.max_body_bytes.max(1 << 20);
     let request_id = header::HeaderName::from_static("x-request-id");
+    let limits = BodyLimits {
+        events: config.ingest.max_body_bytes,
+        any: body_limit,
+    };
     app.layer(tower_http::limit::RequestBodyLimitLayer::new(body_limit))
+        // Outside the limit layer, whose own refusal is plain text.
+        .layer(axum::middleware::from_fn(move |req, next| {
+            refuse_oversized_body(limits, req, next)
+        }))
         .layer(fixed(
             "strict-transport-security",
             "max-age=63072000; includeSubDomains",
@@ -1423,6 +1519,16 @@ impl Server {
             }
             config.pipeline.enabled = true;
         }
+        // The address first: a start that cannot listen must fail before it writes
+        // anything, above all the first admin, whose password only this start prints.
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen on {}: {e}; stop what uses the address or choose another with --listen",
+                    config.listen
+                )
+            })?;
         let bus = digame_infra::bus::open(&config).await?;
         let opened = open_store(&config).await?;
         let meta = MetaStore::open(&config.meta.url, &config.data_dir).await?;
@@ -1486,63 +1592,64 @@ impl Server {
             }),
         ));
         {
-            let (meta, redactions, mut rx) =
-                (meta.clone(), redactions.clone(), shutdown_rx.clone());
-            let every = Duration::from_millis(config.meta.refresh_ms.max(10));
-            tasks.push((
+            let (meta, redactions) = (meta.clone(), redactions.clone());
+            tasks.push(background::periodic(
                 "redaction-follower",
-                tokio::spawn(async move {
-                    let mut seen = meta_seen;
-                    loop {
-                        tokio::select! {
-                            _ = tokio::time::sleep(every) => {}
-                            _ = rx.changed() => return,
-                        }
+                Duration::from_millis(config.meta.refresh_ms.max(10)),
+                background::Start::AfterPeriod,
+                shutdown_rx.clone(),
+                meta_seen,
+                move |seen| {
+                    let (meta, redactions) = (meta.clone(), redactions.clone());
+                    async move {
                         match install_redactions(&meta, &redactions, seen).await {
-                            Ok(r) => seen = r,
-                            Err(e) => tracing::warn!(error = %e, "reading redaction rules failed; retrying"),
+                            Ok(now) => now,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "reading redaction rules failed; retrying");
+                                seen
+                            }
                         }
                     }
-                }),
+                },
             ));
         }
         {
             // The idempotency index forgets ids older than any tenant's horizon (their
             // events would be refused anyway), hourly.
-            let (meta, mut rx) = (meta.clone(), shutdown_rx.clone());
+            let meta = meta.clone();
             let keep_ms = (i64::from(config.ingest.longest_horizon_days()) + 2) * 86_400_000;
-            tasks.push((
+            tasks.push(background::periodic(
                 "event-id-pruner",
-                tokio::spawn(async move {
-                    loop {
+                Duration::from_secs(3600),
+                background::Start::Now,
+                shutdown_rx.clone(),
+                (),
+                move |()| {
+                    let meta = meta.clone();
+                    async move {
                         let cutoff = EventTime::now().0 - keep_ms;
                         match meta.prune_event_ids(cutoff).await {
                             Ok(n) if n > 0 => tracing::info!(ids = n, "forgot event ids past the horizon"),
                             Ok(_) => {}
                             Err(e) => tracing::warn!(error = %e, "pruning event ids failed; retrying later"),
                         }
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
-                            _ = rx.changed() => return,
-                        }
                     }
-                }),
+                },
             ));
         }
-        // ClickHouse merges by itself; the embedded store is compacted here.
+        // ClickHouse merges by itself; the embedded store is compacted here, a round at a
+        // time on a blocking thread.
         if let Some(parquet) = opened.parquet.clone() {
-            let mut rx = shutdown_rx.clone();
             let min_files = config.store.compaction_min_files;
-            let every = Duration::from_secs(config.store.compaction_interval_secs.max(1));
-            tasks.push((
+            tasks.push(background::periodic(
                 "compaction",
-                tokio::spawn(async move {
-                    loop {
-                        tokio::select! {
-                            _ = tokio::time::sleep(every) => {}
-                            _ = rx.changed() => return,
-                        }
-                        let store = parquet.clone();
+                Duration::from_secs(config.store.compaction_interval_secs.max(1)),
+                background::Start::AfterPeriod,
+                shutdown_rx.clone(),
+                (),
+                move |()| {
+                    let store = parquet.clone();
+                    async move {
                         let round =
                             tokio::task::spawn_blocking(move || store.compact_blocking(min_files))
                                 .await;
@@ -1553,7 +1660,7 @@ impl Server {
                             Err(e) => tracing::error!(error = %e, "compaction panicked; it runs again next interval"),
                         }
                     }
-                }),
+                },
             ));
         }
 
@@ -1636,18 +1743,16 @@ impl Server {
             ));
         }
         {
-            let every = Duration::from_millis(config.meta.refresh_ms.max(10));
-            tasks.push((
+            let state = state.clone();
+            tasks.push(background::periodic(
                 "credential-follower",
-                tokio::spawn(auth::follow(
-                    state.meta.clone(),
-                    state.clone(),
-                    every,
-                    shutdown_rx.clone(),
-                )),
+                Duration::from_millis(config.meta.refresh_ms.max(10)),
+                background::Start::Now,
+                shutdown_rx.clone(),
+                auth::Followed::default(),
+                move |seen| auth::follow(state.clone(), seen),
             ));
         }
-        let listener = tokio::net::TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
         let app = match role {
             Role::All => router(state.clone(), &config),

@@ -66,6 +66,20 @@ enum Command {
     /// fresh installation, create the tenant `default`, its first platform admin (password
     /// from DIGAME_ADMIN_PASSWORD, else generated) and an ingestion key, shown once.
     Init(ServeArgs),
+    /// Set a new password for an account of the metadata store (by default the first
+    /// admin, `auth.bootstrap_email`): from DIGAME_ADMIN_PASSWORD, else generated and
+    /// printed once. Every session of the account is revoked. For an owner who lost the
+    /// password printed at first start.
+    ResetPassword(ResetPasswordArgs),
+}
+
+#[derive(clap::Args)]
+struct ResetPasswordArgs {
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// The account's email [default: auth.bootstrap_email, the first admin].
+    #[arg(long)]
+    email: Option<String>,
 }
 
 /// Flags of `serve`; each also comes from the config file and `DIGAME_*` variables.
@@ -300,6 +314,24 @@ async fn main() -> anyhow::Result<()> {
                     "already initialized: accounts exist in {}; roles and permissions are up to date",
                     digame_infra::meta::redact_url(&config.meta.url)
                 ),
+            }
+            Ok(())
+        }
+        Command::ResetPassword(args) => {
+            let config = load_config(&args.serve)?;
+            init_logging(config.log_format, &config.log_level);
+            let meta =
+                digame_infra::meta::MetaStore::open(&config.meta.url, &config.data_dir).await?;
+            let email = args
+                .email
+                .unwrap_or_else(|| config.auth.bootstrap_email.clone());
+            let given = std::env::var("DIGAME_ADMIN_PASSWORD").ok();
+            let generated =
+                digame_api::auth::handlers::reset_password(&meta, &email, given).await?;
+            println!("Password of {email} replaced; its sessions are revoked.");
+            match generated {
+                Some(p) => println!("  new password: {p}   (shown only now)"),
+                None => println!("  new password: as set in DIGAME_ADMIN_PASSWORD"),
             }
             Ok(())
         }

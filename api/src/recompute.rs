@@ -4,7 +4,9 @@
 //!
 //! How a job works, person by person (so memory is bounded by one person's range):
 //! 1. read the person's events from `from − 35 days` (the warm-up rolling 28-day and
-//!    4-week features need) to `to`, in event-time order;
+//!    4-week features need) to `to + 8 days` (so a window that starts before `to` and
+//!    ends after it, a local day or week, is computed from all its events, never cut at
+//!    `to`), in event-time order;
 //! 2. replay them through a fresh feature processor with the current settings and
 //!    profiles, using each event's own time as the clock (so windows close as they did
 //!    live), and emit once more at the real time;
@@ -36,6 +38,9 @@ use serde::{Deserialize, Serialize};
 
 /// Days of events read before `from`.
 pub const WARMUP_DAYS: i64 = 35;
+/// Days of events read after `to`: the longest window (a local week, an hour more across
+/// a daylight-saving change) that starts before `to` ends within them.
+pub const TRAILING_DAYS: i64 = 8;
 /// Longest range one job recomputes.
 pub const MAX_RANGE_DAYS: i64 = 366;
 /// Most events of one person one job reads.
@@ -70,6 +75,19 @@ impl EventHistory for StoredEvents {
             )
             .await
             .map_err(|e| e.to_string())
+    }
+
+    async fn people(&self, from: i64, to: i64) -> Result<Vec<(String, String)>, String> {
+        let mut people = Vec::new();
+        for tenant in self.0.event_tenants().await.map_err(|e| e.to_string())? {
+            let users = self
+                .0
+                .event_users(&tenant, EventTime(from), EventTime(to))
+                .await
+                .map_err(|e| e.to_string())?;
+            people.extend(users.into_iter().map(|u| (tenant.clone(), u)));
+        }
+        Ok(people)
     }
 }
 
@@ -192,9 +210,12 @@ impl Recomputer {
         spec.validate().map_err(anyhow::Error::msg)?;
         let started = EventTime::now().0;
         let read_from = EventTime(spec.from.0 - WARMUP_DAYS * DAY_MS);
+        let read_to = EventTime(spec.to.0 + TRAILING_DAYS * DAY_MS);
+        // Everyone with a window that may start in the range: events up to `read_to`
+        // (a local day that starts before `to` may hold only events after it).
         let users = match &spec.users {
             Some(u) => u.clone(),
-            None => self.query.event_users(tenant, spec.from, spec.to).await?,
+            None => self.query.event_users(tenant, spec.from, read_to).await?,
         };
         let total = users.len() as i64;
         if let Some(id) = job_id {
@@ -212,7 +233,7 @@ impl Recomputer {
         for (i, user) in users.iter().enumerate() {
             let events = self
                 .query
-                .person_events(tenant, user, read_from, spec.to, MAX_EVENTS_PER_PERSON)
+                .person_events(tenant, user, read_from, read_to, MAX_EVENTS_PER_PERSON)
                 .await?;
             report.events_read += events.len();
             let mut p = Processor::new(&self.pipeline, self.horizon_days)?;

@@ -1,6 +1,14 @@
 //! Synthetic activity for demos, load and tests: N people over D days, each following one
 //! of five work-style archetypes, generated deterministically from a seed.
 //!
+//! **Running it again is a retry.** A person's day is a function of the seed, the person
+//! and the local date alone (its own random stream), and every event's id names its place
+//! in that day: (seed, person, date, n-th event planned), counted whether or not the
+//! event is past `until`. So a second run with the same seed, minutes or days later,
+//! sends each event it shares with the first under the same id with the same content
+//! (counted once), and the events that time has since made possible under ids of their
+//! own. A different seed gives different events under different ids.
+//!
 //! Archetypes (people are assigned round-robin):
 //! - `maker`: long focus blocks in the editor, few meetings, commits;
 //! - `manager`: a calendar full of meetings, mail and chat between them;
@@ -87,10 +95,13 @@ struct DayBuilder<'a> {
     person: usize,
     people: usize,
     user: String,
+    /// The local date, `YYYY-MM-DD`: with the seed, user and `planned` it names each event.
+    date: String,
     events: &'a mut Vec<Value>,
-    rng: &'a mut StdRng,
+    rng: StdRng,
     until: i64,
-    counter: &'a mut u64,
+    /// Events planned so far today, including those past `until`.
+    planned: u64,
     seed: u64,
     /// Commit shas of the day, deployed at its end.
     shipped: Vec<String>,
@@ -110,12 +121,13 @@ impl DayBuilder<'_> {
         attributes: Value,
         properties: Option<Value>,
     ) -> bool {
+        // Counted before the `until` cut: the n-th event of a day is the same event
+        // whenever the day is generated.
+        self.planned += 1;
         if start + duration_ms > self.until {
             return false;
         }
-        *self.counter += 1;
-        // Deterministic ids make re-running a simulation idempotent.
-        let id = uuid::Uuid::from_u64_pair(self.seed ^ 0x6469_6761_6d65, *self.counter);
+        let id = uuid::Uuid::from_bytes(self.name(self.planned));
         let mut ev = json!({
             "event_id": id,
             "user_id": self.user,
@@ -130,6 +142,20 @@ impl DayBuilder<'_> {
         }
         self.events.push(ev);
         true
+    }
+
+    /// 16 bytes naming the `n`-th planned event of this person's day under this seed.
+    fn name(&self, n: u64) -> [u8; 16] {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(self.seed.to_le_bytes());
+        h.update(self.user.as_bytes());
+        h.update(self.date.as_bytes());
+        h.update(n.to_le_bytes());
+        let digest = h.finalize();
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&digest[..16]);
+        out
     }
 
     /// `n` colleagues: teammates first, then people of the next teams.
@@ -170,7 +196,7 @@ impl DayBuilder<'_> {
         if self.rng.random_bool(0.15) {
             let opened = at + 3_600_000;
             let restore = self.rng.random_range(1..5) * 3_600_000;
-            let id = format!("inc-{}-{}", self.user, *self.counter);
+            let id = format!("inc-{}-{}-{}", self.user, self.date, self.planned);
             let props = json!({"id": id, "commits": commits});
             self.push_with(
                 "incident",
@@ -205,7 +231,12 @@ impl DayBuilder<'_> {
                     json!({"project": "digame", "language": "rust", "file": "src/lib.rs"}),
                 );
                 if self.rng.random_bool(0.15) {
-                    let sha = format!("{:016x}{:08x}", self.seed, *self.counter + 1);
+                    // Named like the commit event it rides on, the next one planned.
+                    let sha: String = self
+                        .name(self.planned + 1)
+                        .iter()
+                        .map(|b| format!("{b:02x}"))
+                        .collect();
                     if self.push_with(
                         "commit",
                         t + len / 2,
@@ -322,15 +353,17 @@ fn plan_day(b: &mut DayBuilder<'_>, archetype: &str, day_start: i64) {
 /// Generates all events, person by person and day by day.
 pub fn generate(spec: &SimulationSpec) -> Vec<Value> {
     let mut events = Vec::new();
-    let mut counter = 0u64;
     for person in 0..spec.people {
-        let mut rng = StdRng::seed_from_u64(spec.seed.wrapping_add(person as u64));
         let archetype = archetype_of(person);
         let tz = parse_tz(zone_of(person)).expect("the team zones are IANA names");
         // Days follow the person's local clock, ending with their today.
         let today = local_date(tz, spec.until_ms);
         for d in (0..spec.days).rev() {
             let date = today - ChronoDuration::days(i64::from(d));
+            // The day's own stream: the same day whatever else is generated with it.
+            let mut rng = StdRng::seed_from_u64(
+                spec.seed ^ (person as u64).rotate_left(32) ^ date.num_days_from_ce() as u64,
+            );
             let weekend = matches!(date.weekday(), Weekday::Sat | Weekday::Sun);
             if weekend && !rng.random_bool(0.1) {
                 continue;
@@ -339,10 +372,11 @@ pub fn generate(spec: &SimulationSpec) -> Vec<Value> {
                 person,
                 people: spec.people,
                 user: user_id(person),
+                date: date.to_string(),
                 events: &mut events,
-                rng: &mut rng,
+                rng,
                 until: spec.until_ms,
-                counter: &mut counter,
+                planned: 0,
                 seed: spec.seed,
                 shipped: Vec::new(),
             };
@@ -398,6 +432,51 @@ mod tests {
             with.iter().all(|p| users.contains(p.as_str().unwrap())),
             "{meeting}"
         );
+    }
+
+    /// A second run is a retry of the first: every id the two share names the same event,
+    /// minutes later, the next day or a week on, and no id names two events of one run.
+    #[test]
+    fn a_second_run_resends_the_same_events_under_the_same_ids() {
+        let run = |seed: u64, days: u32, until_ms: i64| {
+            let spec = SimulationSpec {
+                people: 10,
+                days,
+                seed,
+                until_ms,
+            };
+            let mut by_id = std::collections::BTreeMap::new();
+            for ev in generate(&spec) {
+                let id = ev["event_id"].as_str().unwrap().to_string();
+                assert!(by_id.insert(id, ev).is_none(), "an id named two events");
+            }
+            by_id
+        };
+        // Friday 2026-12-04 12:30 UTC; again 6 minutes, 13 hours (the next local day but
+        // in New York), a day and a week later.
+        const FRIDAY: i64 = 1_796_387_400_000;
+        let first = run(42, 7, FRIDAY);
+        for (days, later) in [
+            (7, 6 * 60_000),
+            (7, 13 * 3_600_000),
+            (10, 86_400_000 + 60_000),
+            (7, 7 * 86_400_000),
+        ] {
+            let second = run(42, days, FRIDAY + later);
+            let shared: Vec<_> = first.keys().filter(|id| second.contains_key(*id)).collect();
+            assert!(!shared.is_empty() || later >= 7 * 86_400_000);
+            for id in shared {
+                assert_eq!(first[id], second[id], "{later} ms later");
+            }
+            // What the first run sent of the days both cover, the second sends again.
+            if later < 3_600_000 {
+                assert!(first.keys().all(|id| second.contains_key(id)), "{later}");
+                assert!(second.len() > first.len(), "{later}: time made more events");
+            }
+        }
+        // Another seed, other events under other ids.
+        let other = run(7, 7, FRIDAY);
+        assert!(first.keys().all(|id| !other.contains_key(id)));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use digame_query::{QueryError, charts, groups, network, styles};
-use digame_schemas::{EventTime, Granularity};
+use digame_schemas::{EventTime, Granularity, TimeRange};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -39,28 +39,42 @@ pub(crate) struct RangeParams {
 
 type Params = Result<Query<RangeParams>, axum::extract::rejection::QueryRejection>;
 
-fn range(params: Params, default_days: i64) -> Result<(EventTime, EventTime), ApiError> {
+fn range(params: Params, default_days: i64) -> Result<TimeRange, ApiError> {
     let Query(p) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let (to, from) = time_range(p.from.as_deref(), p.to.as_deref())?;
-    // Without `from`, look back `default_days`.
-    let from = if p.from.is_none() {
-        EventTime(to.0 - default_days * DAY_MS)
-    } else {
-        from
-    };
-    Ok((from, to))
+    lookback(p.from.as_deref(), p.to.as_deref(), default_days)
+}
+
+/// [`time_range`], but without `from` the range looks back `default_days` from `to`.
+fn lookback(
+    from: Option<&str>,
+    to: Option<&str>,
+    default_days: i64,
+) -> Result<TimeRange, ApiError> {
+    let mut range = time_range(from, to)?;
+    if from.is_none() {
+        range.from = EventTime(range.to.0 - default_days * DAY_MS);
+    }
+    Ok(range)
+}
+
+/// `range` with its end no later than now: the part of it whose days can have ended.
+fn elapsed(range: TimeRange) -> TimeRange {
+    TimeRange {
+        from: range.from,
+        to: range.to.min(EventTime::now()),
+    }
 }
 
 async fn windows(
     state: &AppState,
     tenant: &str,
     user: &str,
-    (from, to): (EventTime, EventTime),
+    range: TimeRange,
     g: Granularity,
 ) -> Result<Vec<digame_query::FeatureWindow>, ApiError> {
     Ok(state
         .query
-        .features(tenant, user, from, to, g)
+        .features(tenant, user, range.from, range.to, g)
         .await
         .map_err(ApiError::Query)?
         .windows)
@@ -73,7 +87,7 @@ pub(crate) async fn get_styles(
     tenant: Principal,
     params: Params,
 ) -> Result<Response, ApiError> {
-    let (from, to) = range(params, 56)?;
+    let TimeRange { from, to } = range(params, 56)?;
     // Everyone's day windows in one read, only the features the weeks are made of.
     let by_user = state
         .query
@@ -86,9 +100,10 @@ pub(crate) async fn get_styles(
         )
         .await
         .map_err(ApiError::Query)?;
+    let elapsed = elapsed(TimeRange { from, to });
     let weeks: Vec<_> = by_user
         .iter()
-        .flat_map(|(user, days)| styles::person_weeks(user, days))
+        .flat_map(|(user, days)| styles::person_weeks(user, days, elapsed))
         .collect();
     // k-means over k = 2…8 and the silhouettes are CPU work: off the async workers.
     let model = tokio::task::spawn_blocking(move || styles::cluster(&weeks))
@@ -107,8 +122,9 @@ pub(crate) async fn get_pattern(
     params: Params,
 ) -> Result<Response, ApiError> {
     tenant.may_read_person(&user)?;
-    let (from, to) = range(params, 56)?;
-    let hours = windows(&state, &tenant.tenant, &user, (from, to), Granularity::Hour).await?;
+    let range = range(params, 56)?;
+    let TimeRange { from, to } = range;
+    let hours = windows(&state, &tenant.tenant, &user, range, Granularity::Hour).await?;
     let mid = from.0 + (to.0 - from.0) / 2;
     let weeks = |span: i64| ((span as f64) / (7.0 * DAY_MS as f64)).ceil() as usize;
     let all = charts::heatmap(&hours, weeks(to.0 - from.0));
@@ -137,8 +153,9 @@ pub(crate) async fn get_transitions(
     params: Params,
 ) -> Result<Response, ApiError> {
     tenant.may_read_person(&user)?;
-    let (from, to) = range(params, 7)?;
-    if to.0 - from.0 > MAX_EVENT_RANGE_DAYS * DAY_MS {
+    let range = range(params, 7)?;
+    let TimeRange { from, to } = range;
+    if range.len_ms() > MAX_EVENT_RANGE_DAYS * DAY_MS {
         return Err(ApiError::BadRequest(format!(
             "transitions cover at most {MAX_EVENT_RANGE_DAYS} days; narrow from/to"
         )));
@@ -162,7 +179,7 @@ pub(crate) async fn get_radar(
     params: Params,
 ) -> Result<Response, ApiError> {
     tenant.may_read_person(&user)?;
-    let (from, to) = range(params, 28)?;
+    let range = range(params, 28)?;
     let profile = state
         .meta
         .profile(&tenant.tenant, &user)
@@ -180,12 +197,12 @@ pub(crate) async fn get_radar(
         .map_err(ApiError::Meta)?
         .into_iter()
         .collect();
-    let k = group_clearance(&state, &tenant.tenant, &members, (from, to)).await?;
+    let k = group_clearance(&state, &tenant.tenant, &members, range).await?;
     // Each person's vector is the mean of their weeks in the range.
     let mut vectors: Vec<(String, Vec<f64>)> = Vec::new();
     for m in &members {
-        let days = windows(&state, &tenant.tenant, m, (from, to), Granularity::Day).await?;
-        let weeks = styles::person_weeks(m, &days);
+        let days = windows(&state, &tenant.tenant, m, range, Granularity::Day).await?;
+        let weeks = styles::person_weeks(m, &days, elapsed(range));
         if weeks.is_empty() {
             continue;
         }
@@ -226,7 +243,7 @@ pub(crate) async fn get_radar(
         .map(|((name, _, _), max)| json!({"name": name, "max": max}))
         .collect();
     Ok(Json(json!({
-        "user_id": user, "team": team, "from": from, "to": to,
+        "user_id": user, "team": team, "from": range.from, "to": range.to,
         "team_people": vectors.len(),
         "indicators": indicators,
         "person": person,
@@ -262,18 +279,20 @@ async fn group_events(
     lookback_days: i64,
 ) -> Result<GroupEvents, ApiError> {
     let Query(params) = params.map_err(|e| ApiError::BadRequest(e.body_text()))?;
-    let (to, mut from) = time_range(params.from.as_deref(), params.to.as_deref())?;
-    if params.from.is_none() {
-        from = EventTime(to.0 - MAX_GROUP_EVENT_DAYS * DAY_MS);
-    }
-    if to.0 - from.0 > MAX_GROUP_EVENT_DAYS * DAY_MS {
+    let range = lookback(
+        params.from.as_deref(),
+        params.to.as_deref(),
+        MAX_GROUP_EVENT_DAYS,
+    )?;
+    let TimeRange { from, to } = range;
+    if range.len_ms() > MAX_GROUP_EVENT_DAYS * DAY_MS {
         return Err(ApiError::BadRequest(format!(
             "group event views cover at most {MAX_GROUP_EVENT_DAYS} days; narrow from/to"
         )));
     }
     let tenant: &str = &caller.tenant;
     let members = resolve_group(state, caller, &params).await?;
-    let k = group_clearance(state, tenant, &members, (from, to)).await?;
+    let k = group_clearance(state, tenant, &members, range).await?;
     let read_from = EventTime(from.0 - lookback_days * DAY_MS);
     let mut out = Vec::with_capacity(members.len());
     for m in &members {
@@ -344,7 +363,7 @@ pub(crate) async fn get_flow(
     } = group_events(&state, &tenant, params, COMMIT_LOOKBACK_DAYS).await?;
     let events: Vec<&digame_schemas::ActivityEvent> =
         members.iter().flat_map(|(_, e)| e.iter()).collect();
-    let flow = network::flow(&events, from, to);
+    let flow = network::flow(&events, from, to, EventTime::now());
     Ok(
         Json(json!({"from": from, "to": to, "members": members.len(), "flow": flow}))
             .into_response(),

@@ -1,8 +1,9 @@
 //! Acknowledged = counted, through the real binary: what `digame simulate` sends (the
 //! README's own command, at its default concurrency and at 16 requests in flight) ends with
 //! every accepted event in the day `event_count` features and nothing dead-lettered; a day
-//! posted newest first in one request gives the features of the same day posted in order.
-//! Embedded bus and store, and Kafka with ClickHouse.
+//! posted newest first in one request gives the features of the same day posted in order;
+//! `simulate` run again is a retry; a recompute of UTC days reproduces what the pipeline
+//! wrote. Embedded bus and store, and Kafka with ClickHouse.
 
 use std::time::Duration;
 
@@ -46,11 +47,11 @@ async fn start_with(
 async fn simulate(
     server: &DigameProcess,
     key: &str,
-    seed: u64,
+    (seed, days): (u64, u32),
     concurrency: usize,
     batch: usize,
 ) -> (u64, bool) {
-    let (people, days) = (20, 7);
+    let people = 20;
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_digame"))
         .args(["simulate", "--url", &server.url(), "--key", key])
         .args(["--seed", &seed.to_string()])
@@ -103,10 +104,10 @@ async fn every_accepted_event_is_counted(bus: Bus, store: Option<TestClickHouse>
     let (_data, server) = start(&bus, store.as_ref()).await;
     let client = server.client(KEY);
     // The README's example with an admin key (profiles, then 20 people × 7 days, 4
-    // requests of 5000 events in flight), then another week of the same people with the
-    // ingestion key (no profiles) in requests of 1000 with 16 in flight: several batches
-    // of one person in flight at once, landing in any order.
-    let (first, profiles) = simulate(&server, &reader_key(KEY), 42, 4, 5000).await;
+    // requests of 5000 events in flight), then two other weeks of the same people (seed 7)
+    // with the ingestion key (no profiles) in requests of 1000 with 16 in flight: several
+    // batches of one person in flight at once, landing in any order.
+    let (first, profiles) = simulate(&server, &reader_key(KEY), (42, 7), 4, 5000).await;
     assert!(profiles, "an admin key writes the profiles");
     assert!(first > 20_000, "{first}");
     if matches!(bus, Bus::Embedded) {
@@ -124,20 +125,36 @@ async fn every_accepted_event_is_counted(bus: Bus, store: Option<TestClickHouse>
         assert!(caught.is_ok(), "never caught up");
     }
     assert_eq!(counted(&client, first).await, first, "default concurrency");
-    let (second, profiles) = simulate(&server, KEY, 7, 16, 1000).await;
+    let (second, profiles) = simulate(&server, KEY, (7, 14), 16, 1000).await;
     assert!(!profiles, "an ingestion key may not write profiles");
     assert_eq!(
         counted(&client, first + second).await,
         first + second,
         "16 requests in flight"
     );
+    // The README's example run again, as the README invites: a retry of the first run
+    // (nothing rejected, its events counted once) plus what time has since added.
+    let (third, _) = simulate(&server, &reader_key(KEY), (42, 7), 4, 5000).await;
+    assert!(third >= first, "{third} < {first}");
+    let n = eventually(Duration::from_secs(120), || async {
+        let (_, r) = client.get("/v1/reconciliation").await?;
+        let settled = r["pipeline"]["caught_up"] == true && r["stored"] == r["counted"];
+        Ok(settled.then(|| r["counted"].as_u64().unwrap()))
+    })
+    .await
+    .unwrap();
+    let added = n - (first + second);
+    assert!(
+        added < third / 4,
+        "the rerun added {added} of its {third} events: it was not a retry"
+    );
+    assert_eq!(counted(&client, n).await, n, "the rerun");
     let dead = client
         .rows("SELECT count(*) AS n FROM dead_letters")
         .await
         .unwrap();
     assert_eq!(dead, vec![json!({"n": 0})], "nothing dead-lettered");
     // The reconciliation says the same, per tenant and per person.
-    let n = first + second;
     // Feature rows are written before the raw events they come from: wait for both.
     let r = eventually(Duration::from_secs(20), || async {
         let (status, r) = client.get("/v1/reconciliation?by=user").await?;
@@ -151,15 +168,46 @@ async fn every_accepted_event_is_counted(bus: Bus, store: Option<TestClickHouse>
             &r["stored"],
             &r["counted"],
             &r["uncounted"],
+            &r["unstored"],
             &r["dead_letters"]
         ),
-        (&json!(n), &json!(n), &json!(0), &json!([])),
+        (&json!(n), &json!(n), &json!(0), &json!(0), &json!([])),
         "{r}"
     );
     let people = r["people"].as_array().unwrap();
     assert_eq!(people.len(), 20, "{r}");
     assert!(people.iter().all(|p| p["stored"] == p["counted"]), "{r}");
     assert_eq!(r["pipeline"]["caught_up"], true, "{r}");
+    // A recompute of the last three UTC days with unchanged settings, as a tenant admin
+    // tries it: the local days of Berlin, New York and Kolkata straddle its edges. It
+    // reproduces what the pipeline wrote (nothing to retract) and every event still counts.
+    let today = Utc::now().date_naive();
+    let from = today.checked_sub_days(Days::new(3)).unwrap();
+    let admin = server.client(&reader_key(KEY));
+    let (status, body) = admin
+        .post_json(
+            "/v1/recompute",
+            &json!({"from": format!("{from}T00:00:00Z"), "to": format!("{today}T00:00:00Z")}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 202, "{body}");
+    let job_path = body["status_url"].as_str().unwrap().to_string();
+    let job = eventually(Duration::from_secs(120), || async {
+        let (status, job) = admin.get(&job_path).await?;
+        anyhow::ensure!(status == 200 && job["state"] != "failed", "{job}");
+        Ok((job["state"] == "succeeded").then_some(job))
+    })
+    .await
+    .unwrap();
+    let report: Value = serde_json::from_str(job["message"].as_str().unwrap()).unwrap();
+    assert_eq!(report["rows_retracted"], 0, "{job}");
+    let (_, r) = client.get("/v1/reconciliation").await.unwrap();
+    assert_eq!(
+        (&r["stored"], &r["counted"], &r["pipeline"]["caught_up"]),
+        (&json!(n), &json!(n), &json!(true)),
+        "after the recompute: {r}"
+    );
     // The SQL tables are listable, with what SQL sees of them.
     let (status, t) = client.get("/v1/sql/tables").await.unwrap();
     assert_eq!(status, 200, "{t}");
@@ -213,7 +261,7 @@ async fn every_accepted_event_is_counted(bus: Bus, store: Option<TestClickHouse>
     let k = styles["k"].as_u64().unwrap();
     assert!((2..=8).contains(&k), "{styles}");
     let weeks = styles["assignments"].as_array().unwrap();
-    // 20 people, each with at least one week of finished days.
+    // 20 people, each with at least one complete week (14 days of seed 7).
     assert!(weeks.len() >= 20, "{} person-weeks", weeks.len());
     let (status, ready) = client.get("/readyz").await.unwrap();
     assert_eq!(

@@ -2,14 +2,14 @@
 //! query API, with two tenants, bad input of every kind, late and duplicate events.
 //!
 //! The expected feature values are worked out by hand in the comments next to the
-//! fixture, from the definitions in METRICS.md.
+//! fixture, from the definitions in docs/features.md.
 
 use std::io::Write;
 use std::time::Duration;
 
 use chrono::{Days, NaiveDate, Utc};
 use digame_testkit::{
-    Bus, DigameProcess, EVENT_COUNTS_BY_USER, TestClickHouse, eventually, utc_ms,
+    Bus, DigameProcess, EVENT_COUNTS_BY_USER, TestClickHouse, assert_refused, eventually, utc_ms,
 };
 use serde_json::{Value, json};
 
@@ -258,6 +258,36 @@ async fn a_day_for_two_tenants(bus: Bus, store: Option<TestClickHouse>) {
             "message": "request holds 51 events; the limit is 50 per request"}})
         )
     );
+    // Past the largest body any route reads (1 MiB here), as JSON like every error.
+    for path in ["/v1/events", "/v1/sql"] {
+        let reply = acme
+            .post_raw(path, Some("application/json"), vec![b' '; 1_100_000], None)
+            .await
+            .unwrap();
+        assert_eq!(
+            reply.1["error"]["code"], "body_too_large",
+            "{path}: {reply:?}"
+        );
+        assert_eq!(reply.0, 413, "{path}");
+    }
+    // Not JSON at all is a malformed body, not an event rejected.
+    let (status, body) = acme
+        .post_events_raw(b"this is not json".to_vec(), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("malformed_body"))
+    );
+    // Neither JSON nor NDJSON declared: 415, whatever the body holds.
+    for content_type in [Some("text/plain"), None] {
+        let reply = acme
+            .post_raw("/v1/events", content_type, ndjson(&batch1[..1]), None)
+            .await
+            .unwrap();
+        assert_refused(&reply, 415, "send a JSON array as application/json");
+        assert_eq!(reply.1["error"]["code"], "unsupported_media_type");
+    }
     let (status, body) = acme
         .post_events_raw(b"[{\"nope\": 1}]".to_vec(), None)
         .await

@@ -249,7 +249,8 @@ async fn group_views(store: Option<TestClickHouse>) {
     // Lead times 4 h and 3 h; one deploy in two days = 3.5 a week; c2 of 2 changes failed.
     assert_eq!(
         body["flow"],
-        json!({"deploys": 1, "deployments_per_week": 3.5, "deployed_changes": 2,
+        json!({"deploys": 1, "deployments_per_week": 3.5, "rate_days": 2.0,
+               "deployed_changes": 2,
                "lead_time_hours": 3.5, "change_failure_rate": 0.5,
                "resolved_incidents": 1, "time_to_restore_hours": 2.0})
     );
@@ -387,4 +388,36 @@ async fn every_group_of_an_org_asked_for_gives_a_solver_nobody() {
 
     let exit = server.terminate().await.unwrap();
     assert!(exit.success(), "{exit}");
+}
+
+/// A group larger than `query.max_group_members` is refused before anything is read,
+/// whichever way it is named; one of exactly that size is not refused for its size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_larger_than_the_configured_cap_are_refused() {
+    let data = tempfile::tempdir().unwrap();
+    let mut env = env();
+    env.push(("DIGAME_QUERY__MAX_GROUP_MEMBERS", "6"));
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_digame"));
+    let mut server = DigameProcess::start(bin, data.path(), &env).await.unwrap();
+    let admin = server.client(ADMIN_KEY);
+    let seven = "users=a1,a2,a3,a4,a5,a6,a7";
+    for path in [
+        format!("/v1/groups/features?{seven}"),
+        format!("/v1/groups/network?{seven}"),
+    ] {
+        let reply = admin.get(&path).await.unwrap();
+        assert_refused(
+            &reply,
+            400,
+            "the group has 7 members; a group view covers at most 6",
+        );
+    }
+    let (status, body) = admin
+        .get("/v1/groups/features?users=a1,a2,a3,a4,a5,a6")
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "six members are within the cap: {body}");
+    assert_eq!(body["members"], 6);
+    let exit = server.terminate().await.unwrap();
+    assert!(exit.success(), "{exit:?}");
 }

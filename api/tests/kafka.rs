@@ -390,3 +390,100 @@ async fn a_worker_killed_mid_stream_loses_and_duplicates_nothing() {
     let rows = settled(&serve, events.len()).await;
     assert_eq!(rows, reference);
 }
+
+/// A worker whose checkpoints are gone rebuilds its partitions' state from the stored raw
+/// events: on Kafka the group resumes at its committed offset, so a rebuild from the bus
+/// would see only what comes after it. Events that arrive after the restart, for the same
+/// people and day, count on top of everything before. The partition a person's state is
+/// rebuilt into is the one Kafka clients put their key in (checked against kafka-python's
+/// view of the records digame published).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_checkpoints_are_rebuilt_from_the_store() {
+    let first = events();
+    // A further commit per person, on the same day, after the restart.
+    let later: Vec<Value> = (0..USERS)
+        .map(|u| {
+            let mut e = first[u * 17 + 2].clone();
+            e["event_id"] = json!(format!("0195a6a4-0000-7000-8001-{u:012x}"));
+            e["timestamp"] = json!(e["timestamp"].as_i64().unwrap() + 30_000);
+            e
+        })
+        .collect();
+    let all: Vec<Value> = first.iter().chain(&later).cloned().collect();
+    let reference = reference_rows(&all).await;
+
+    let bus = Bus::kafka();
+    let Bus::Kafka { bootstrap, prefix } = &bus else {
+        unreachable!()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = DigameProcess::start_on(bin(), dir.path(), &ENV, &bus)
+        .await
+        .unwrap();
+    let (status, body) = serve.client(KEY).post_events(&first).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    settled(&serve, first.len()).await;
+    let exit = serve.terminate().await.unwrap();
+    assert!(exit.success(), "{exit}");
+    let checkpoints = dir.path().join("pipeline").join("features");
+    let mut removed = 0;
+    for entry in std::fs::read_dir(&checkpoints).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|x| x == "bin") {
+            std::fs::remove_file(path).unwrap();
+            removed += 1;
+        }
+    }
+    assert!(removed > 0, "no checkpoint written");
+
+    serve.restart().await.unwrap();
+    let client = serve.client(KEY);
+    // The restarted worker says what it rebuilt (before it takes new records).
+    client
+        .pipeline_notices(Duration::from_secs(60))
+        .await
+        .unwrap();
+    let (status, body) = client.post_events(&later).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let rows = settled(&serve, all.len()).await;
+    assert_eq!(rows, reference);
+    let notices = client
+        .pipeline_notices(Duration::from_secs(1))
+        .await
+        .unwrap();
+    let rebuilt: usize = notices
+        .iter()
+        .map(|n| {
+            assert!(n.contains(": no usable checkpoint; state of "), "{n}");
+            n.split("state of ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(rebuilt, USERS, "{notices:?}");
+
+    // Where Kafka put each person's records is where their state was rebuilt.
+    let placement = kafka_client(
+        &["placement", bootstrap, &format!("{prefix}events"), "3"],
+        b"",
+    );
+    let mut seen = 0;
+    for line in placement.lines().filter(|l| !l.trim().is_empty()) {
+        let r: Value = serde_json::from_str(line).unwrap();
+        let key = r["key"].as_str().unwrap();
+        assert_eq!(
+            r["partition"].as_u64().unwrap() as u32,
+            digame_infra::bus::kafka::murmur2_partition(key.as_bytes(), 8),
+            "{key}"
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, all.len());
+    let exit = serve.terminate().await.unwrap();
+    assert!(exit.success(), "{exit}");
+}

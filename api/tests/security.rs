@@ -611,3 +611,79 @@ async fn security(meta_url: String) {
     assert!(!audit.to_string().contains("globex watcher"));
     assert_eq!(ana.get("/v1/audit").await.unwrap().0, 403);
 }
+
+/// Runs `digame <args>` on `dir` to its end; returns whether it succeeded, and its stdout
+/// and stderr.
+async fn digame(args: &[&str], dir: &std::path::Path) -> (bool, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_digame"))
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .env("DIGAME_LOG_LEVEL", "warn")
+        .env_remove("DIGAME_ADMIN_PASSWORD")
+        .stdin(std::process::Stdio::null())
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(60), out)
+        .await
+        .expect("digame ends within 60 s")
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The value printed after `label` on a line of `text`, up to the next space.
+fn printed<'a>(text: &'a str, label: &str) -> &'a str {
+    let at = text
+        .find(label)
+        .unwrap_or_else(|| panic!("`{label}` in {text}"))
+        + label.len();
+    text[at..].split_whitespace().next().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_first_start_creates_nothing_and_a_lost_password_can_be_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    // A first start on an address already taken stops before it creates anyone.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let (ok, out, err) = digame(&["serve", "--listen", &listen], dir.path()).await;
+    assert!(!ok, "{out}{err}");
+    assert!(err.contains(&format!("cannot listen on {listen}")), "{err}");
+    assert!(!out.contains("First start"), "{out}");
+    drop(taken);
+    // So the next start is still the first: it creates the admin and shows the password.
+    let (ok, out, err) = digame(&["init"], dir.path()).await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("First start"), "{out}");
+    let first = printed(&out, "admin password:").to_string();
+
+    // The owner lost it: a new one from the command line, the old one refused.
+    let (ok, out, err) = digame(&["reset-password"], dir.path()).await;
+    assert!(ok, "{out}{err}");
+    let new = printed(&out, "new password:").to_string();
+    assert_ne!(new, first);
+    let (ok, _, err) = digame(
+        &["reset-password", "--email", "nobody@example.com"],
+        dir.path(),
+    )
+    .await;
+    assert!(
+        !ok && err.contains("no account has the email `nobody@example.com`"),
+        "{err}"
+    );
+    let server = DigameProcess::start(
+        std::path::Path::new(env!("CARGO_BIN_EXE_digame")),
+        dir.path(),
+        &[],
+    )
+    .await
+    .unwrap();
+    let anon = server.client("anonymous");
+    let email = "admin@digame.local";
+    assert_eq!(login(&anon, email, &first).await.0, 401);
+    let (status, body) = login(&anon, email, &new).await;
+    assert_eq!(status, 200, "{body}");
+}

@@ -1,5 +1,5 @@
 //! Work-style clustering recovers the archetypes planted in `simulate` data: 25 people
-//! (5 per archetype) over 4 weeks, through the feature processor into an embedded store,
+//! (5 per archetype) over 28 days, through the feature processor into an embedded store,
 //! read back as day windows, turned into person-weeks and clustered. The adjusted Rand
 //! index against the planted archetypes is printed and must reach 0.8.
 
@@ -13,7 +13,7 @@ use digame_infra::store::{ParquetStore, StoreBatch, StoreSink};
 use digame_pipelines::Processor;
 use digame_query::QueryEngine;
 use digame_query::styles::{adjusted_rand_index, cluster, person_weeks};
-use digame_schemas::{ActivityEvent, EventTime, Granularity};
+use digame_schemas::{ActivityEvent, EventTime, Granularity, TimeRange};
 
 const PEOPLE: usize = 25;
 const DAYS: u32 = 28;
@@ -21,13 +21,15 @@ const ARI_BOUND: f64 = 0.8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clustering_recovers_the_planted_archetypes() {
-    // Whatever the time of day the data ends at (a night owl's day in progress at noon
-    // looks nothing like their finished days), and today.
-    let midnight = EventTime::now().0.div_euclid(86_400_000) * 86_400_000;
-    for hour in [6, 14, 22] {
-        recovers_at(midnight + hour * 3_600_000).await;
+    // Whatever the weekday and the time of day the data ends at (a night owl's day in
+    // progress at noon looks nothing like their finished days; the weeks at the data's
+    // edges are cut differently on each weekday), on fixed dates, never the clock's:
+    // Monday 2026-11-30 plus 0…6 days, at 03:00, 06:10, 09:20, …, 22:00 UTC.
+    const MONDAY: i64 = 1_795_996_800_000;
+    assert_eq!(EventTime(MONDAY).to_rfc3339(), "2026-11-30T00:00:00.000Z");
+    for day in 0..7 {
+        recovers_at(MONDAY + day * 86_400_000 + (3 * 60 + day * 190) * 60_000).await;
     }
-    recovers_at(EventTime::now().0).await;
 }
 
 async fn recovers_at(now: i64) {
@@ -84,9 +86,12 @@ async fn recovers_at(now: i64) {
             )
             .await
             .unwrap();
-        weeks.extend(person_weeks(&user, &series.windows));
+        let read = TimeRange::new(EventTime(now - 40 * 86_400_000), EventTime(now)).unwrap();
+        weeks.extend(person_weeks(&user, &series.windows, read));
     }
-    assert!(weeks.len() >= PEOPLE * 4, "{} person-weeks", weeks.len());
+    // 28 local days ending with a day in progress hold exactly three complete weeks
+    // (Monday to Sunday) whatever the weekday, and everyone works every weekday.
+    assert_eq!(weeks.len(), PEOPLE * 3, "person-weeks");
 
     let model = cluster(&weeks).unwrap();
     let planted: Vec<usize> = model

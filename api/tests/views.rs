@@ -42,9 +42,13 @@ async fn heatmap_sankey_radar_and_styles() {
             .unwrap();
         assert_eq!(status, 200, "{body}");
     }
-    let day = Utc::now()
-        .date_naive()
-        .checked_sub_days(Days::new(1))
+    // Last week's Monday (UTC, the profiles' zone): the range below is then one complete
+    // week, which styles and the radar need, whatever today's weekday.
+    let today = Utc::now().date_naive();
+    let day = today
+        .checked_sub_days(Days::new(
+            7 + u64::from(today.weekday().num_days_from_monday()),
+        ))
         .unwrap();
     let at = |h: u32, m: u32| utc_ms(day, h, m);
     // p0, 09:00–10:00 present: Code 30 min, Slack 10, Code 20.

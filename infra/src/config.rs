@@ -700,6 +700,10 @@ pub struct QueryConfig {
     /// Person reads that miss the cache and may wait for the store at once; more are
     /// answered 503 with `Retry-After`.
     pub max_store_reads: usize,
+    /// Most people one group view covers (`users=`, a team, a manager's reports); a
+    /// larger group is refused with 400 before any member's data is read, since a view
+    /// reads every member's windows or events.
+    pub max_group_members: usize,
 }
 
 impl Default for QueryConfig {
@@ -719,6 +723,7 @@ impl Default for QueryConfig {
             cache_days: 35,
             cache_ttl_secs: 300,
             max_store_reads: 8,
+            max_group_members: 500,
         }
     }
 }

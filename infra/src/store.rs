@@ -135,17 +135,8 @@ impl Table {
             // Per person, as ClickHouse's sorting key has it: an id another person's event
             // reuses never erases that event.
             Table::Events => Some((&["user_id", "event_id"], "received_at")),
-            Table::Features => Some((
-                &[
-                    "user_id",
-                    "granularity",
-                    "window_start",
-                    "feature",
-                    "dimension",
-                    "feature_version",
-                ],
-                "revision",
-            )),
+            // The record's key less `tenant_id`, which is the partition directory.
+            Table::Features => Some((&FeatureRow::KEY[1..], FeatureRow::VERSION)),
             Table::DeadLetters => None,
         }
     }
@@ -807,6 +798,30 @@ pub fn file_schema(table: Table) -> Schema {
 mod tests {
     use super::*;
     use digame_schemas::Granularity;
+
+    /// Both stores keep one row per key with the same key: the embedded store's
+    /// deduplication key, with the tenant its directories carry, is ClickHouse's
+    /// replacing key of the same table, and the same column wins. Raw events sort by time
+    /// in ClickHouse, so their key there has the time between the person and the id.
+    #[test]
+    fn both_stores_deduplicate_by_the_same_key() {
+        let clickhouse = digame_schemas::clickhouse::tables();
+        let spec = |name: &str| clickhouse.iter().find(|t| t.name == name).unwrap();
+        let (key, version) = Table::Features.upsert_key().unwrap();
+        let with_tenant: Vec<&str> = std::iter::once("tenant_id")
+            .chain(key.iter().copied())
+            .collect();
+        assert_eq!(with_tenant, spec("features").order_by);
+        assert_eq!(
+            spec("features").engine,
+            digame_schemas::clickhouse::Engine::Replacing {
+                version: Some(version)
+            }
+        );
+        let (key, _) = Table::Events.upsert_key().unwrap();
+        let order = &spec("events").order_by;
+        assert!(key.iter().all(|c| order.contains(c)), "{key:?} ⊄ {order:?}");
+    }
 
     fn feature(value: f64, revision: i64) -> FeatureRow {
         FeatureRow {

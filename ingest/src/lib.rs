@@ -20,7 +20,7 @@ use digame_infra::bus::{BusError, EventBus, Record, Topic};
 use digame_infra::config::IngestConfig;
 use digame_infra::telemetry::metrics;
 use digame_schemas::validate::{TimePolicy, validate_event};
-use digame_schemas::{ActivityEvent, DeadLetter, EventTime};
+use digame_schemas::{ActivityEvent, DeadLetter, EventTime, partition_key};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -129,12 +129,21 @@ fn split_events(body: &[u8]) -> Result<Vec<(usize, &str)>, IngestError> {
             .map_err(|e| IngestError::Malformed(format!("invalid JSON array: {e}")))?;
         return Ok(items.into_iter().map(RawValue::get).enumerate().collect());
     }
-    Ok(text
+    let lines: Vec<(usize, &str)> = text
         .split('\n')
         .enumerate()
         .map(|(i, line)| (i, line.trim()))
         .filter(|(_, line)| !line.is_empty())
-        .collect())
+        .collect();
+    // A line that is not an event is that event's problem, but a body in which no line
+    // even starts like a JSON object is not NDJSON at all: the whole body is refused.
+    if !lines.is_empty() && !lines.iter().any(|(_, line)| line.starts_with('{')) {
+        let start: String = trimmed.chars().take(40).collect();
+        return Err(IngestError::Malformed(format!(
+            "no line is a JSON object (the body starts `{start}`); send a JSON array of events or NDJSON, one event object per line"
+        )));
+    }
+    Ok(lines)
 }
 
 impl Collector {
@@ -178,7 +187,6 @@ impl Collector {
 
         let now = EventTime::now();
         let policy = TimePolicy::new(now, cfg.horizon_days_for(tenant));
-        let key_prefix_len = tenant.len() + 1;
         let mut records = Vec::with_capacity(items.len());
         // Request index of each record, to name the ones the bus did not acknowledge.
         let mut record_index = Vec::with_capacity(items.len());
@@ -200,10 +208,7 @@ impl Collector {
                     if let Some(r) = &redactor {
                         r.apply(&mut ev);
                     }
-                    let mut key = String::with_capacity(key_prefix_len + ev.user_id.len());
-                    key.push_str(tenant);
-                    key.push(':');
-                    key.push_str(&ev.user_id);
+                    let key = partition_key(tenant, &ev.user_id);
                     let payload = Bytes::from(serde_json::to_vec(&ev).expect("events serialize"));
                     if client_id && let Some(id) = ev.event_id {
                         match ids.get(&id) {
@@ -466,6 +471,14 @@ mod tests {
             split_events(b"[{\"a\":1},"),
             Err(IngestError::Malformed(_))
         ));
+        // Not NDJSON at all: the whole body is refused, saying how it starts.
+        match split_events(b"this is not json\n42\n") {
+            Err(IngestError::Malformed(m)) => assert!(m.contains("`this is not json"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // One object line among bad ones: the bad lines are that event's problem.
+        let mixed = split_events(b"not an event\n{\"a\":1}\n").unwrap();
+        assert_eq!(mixed, vec![(0, "not an event"), (1, r#"{"a":1}"#)]);
     }
 
     #[test]

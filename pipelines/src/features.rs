@@ -1,5 +1,5 @@
 //! The feature operators: pure functions from one person's activities in one local day to
-//! the feature values of that day and each of its hours, as `METRICS.md` defines them.
+//! the feature values of that day and each of its hours, as `docs/features.md` defines them.
 //!
 //! Building blocks (all interval sets are merged, so overlap counts once):
 //! - presence: where an AFK watcher reports (any `afk` event with a status), its not-AFK
@@ -15,7 +15,7 @@
 //! - active = focus ∩ presence, each piece classified by the person's rules (category,
 //!   level, chat/email channel).
 //!
-//! Per day and hour (`F*` as in `METRICS.md`): F1 `active_seconds` (+ by app, category,
+//! Per day and hour (`F*` as in `docs/features.md`): F1 `active_seconds` (+ by app, category,
 //! level), F2 `productivity_pulse`, F3 `coding_seconds` (+ by project, and
 //! `coding_present_seconds`), F4 `collaboration_seconds` (+ by type; chat/email from
 //! chat/mail-app focus, else estimated from sent messages and flagged

@@ -11,6 +11,9 @@
 //! State is kept per bus partition, so pipeline workers in one consumer group can split
 //! the partitions: when a rebalance hands a worker a partition, it restores that
 //! partition's checkpoint and replays from there; when it loses one, it drops that state.
+//! A partition without a usable checkpoint (damaged, missing) has its state rebuilt from
+//! the raw events in the store, which hold everything below the committed offset even
+//! when the bus has lost or expired it, and reading resumes at the committed offset.
 //! Checkpoints live in a directory every worker of the group can reach
 //! (`<data_dir>/pipeline/<group>/p<N>.bin`).
 //!
@@ -38,7 +41,7 @@ use digame_infra::bus::{BusConsumer, EventBus, Record, Topic};
 use digame_infra::config::PipelineConfig;
 use digame_infra::store::{StoreBatch, StoreSink};
 use digame_infra::telemetry::metrics;
-use digame_schemas::{ActivityEvent, DeadLetter, EventTime, FeatureRow};
+use digame_schemas::{ActivityEvent, DeadLetter, EventTime, FeatureRow, write_partition_key};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -70,6 +73,13 @@ pub trait EventHistory: Send + Sync {
         from: i64,
         to: i64,
     ) -> std::result::Result<Vec<ActivityEvent>, String>;
+
+    /// The people, as (tenant, user), with stored events starting in `[from, to)`.
+    async fn people(
+        &self,
+        from: i64,
+        to: i64,
+    ) -> std::result::Result<Vec<(String, String)>, String>;
 }
 
 /// A person whose late events wait for their stored events.
@@ -401,11 +411,51 @@ impl Processor {
         }
     }
 
+    /// Admits a person's stored events (read back from the store, in any order) into the
+    /// state of `partition`, as when state is rebuilt without a checkpoint. They were
+    /// counted and stored when first processed: they enter the state only, not the
+    /// pending raw events nor the counts of processed events.
+    pub fn restore_events(
+        &mut self,
+        partition: u32,
+        mut stored: Vec<ActivityEvent>,
+        now_wall: i64,
+    ) {
+        stored.sort_by_key(|e| e.timestamp.0);
+        for ev in stored {
+            self.place(partition, &ev, now_wall);
+        }
+    }
+
+    /// The span of event time `[from, to)` whose events make up the state at `now_wall`:
+    /// what a rebuild without a checkpoint reads.
+    pub fn state_span(&self, now_wall: i64) -> (i64, i64) {
+        // Ingest admits events starting at most an hour ahead of its clock; a day either
+        // side covers clock differences between nodes.
+        (now_wall - self.params.span_ms() - DAY_MS, now_wall + DAY_MS)
+    }
+
     fn admit(&mut self, partition: u32, ev: ActivityEvent, now_wall: i64) {
-        self.key.clear();
-        self.key.push_str(&ev.tenant_id);
-        self.key.push(':');
-        self.key.push_str(&ev.user_id);
+        let outcome = self.place(partition, &ev, now_wall);
+        let person = self
+            .people
+            .get_mut(self.key.as_str())
+            .expect("placed just now");
+        if outcome == DUPLICATE {
+            person.tally.1 += 1;
+        } else {
+            person.tally.0 += 1;
+        }
+        self.outcomes[outcome] += 1;
+        if outcome != DUPLICATE && self.keep_raw_events {
+            self.pending_events.push(ev);
+        }
+    }
+
+    /// Places `ev` in its person's state (created on their first event) and returns the
+    /// outcome; leaves `self.key` holding the person's state key.
+    fn place(&mut self, partition: u32, ev: &ActivityEvent, now_wall: i64) -> usize {
+        write_partition_key(&mut self.key, &ev.tenant_id, &ev.user_id);
         let directory = &mut self.directory;
         let person = match self.people.get_mut(self.key.as_str()) {
             Some(p) => p,
@@ -418,23 +468,15 @@ impl Processor {
             }),
         };
         refresh_params(directory, person);
-        let outcome = match person.admit(&ev, now_wall, &self.params) {
+        let outcome = match person.admit(ev, now_wall, &self.params) {
             Admission::Accepted => PROCESSED,
             Admission::Late => LATE,
             Admission::Duplicate => DUPLICATE,
         };
-        if outcome == DUPLICATE {
-            person.tally.1 += 1;
-        } else {
-            person.tally.0 += 1;
-        }
         if person.has_reopenings() && !self.reopen_pending.contains(&self.key) {
             self.reopen_pending.insert(self.key.clone());
         }
-        self.outcomes[outcome] += 1;
-        if outcome != DUPLICATE && self.keep_raw_events {
-            self.pending_events.push(ev);
-        }
+        outcome
     }
 
     /// Records a payload that is not a canonical event (the only reason the pipeline
@@ -774,10 +816,10 @@ impl FeaturePipeline {
             .join(format!("p{partition}.bin"))
     }
 
-    /// Restores the state of `partition`; returns the offset it covers. A damaged
-    /// checkpoint is moved to `<checkpoint_dir>/quarantine/` and the partition starts
-    /// afresh from the bus's start: its state is rebuilt by replaying what the bus holds
-    /// (rows emitted again carry newer revisions, so they supersede the stored ones).
+    /// Restores the state of `partition`; returns the offset it covers, or `None` when
+    /// there is no usable checkpoint (then the state is rebuilt from the store, see
+    /// [`Self::rebuild_from_store`]). A damaged checkpoint is moved to
+    /// `<checkpoint_dir>/quarantine/`.
     fn load_checkpoint(&mut self, partition: u32) -> Result<Option<u64>> {
         let path = self.checkpoint_path(partition);
         let bytes = match std::fs::read(&path) {
@@ -798,14 +840,14 @@ impl FeaturePipeline {
                     partition,
                     reason = %why,
                     quarantined = %moved.display(),
-                    "checkpoint unusable: moved aside; rebuilding the partition's state from the start of the bus"
+                    "checkpoint unusable: moved aside; rebuilding the partition's state from the store"
                 );
                 metrics()
                     .pipeline_checkpoints_quarantined
                     .with_label_values(&[&partition.to_string()])
                     .inc();
                 self.status.notices.lock().expect("notices lock").push(format!(
-                    "events/{partition}: checkpoint unusable ({why}), moved to {}; state rebuilt from the start of the bus",
+                    "events/{partition}: checkpoint unusable ({why}), moved to {}; state rebuilt from the stored events",
                     moved.display()
                 ));
                 return Ok(None);
@@ -855,12 +897,84 @@ impl FeaturePipeline {
         Ok(())
     }
 
-    /// Follows the consumer's assignment: restores partitions gained, drops the state of
-    /// partitions lost (their new owner restores it from their checkpoint).
+    /// Rebuilds the state of `partitions`, which have no usable checkpoint, from the raw
+    /// events in the store; returns the people and events read per partition rebuilt.
+    ///
+    /// The store, not the bus, is the copy to rebuild from: every record below the
+    /// group's committed offset had its events stored before the offset was committed,
+    /// including records the bus has since lost to damage or expired by retention (a
+    /// replay of the bus alone would count them nowhere, and its rows, newer than the
+    /// stored ones, would undercount). Reading the bus then resumes at the committed
+    /// offset; records after it whose events the store also holds (a crash between the
+    /// store write and the commit) count once, by event id. The windows of the rebuilt
+    /// people are emitted again with newer revisions and the same values.
+    async fn rebuild_from_store(
+        &mut self,
+        partitions: &std::collections::BTreeSet<u32>,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<BTreeMap<u32, (usize, usize)>> {
+        let started = Instant::now();
+        let now = now_ms();
+        let (from, to) = self.processor.state_span(now);
+        let history = self.history.clone();
+        let people = retrying(
+            "listing the stored people for a state rebuild",
+            shutdown,
+            || {
+                let history = history.clone();
+                async move { history.people(from, to).await.map_err(Error::Store) }
+            },
+        )
+        .await?;
+        let mut rebuilt: BTreeMap<u32, (usize, usize)> = BTreeMap::new();
+        let mut unflushed = 0;
+        for (tenant, user) in people {
+            let key = digame_schemas::partition_key(&tenant, &user);
+            let partition = self.bus.partition_of(Topic::Events, key.as_bytes());
+            if !partitions.contains(&partition) {
+                continue;
+            }
+            let stored = retrying("stored-event read for a state rebuild", shutdown, || {
+                let (history, tenant, user) = (history.clone(), tenant.clone(), user.clone());
+                async move {
+                    history
+                        .person_events(&tenant, &user, from, to)
+                        .await
+                        .map_err(Error::Store)
+                }
+            })
+            .await?;
+            let counts = rebuilt.entry(partition).or_default();
+            counts.0 += 1;
+            counts.1 += stored.len();
+            unflushed += stored.len();
+            self.processor.restore_events(partition, stored, now);
+            // Whole people between flushes: an emit may drop final days from memory, and
+            // a person's later events must not find their day gone.
+            if unflushed >= self.settings.max_pending_events {
+                self.flush(shutdown).await?;
+                unflushed = 0;
+            }
+        }
+        self.flush(shutdown).await?;
+        tracing::info!(
+            partitions = ?partitions,
+            people = rebuilt.values().map(|c| c.0).sum::<usize>(),
+            events = rebuilt.values().map(|c| c.1).sum::<usize>(),
+            seconds = started.elapsed().as_secs_f64(),
+            "rebuilt partition state from the stored events"
+        );
+        Ok(rebuilt)
+    }
+
+    /// Follows the consumer's assignment: restores partitions gained (from their
+    /// checkpoint, or else from the store), drops the state of partitions lost (their new
+    /// owner restores it).
     async fn follow_assignment(
         &mut self,
         consumer: &mut Box<dyn BusConsumer>,
         offsets: &mut BTreeMap<u32, u64>,
+        shutdown: &watch::Receiver<bool>,
     ) -> Result<()> {
         let now: std::collections::BTreeSet<u32> = consumer.assignment().into_iter().collect();
         let lost: Vec<u32> = offsets
@@ -879,16 +993,33 @@ impl FeaturePipeline {
                 .retain(|key| p.people.contains_key(key.as_str()));
             tracing::info!(partitions = ?lost, "dropped state of partitions no longer owned");
         }
+        let mut rebuild = std::collections::BTreeSet::new();
         for p in now {
             if offsets.contains_key(&p) {
                 continue;
             }
-            let offset = self.load_checkpoint(p)?.unwrap_or(0);
+            let offset = match self.load_checkpoint(p)? {
+                Some(offset) => offset,
+                None => {
+                    rebuild.insert(p);
+                    // Where the group left off (or the log's start): what is below it
+                    // comes from the store.
+                    consumer.committed().get(&p).copied().unwrap_or(0)
+                }
+            };
             consumer
                 .seek(p, offset)
                 .await
                 .map_err(|e| Error::Bus(e.to_string()))?;
             offsets.insert(p, offset);
+        }
+        if !rebuild.is_empty() {
+            // Partitions nobody's events reach yet have nothing to rebuild or tell.
+            for (p, (people, events)) in self.rebuild_from_store(&rebuild, shutdown).await? {
+                self.status.notices.lock().expect("notices lock").push(format!(
+                    "events/{p}: no usable checkpoint; state of {people} people rebuilt from {events} stored events"
+                ));
+            }
         }
         Ok(())
     }
@@ -1018,7 +1149,8 @@ impl FeaturePipeline {
             .subscribe(Topic::Events, GROUP)
             .await
             .map_err(|e| Error::Bus(e.to_string()))?;
-        self.follow_assignment(&mut consumer, &mut offsets).await?;
+        self.follow_assignment(&mut consumer, &mut offsets, &shutdown)
+            .await?;
         self.status.track(consumer.end_offsets(), &offsets);
         self.status.running.store(true, Ordering::Relaxed);
         let mut last_flush = Instant::now();
@@ -1044,7 +1176,8 @@ impl FeaturePipeline {
             };
             // A rebalance during the poll changes what this worker owns; restore gained
             // partitions before processing their records.
-            self.follow_assignment(&mut consumer, &mut offsets).await?;
+            self.follow_assignment(&mut consumer, &mut offsets, &shutdown)
+                .await?;
             let now = now_ms();
             let mut fresh = Vec::with_capacity(batch.len());
             for rec in &batch {
@@ -1225,6 +1358,93 @@ mod tests {
         assert_eq!(got, expected);
         let newest_first = first.iter().map(|r| r.revision).max().unwrap();
         assert!(again.iter().all(|r| r.revision > newest_first));
+    }
+
+    /// The latest value per (user, window, feature, dimension) of `rows` over earlier
+    /// ones, zeros left out: what a reader of the store sees.
+    fn latest(
+        rows: &[digame_schemas::FeatureRow],
+    ) -> std::collections::BTreeMap<(String, String, i64, String, String), u64> {
+        let mut by_key = std::collections::BTreeMap::new();
+        for r in rows {
+            let key = (
+                r.user_id.to_string(),
+                format!("{:?}", r.granularity),
+                r.window_start.0,
+                r.feature.to_string(),
+                r.dimension.clone(),
+            );
+            let slot = by_key.entry(key).or_insert((i64::MIN, 0.0));
+            if r.revision > slot.0 {
+                *slot = (r.revision, r.value);
+            }
+        }
+        by_key
+            .into_iter()
+            .filter(|(_, (_, v))| *v != 0.0)
+            .map(|(k, (_, v))| (k, v.to_bits()))
+            .collect()
+    }
+
+    #[test]
+    fn state_rebuilt_from_stored_events_emits_what_the_live_state_did() {
+        const DAY: i64 = 86_400_000;
+        // 2026-11-24T00:00Z; events over nine days, two people, processed live over three
+        // polls with an emit after each, the wall clock a day past the last.
+        let d = 1_795_478_400_000;
+        let now = d + 10 * DAY;
+        let ev = |n: u128| {
+            let at = d + (n as i64 % 9) * DAY + 3_600_000 + (n as i64) * 60_000;
+            serde_json::to_vec(&serde_json::json!({
+                "event_id": uuid::Uuid::from_u128(n), "tenant_id": "t",
+                "user_id": format!("u{}", n % 2), "source": "git", "kind": "commit",
+                "timestamp": at, "attributes": {"project": "p"},
+            }))
+            .unwrap()
+        };
+        let payloads: Vec<Vec<u8>> = (1..=60).map(ev).collect();
+        let mut live = Processor::new(&PipelineConfig::default(), 30).unwrap();
+        let mut live_rows = Vec::new();
+        for poll in payloads.chunks(20) {
+            live.process_batch(poll.iter().map(|p| (3, &p[..])), now);
+            live_rows.extend(live.emit(now));
+        }
+        let stored = std::mem::take(&mut live.pending_events);
+        assert_eq!(stored.len(), 60);
+
+        // The same events as the store gives them back (any order), into a fresh state.
+        let mut rebuilt = Processor::new(&PipelineConfig::default(), 30).unwrap();
+        let mut shuffled = stored.clone();
+        shuffled.reverse();
+        rebuilt.restore_events(3, shuffled, now);
+        assert!(rebuilt.pending_events.is_empty(), "stored already");
+        let rows = rebuilt.emit(now);
+        assert_eq!(latest(&rows), latest(&live_rows));
+        // 60 events counted in the day rows, 30 per person.
+        let counted: f64 = rows
+            .iter()
+            .filter(|r| {
+                r.feature == "event_count"
+                    && r.dimension.is_empty()
+                    && r.granularity == digame_schemas::Granularity::Day
+            })
+            .map(|r| r.value)
+            .sum();
+        assert_eq!(counted, 60.0);
+
+        // A replayed record whose event is stored counts once; a new one counts.
+        // (Days no longer held read the store: `stored` stands in for it.)
+        rebuilt.process(3, &payloads[7], now);
+        rebuilt.resolve_reopens_from(&stored, now);
+        assert!(rebuilt.emit(now).is_empty(), "a duplicate changes nothing");
+        rebuilt.process(3, &ev(61), now);
+        rebuilt.resolve_reopens_from(&stored, now);
+        live.process(3, &ev(61), now);
+        live.resolve_reopens_from(&stored, now);
+        live_rows.extend(live.emit(now));
+        let mut all = rows;
+        all.extend(rebuilt.emit(now));
+        assert_eq!(latest(&all), latest(&live_rows));
     }
 
     #[test]

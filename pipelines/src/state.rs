@@ -91,6 +91,12 @@ impl StateParams {
     fn weeks_ms(&self) -> i64 {
         (WEEKS_KEPT * 7 * DAY_MS).max(self.horizon_ms + 14 * 7 * DAY_MS)
     }
+
+    /// How far back of the newest event the state reaches (day summaries, week totals):
+    /// the events a rebuild of the state reads.
+    pub fn span_ms(&self) -> i64 {
+        self.history_ms().max(self.weeks_ms())
+    }
 }
 
 /// What happened to one event.

@@ -88,6 +88,38 @@ impl QueryEngine {
             .map_err(internal)
     }
 
+    /// The tenants with stored events, sorted: what a rebuild of state from the store
+    /// walks (it is the only read here that is not scoped to one tenant, and it returns
+    /// tenant ids only).
+    pub async fn event_tenants(&self) -> Result<Vec<String>> {
+        if let Backend::ClickHouse(client) = &self.backend {
+            return client
+                .query("SELECT DISTINCT tenant_id FROM events ORDER BY tenant_id")
+                .fetch_all::<String>()
+                .await
+                .map_err(|e| internal(format!("clickhouse: {e}")));
+        }
+        let dir = self.root()?.join(Table::Events.name());
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(internal(format!("{}: {e}", dir.display()))),
+        };
+        let mut tenants = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| internal(format!("{}: {e}", dir.display())))?;
+            let name = entry.file_name();
+            // Only directory names that are valid tenant ids: anything else is not ours.
+            if let Some(tenant) = name.to_str().and_then(|n| n.strip_prefix("tenant_id="))
+                && digame_schemas::validate::validate_tenant_id(tenant).is_ok()
+            {
+                tenants.push(tenant.to_string());
+            }
+        }
+        tenants.sort();
+        Ok(tenants)
+    }
+
     /// The people of `tenant` with events in `[from, to)`, sorted.
     pub async fn event_users(
         &self,

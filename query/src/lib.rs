@@ -178,6 +178,8 @@ pub struct QueryEngine {
     /// The embedded store's retired files and the queries reading (shared with the store
     /// that compacts, see [`QueryEngine::with_snapshots`]).
     snapshots: Arc<digame_infra::store::snapshots::Snapshots>,
+    /// Reconciliation answers per partition of the embedded store.
+    reconcile_memo: reconcile::PartitionMemo,
 }
 
 /// A person's values of one range, through the cache.
@@ -193,6 +195,11 @@ const END_OF_TIME: EventTime = EventTime(i64::MAX / 4);
 
 impl QueryEngine {
     /// Over the embedded store under `store_root`.
+    /// The limits this engine was configured with.
+    pub fn limits(&self) -> &QueryConfig {
+        &self.config
+    }
+
     pub fn new(store_root: impl Into<std::path::PathBuf>, config: QueryConfig) -> Self {
         Self::over(Backend::Embedded(store_root.into()), config)
     }
@@ -216,6 +223,7 @@ impl QueryEngine {
             }),
             store_reads: tokio::sync::Semaphore::new(config.max_store_reads.max(1)),
             snapshots: digame_infra::store::snapshots::Snapshots::new(),
+            reconcile_memo: reconcile::PartitionMemo::default(),
             config,
         }
     }
@@ -650,6 +658,14 @@ async fn plan_query(
     let statement = state.sql_to_statement(sql, &dialect).map_err(invalid)?;
     isolation::check_depth(&statement, max_depth)?;
     let plan = state.statement_to_plan(statement).await.map_err(invalid)?;
+    // DESCRIBE would answer on the embedded store only (ClickHouse has no plan for it):
+    // one answer for both, the route that lists the tables.
+    if matches!(
+        plan,
+        datafusion::logical_expr::LogicalPlan::DescribeTable(_)
+    ) {
+        return Err(QueryError::Invalid(CATALOG_HINT.into()));
+    }
     SQLOptions::new()
         .with_allow_ddl(false)
         .with_allow_dml(false)
@@ -716,11 +732,18 @@ async fn run_sql(ctx: SessionContext, sql: &str, config: &QueryConfig) -> Result
     })
 }
 
+/// Where a query for the catalog (SHOW, DESCRIBE, information_schema) is sent instead.
+const CATALOG_HINT: &str = "SHOW, DESCRIBE and information_schema are not available over SQL; GET /v1/sql/tables lists the tables (events, features, dead_letters) with their columns and types";
+
 /// DataFusion errors carry a prefix naming the engine phase; users need the message.
 fn clean_error(text: &str) -> String {
     let text = text
         .trim_start_matches("Error during planning: ")
         .trim_start_matches("SQL error: ");
+    // SHOW … and information_schema.* fail for want of the catalog, which is off.
+    if text.contains("information_schema") {
+        return CATALOG_HINT.into();
+    }
     if text.contains("not supported")
         || text.contains("Statement")
         || text.contains("DDL")
@@ -1101,6 +1124,20 @@ mod tests {
         }
         let err = engine.sql("acme", "SELECT * FROM nope").await.unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
+        // Catalog queries are pointed at the route that answers them.
+        for stmt in [
+            "SHOW TABLES",
+            "SHOW COLUMNS FROM events",
+            "SELECT * FROM information_schema.tables",
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'events'",
+            "DESCRIBE events",
+        ] {
+            let err = engine.sql("acme", stmt).await.unwrap_err();
+            assert!(
+                matches!(&err, QueryError::Invalid(m) if m.contains("GET /v1/sql/tables")),
+                "{stmt}: {err}"
+            );
+        }
     }
 
     /// What one query may cost: refused before planning when too long or too deep, cut

@@ -156,7 +156,12 @@ pub fn network(
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Flow {
     pub deploys: usize,
+    /// Deploys per week of `rate_days`.
     pub deployments_per_week: f64,
+    /// The days the rate is over: the window from the UTC day of the group's first event
+    /// in it (not before the window's start) to its end or the present, whichever is
+    /// earlier. A window longer than the data would otherwise dilute the rate.
+    pub rate_days: f64,
     pub deployed_changes: usize,
     /// Mean hours from commit to its first deploy (`None` without deployed commits).
     pub lead_time_hours: Option<f64>,
@@ -186,8 +191,17 @@ fn mean(v: &[f64]) -> Option<f64> {
 }
 
 /// DORA over `[from, to)` from the group's events (commits may predate `from`).
-pub fn flow(events: &[&ActivityEvent], from: EventTime, to: EventTime) -> Flow {
+pub fn flow(events: &[&ActivityEvent], from: EventTime, to: EventTime, now: EventTime) -> Flow {
     let in_window = |t: EventTime| t >= from && t < to;
+    let first = events
+        .iter()
+        .map(|e| e.timestamp)
+        .filter(|t| in_window(*t))
+        .min();
+    let rate_ms = first.map_or(0, |t| {
+        let start = EventTime(t.0.div_euclid(86_400_000) * 86_400_000).max(from);
+        (to.min(now).0 - start.0).max(0)
+    });
     let mut commit_time: HashMap<String, i64> = HashMap::new();
     for e in events.iter().filter(|e| e.kind == EventKind::Commit) {
         for sha in property_strings(e, "sha") {
@@ -254,10 +268,15 @@ pub fn flow(events: &[&ActivityEvent], from: EventTime, to: EventTime) -> Flow {
         .flat_map(|e| property_strings(e, "commits"))
         .filter(|sha| first_deploy.contains_key(sha))
         .collect();
-    let weeks = (to.0 - from.0) as f64 / (7.0 * 86_400_000.0);
+    let weeks = rate_ms as f64 / (7.0 * 86_400_000.0);
     Flow {
         deploys,
-        deployments_per_week: deploys as f64 / weeks,
+        deployments_per_week: if weeks > 0.0 {
+            deploys as f64 / weeks
+        } else {
+            0.0
+        },
+        rate_days: rate_ms as f64 / 86_400_000.0,
         deployed_changes: first_deploy.len(),
         lead_time_hours: mean(&lead),
         change_failure_rate: (!first_deploy.is_empty())
@@ -282,6 +301,33 @@ mod tests {
             v[k] = x.clone();
         }
         serde_json::from_value(v).unwrap()
+    }
+
+    /// A window longer than the data: the rate is over the days the data covers, from
+    /// the first event's UTC day to the present.
+    #[test]
+    fn deployment_rate_is_over_the_days_the_data_covers() {
+        // 2026-11-24T00:00Z; a deploy on each of two days, read with a 90-day window
+        // ending tomorrow, on the second day at 18:00.
+        let day0 = 1_795_478_400_000;
+        let deploy = |at: i64| -> ActivityEvent {
+            serde_json::from_value(json!({"user_id": "a", "source": "t", "kind": "deploy",
+                "timestamp": at, "properties": {"commits": []}}))
+            .unwrap()
+        };
+        let events = [deploy(day0 + 9 * H), deploy(day0 + 24 * H + 15 * H)];
+        let refs: Vec<&ActivityEvent> = events.iter().collect();
+        let to = EventTime(day0 + 48 * H);
+        let from = EventTime(to.0 - 90 * 24 * H);
+        let f = flow(&refs, from, to, EventTime(day0 + 42 * H));
+        // 42 hours = 1.75 days: 2 deploys / 0.25 weeks.
+        assert_eq!(
+            (f.deploys, f.rate_days, f.deployments_per_week),
+            (2, 1.75, 8.0)
+        );
+        // Nothing in the window: no rate.
+        let f = flow(&[], from, to, EventTime(day0 + 42 * H));
+        assert_eq!((f.rate_days, f.deployments_per_week), (0.0, 0.0));
     }
 
     #[test]
@@ -335,12 +381,18 @@ mod tests {
             ),
         ];
         let refs: Vec<&ActivityEvent> = events.iter().collect();
-        let f = flow(&refs, EventTime(T0), EventTime(T0 + 14 * 24 * H));
+        let f = flow(
+            &refs,
+            EventTime(T0),
+            EventTime(T0 + 14 * 24 * H),
+            EventTime(T0 + 30 * 24 * H),
+        );
         assert_eq!(
             f,
             Flow {
                 deploys: 2,
                 deployments_per_week: 1.0,
+                rate_days: 14.0,
                 deployed_changes: 3,
                 lead_time_hours: Some(32.0 / 3.0),
                 change_failure_rate: Some(1.0 / 3.0),

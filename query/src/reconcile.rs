@@ -5,11 +5,25 @@
 //! letters by stage and reason. Events accepted but not yet read by the pipeline are on the
 //! bus; the caller adds that from the pipeline's status. Both backends answer the same
 //! statements through the tenant-scoped SQL path, so isolation is the SQL path's.
+//!
+//! On the embedded store the statements run one `date=` partition at a time, and each
+//! partition's answer is kept with the names of the files it was read from (names carry
+//! the file's checksum, and every write, compaction or repair changes them). A partition
+//! whose files are unchanged is answered from memory, so a reconciliation costs the
+//! partitions written since the last one, and no statement ever holds more than one day
+//! of a tenant's rows: it answers at any size, within the query's memory pool. A row's
+//! partition is its own time's date, and an event id or feature key never changes its
+//! time, so deduplication within a partition is deduplication in the table.
 
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use digame_infra::store::Table;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::{QueryEngine, Result};
+use crate::{Backend, QueryEngine, Result};
 
 /// One tenant's (or one person's) tally.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -46,14 +60,104 @@ pub struct PersonTally {
     pub tally: Tally,
 }
 
-const STORED: &str = "SELECT COUNT(*) AS n FROM events";
-const COUNTED: &str = "SELECT SUM(value) AS n FROM features \
-     WHERE feature = 'event_count' AND dimension = '' AND granularity = 'day'";
-const STORED_BY_USER: &str = "SELECT user_id, COUNT(*) AS n FROM events GROUP BY user_id";
-const COUNTED_BY_USER: &str = "SELECT user_id, SUM(value) AS n FROM features \
-     WHERE feature = 'event_count' AND dimension = '' AND granularity = 'day' GROUP BY user_id";
-const DEAD: &str = "SELECT stage, reason_code, COUNT(*) AS n FROM dead_letters \
-     GROUP BY stage, reason_code ORDER BY stage, reason_code";
+/// One tally statement: its table, what it selects and filters (`{date}` marks where a
+/// partition's filter goes), and the columns its counts are keyed by.
+struct Statement {
+    table: Table,
+    text: &'static str,
+    keys: &'static [&'static str],
+}
+
+const STORED: Statement = Statement {
+    table: Table::Events,
+    text: "SELECT COUNT(*) AS n FROM events WHERE {date} TRUE",
+    keys: &[],
+};
+const COUNTED: Statement = Statement {
+    table: Table::Features,
+    text: "SELECT SUM(value) AS n FROM features \
+           WHERE {date} feature = 'event_count' AND dimension = '' AND granularity = 'day'",
+    keys: &[],
+};
+const STORED_BY_USER: Statement = Statement {
+    table: Table::Events,
+    text: "SELECT user_id, COUNT(*) AS n FROM events WHERE {date} TRUE GROUP BY user_id",
+    keys: &["user_id"],
+};
+const COUNTED_BY_USER: Statement = Statement {
+    table: Table::Features,
+    text: "SELECT user_id, SUM(value) AS n FROM features \
+           WHERE {date} feature = 'event_count' AND dimension = '' AND granularity = 'day' \
+           GROUP BY user_id",
+    keys: &["user_id"],
+};
+const DEAD: Statement = Statement {
+    table: Table::DeadLetters,
+    text: "SELECT stage, reason_code, COUNT(*) AS n FROM dead_letters WHERE {date} TRUE \
+           GROUP BY stage, reason_code",
+    keys: &["stage", "reason_code"],
+};
+
+/// Counts keyed by a statement's key columns (one empty key for a total).
+type Counts = BTreeMap<Vec<String>, u64>;
+
+/// Partition answers of the embedded store, each with the file names it was read from.
+#[derive(Debug, Default)]
+pub(crate) struct PartitionMemo {
+    /// (tenant, statement, date) → (sorted file names, counts).
+    answers: Mutex<HashMap<(String, &'static str, String), (Vec<String>, Counts)>>,
+    /// Partitions read from the files rather than answered from memory.
+    reads: AtomicU64,
+}
+
+impl PartitionMemo {
+    /// Partition statements run so far (the rest were answered from memory).
+    pub(crate) fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+}
+
+/// The `date=` partitions of `tenant` in `table` under `root`, each with its sorted file
+/// names. The dates are parsed, so what goes into a statement is a date and nothing else.
+fn partitions(
+    root: &std::path::Path,
+    table: Table,
+    tenant: &str,
+) -> std::io::Result<Vec<(chrono::NaiveDate, Vec<String>)>> {
+    let dir = root.join(table.name()).join(format!("tenant_id={tenant}"));
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(date) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("date="))
+            .and_then(|d| chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d").ok())
+        else {
+            continue;
+        };
+        let mut files: Vec<String> = std::fs::read_dir(entry.path())?
+            .filter_map(|f| f.ok())
+            .map(|f| f.file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        out.push((date, files));
+    }
+    Ok(out)
+}
+
+/// Adds the counts of `rows` (column `n`, keyed by `keys`) into `into`.
+fn add_rows(into: &mut Counts, rows: &[Map<String, Value>], keys: &[&str]) {
+    for row in rows {
+        let key = keys.iter().map(|k| text(row, k)).collect();
+        *into.entry(key).or_default() += number(row, "n");
+    }
+}
 
 /// A count in an answer row; absent (a `SUM` over no rows is null, and nulls are left out
 /// of rows) is 0.
@@ -76,32 +180,32 @@ fn text(row: &Map<String, Value>, name: &str) -> String {
 impl QueryEngine {
     /// The reconciliation of `tenant`; per person too when `people`.
     pub async fn reconcile(&self, tenant: &str, people: bool) -> Result<Reconciliation> {
-        let one = |rows: Vec<Map<String, Value>>| rows.first().map_or(0, |r| number(r, "n"));
-        let total = Tally {
-            stored: one(self.sql_all(tenant, STORED).await?),
-            counted: one(self.sql_all(tenant, COUNTED).await?),
+        let total = |c: &Counts| c.values().sum::<u64>();
+        let tally = Tally {
+            stored: total(&self.tally(tenant, &STORED).await?),
+            counted: total(&self.tally(tenant, &COUNTED).await?),
         };
-        let mut by_user: std::collections::BTreeMap<String, Tally> = Default::default();
+        let mut by_user: BTreeMap<String, Tally> = BTreeMap::new();
         if people {
-            for row in self.sql_all(tenant, STORED_BY_USER).await? {
-                by_user.entry(text(&row, "user_id")).or_default().stored = number(&row, "n");
+            for (key, n) in self.tally(tenant, &STORED_BY_USER).await? {
+                by_user.entry(key.concat()).or_default().stored = n;
             }
-            for row in self.sql_all(tenant, COUNTED_BY_USER).await? {
-                by_user.entry(text(&row, "user_id")).or_default().counted = number(&row, "n");
+            for (key, n) in self.tally(tenant, &COUNTED_BY_USER).await? {
+                by_user.entry(key.concat()).or_default().counted = n;
             }
         }
         let dead_letters = self
-            .sql_all(tenant, DEAD)
+            .tally(tenant, &DEAD)
             .await?
-            .iter()
-            .map(|row| DeadLetterCount {
-                stage: text(row, "stage"),
-                reason_code: text(row, "reason_code"),
-                count: number(row, "n"),
+            .into_iter()
+            .map(|(key, count)| DeadLetterCount {
+                stage: key[0].clone(),
+                reason_code: key[1].clone(),
+                count,
             })
             .collect();
         Ok(Reconciliation {
-            total,
+            total: tally,
             dead_letters,
             people: people.then(|| {
                 by_user
@@ -110,6 +214,71 @@ impl QueryEngine {
                     .collect()
             }),
         })
+    }
+
+    /// The counts of one statement over the whole tenant: partition by partition on the
+    /// embedded store (from memory where a partition's files are unchanged), in one
+    /// statement on ClickHouse.
+    async fn tally(&self, tenant: &str, statement: &Statement) -> Result<Counts> {
+        let mut counts = Counts::new();
+        let root = match &self.backend {
+            Backend::Embedded(root) => root.clone(),
+            Backend::ClickHouse(_) => {
+                let rows = self
+                    .sql_all(tenant, &statement.text.replace("{date}", ""))
+                    .await?;
+                add_rows(&mut counts, &rows, statement.keys);
+                return Ok(counts);
+            }
+        };
+        let (table, owner) = (statement.table, tenant.to_string());
+        let listed = tokio::task::spawn_blocking(move || partitions(&root, table, &owner))
+            .await
+            .map_err(crate::internal)?
+            .map_err(crate::internal)?;
+        let memo = &self.reconcile_memo;
+        let key = |date: &chrono::NaiveDate| (tenant.to_string(), statement.text, date.to_string());
+        // Partitions gone (retention, deletion) leave the memory too.
+        {
+            let dates: std::collections::HashSet<String> =
+                listed.iter().map(|(d, _)| d.to_string()).collect();
+            memo.answers
+                .lock()
+                .expect("memo lock")
+                .retain(|(t, s, d), _| !(t == tenant && *s == statement.text) || dates.contains(d));
+        }
+        for (date, files) in listed {
+            let known = memo
+                .answers
+                .lock()
+                .expect("memo lock")
+                .get(&key(&date))
+                .filter(|(seen, _)| *seen == files)
+                .map(|(_, c)| c.clone());
+            let part = match known {
+                Some(c) => c,
+                None => {
+                    // `date` is a parsed date, printed as digits and dashes: the only
+                    // text that enters the statement, and never from a request.
+                    let filter = format!("date = '{}' AND", date.format("%Y-%m-%d"));
+                    let rows = self
+                        .sql_all(tenant, &statement.text.replace("{date}", &filter))
+                        .await?;
+                    memo.reads.fetch_add(1, Ordering::Relaxed);
+                    let mut c = Counts::new();
+                    add_rows(&mut c, &rows, statement.keys);
+                    memo.answers
+                        .lock()
+                        .expect("memo lock")
+                        .insert(key(&date), (files, c.clone()));
+                    c
+                }
+            };
+            for (k, n) in part {
+                *counts.entry(k).or_default() += n;
+            }
+        }
+        Ok(counts)
     }
 
     /// Every row of a fixed statement; an answer cut by the row limit is an error rather
@@ -140,5 +309,119 @@ mod tests {
         assert_eq!(r.total, Tally::default());
         assert!(r.dead_letters.is_empty());
         assert_eq!(r.people, Some(Vec::new()));
+    }
+
+    const DAY: i64 = 86_400_000;
+    /// 2026-11-24T00:00Z.
+    const D0: i64 = 1_795_478_400_000;
+
+    fn event(user: &str, n: u128, at: i64) -> digame_schemas::ActivityEvent {
+        let mut e: digame_schemas::ActivityEvent = serde_json::from_value(serde_json::json!({
+            "event_id": format!("00000000-0000-4000-8000-{n:012x}"), "user_id": user, "source": "git",
+            "kind": "commit", "timestamp": at, "attributes": {"project": "p"}}))
+        .unwrap();
+        e.tenant_id = "acme".into();
+        e
+    }
+
+    fn day_count(user: &str, day: i64, value: f64, revision: i64) -> digame_schemas::FeatureRow {
+        digame_schemas::FeatureRow {
+            tenant_id: "acme".into(),
+            user_id: user.into(),
+            granularity: digame_schemas::Granularity::Day,
+            window_start: digame_schemas::EventTime(D0 + day * DAY),
+            window_end: digame_schemas::EventTime(D0 + (day + 1) * DAY),
+            timezone: "UTC".into(),
+            feature: "event_count".to_string().into(),
+            dimension: String::new(),
+            value,
+            feature_version: 1,
+            params_version: 0,
+            is_final: true,
+            revision,
+            final_revision: revision,
+        }
+    }
+
+    /// Partition by partition, against counts made by hand, and only the partitions
+    /// written since are read again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn partitions_are_read_again_only_when_their_files_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = digame_infra::store::ParquetStore::open(dir.path()).unwrap();
+        // Three days; u0 has 3 events a day, u1 2. Event 1 is stored twice (a replay).
+        let mut events = Vec::new();
+        let mut n = 0;
+        for day in 0..3 {
+            for (user, count) in [("u0", 3), ("u1", 2)] {
+                for _ in 0..count {
+                    n += 1;
+                    events.push(event(user, n, D0 + day * DAY + 3_600_000 + n as i64));
+                }
+            }
+        }
+        store.write_rows(Table::Events, &events).unwrap();
+        store.write_rows(Table::Events, &events[..1]).unwrap();
+        // The day counts, u0's first day once with an older, wrong revision.
+        let mut rows = vec![day_count("u0", 0, 7.0, 1)];
+        for day in 0..3 {
+            rows.push(day_count("u0", day, 3.0, 2));
+            rows.push(day_count("u1", day, 2.0, 2));
+        }
+        store.write_rows(Table::Features, &rows).unwrap();
+        let engine = QueryEngine::new(dir.path(), QueryConfig::default());
+        let person = |user: &str, stored, counted| PersonTally {
+            user_id: user.into(),
+            tally: Tally { stored, counted },
+        };
+
+        let r = engine.reconcile("acme", true).await.unwrap();
+        assert_eq!(
+            r.total,
+            Tally {
+                stored: 15,
+                counted: 15
+            }
+        );
+        assert_eq!(r.people, Some(vec![person("u0", 9, 9), person("u1", 6, 6)]));
+        // Three partitions of each table, for the totals and per person.
+        assert_eq!(engine.reconcile_memo.reads(), 12);
+        let again = engine.reconcile("acme", true).await.unwrap();
+        assert_eq!(again, r);
+        assert_eq!(
+            engine.reconcile_memo.reads(),
+            12,
+            "nothing changed, nothing read"
+        );
+
+        // One more event on the second day: that partition of events only.
+        store
+            .write_rows(Table::Events, &[event("u1", 100, D0 + DAY + 7_200_000)])
+            .unwrap();
+        let r = engine.reconcile("acme", false).await.unwrap();
+        assert_eq!(
+            r.total,
+            Tally {
+                stored: 16,
+                counted: 15
+            }
+        );
+        assert_eq!(engine.reconcile_memo.reads(), 13);
+        // Its count: that partition of features only.
+        store
+            .write_rows(Table::Features, &[day_count("u1", 1, 3.0, 3)])
+            .unwrap();
+        let r = engine.reconcile("acme", false).await.unwrap();
+        assert_eq!(
+            r.total,
+            Tally {
+                stored: 16,
+                counted: 16
+            }
+        );
+        assert_eq!(engine.reconcile_memo.reads(), 14);
+        // Another tenant sees none of it.
+        let other = engine.reconcile("globex", false).await.unwrap();
+        assert_eq!(other.total, Tally::default());
     }
 }

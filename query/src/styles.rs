@@ -1,7 +1,8 @@
 //! Work styles: person-weeks clustered over a vector of behavioural shares, with the
 //! number of clusters chosen by a stated criterion and outliers flagged.
 //!
-//! - **Vector.** Each person-week (local Monday to Monday, from day windows) becomes
+//! - **Vector.** Each complete person-week (local Monday to Sunday, from final day
+//!   windows; see [`person_weeks`] for what makes a week complete) becomes
 //!   [`STYLE_FEATURES`]: hours active per active day and the shares of active or present
 //!   time spent in meetings, communication, development, deep work, after hours,
 //!   distraction and multitasking, plus context switches per active hour. Weeks without
@@ -22,6 +23,8 @@ use serde::Serialize;
 use smartcore::cluster::dbscan::{DBSCAN, DBSCANParameters};
 use smartcore::cluster::kmeans::{KMeans, KMeansParameters};
 use smartcore::linalg::basic::matrix::DenseMatrix;
+
+use digame_schemas::{EventTime, TimeRange};
 
 use crate::FeatureWindow;
 
@@ -91,20 +94,61 @@ pub const WEEK_INPUTS: &[&str] = &[
     "multitasking_seconds",
 ];
 
-/// A person's weeks from their final day windows. A day still in progress is left out: its
-/// shape (a night owl's day cut at noon, say) is not yet the person's.
-pub fn person_weeks(user: &str, days: &[FeatureWindow]) -> Vec<PersonWeek> {
+/// A person's complete weeks from their final day windows, `span` being the range the
+/// windows were read for with its end no later than the present.
+///
+/// A week is a local Monday-to-Sunday in the person's time zone, and it is clustered only
+/// when it is complete: all seven of its days have ended by `span.to`, and none lies
+/// before `span.from` or before the person's first day with data. A week the range or the
+/// data cuts is left out, because what is left of it is not the person's week: a lone
+/// weekend day reads as pure after-hours work, a Monday alone as a short week. A day still
+/// in progress is never read either (a night owl's day cut at noon is not yet theirs).
+pub fn person_weeks(user: &str, days: &[FeatureWindow], span: TimeRange) -> Vec<PersonWeek> {
     use chrono::Datelike;
-    let mut weeks: BTreeMap<String, [f64; 12]> = BTreeMap::new();
-    for w in days.iter().filter(|w| w.is_final) {
+    let local = |w: &FeatureWindow| {
         let tz: chrono_tz::Tz = w.timezone.parse().unwrap_or(chrono_tz::UTC);
-        let Some(local) = chrono::DateTime::from_timestamp_millis(w.window_start.0)
-            .map(|t| t.with_timezone(&tz).date_naive())
-        else {
+        let date = chrono::DateTime::from_timestamp_millis(w.window_start.0)
+            .map(|t| t.with_timezone(&tz).date_naive())?;
+        Some((tz, date))
+    };
+    let finals: Vec<_> = days
+        .iter()
+        .filter(|w| w.is_final)
+        .filter_map(|w| Some((w, local(w)?)))
+        .collect();
+    // The complete weeks' Mondays lie in [first_monday, end_monday).
+    let Some(&(_, (tz, first_day))) = finals.iter().min_by_key(|(_, (_, d))| *d) else {
+        return Vec::new();
+    };
+    let date_at = |t: EventTime| {
+        chrono::DateTime::from_timestamp_millis(t.0).map(|t| t.with_timezone(&tz).date_naive())
+    };
+    let (Some(from_date), Some(to_date)) = (date_at(span.from), date_at(span.to)) else {
+        return Vec::new();
+    };
+    // The first whole day of the span: `from`'s own day unless `from` is its midnight.
+    let from_day = if date_at(EventTime(span.from.0 - 1)) == Some(from_date) {
+        from_date.succ_opt().unwrap_or(from_date)
+    } else {
+        from_date
+    };
+    let monday_of =
+        |d: chrono::NaiveDate| d - chrono::Days::new(u64::from(d.weekday().num_days_from_monday()));
+    let start = from_day.max(first_day);
+    let first_monday = if start.weekday() == chrono::Weekday::Mon {
+        start
+    } else {
+        monday_of(start) + chrono::Days::new(7)
+    };
+    // `to`'s own day has not ended (unless `to` is its midnight, when it has not begun).
+    let end_monday = monday_of(to_date);
+    let mut weeks: BTreeMap<chrono::NaiveDate, [f64; 12]> = BTreeMap::new();
+    for (w, (_, date)) in finals {
+        let monday = monday_of(date);
+        if monday < first_monday || monday >= end_monday {
             continue;
-        };
-        let monday = local - chrono::Days::new(u64::from(local.weekday().num_days_from_monday()));
-        let s = weeks.entry(monday.to_string()).or_default();
+        }
+        let s = weeks.entry(monday).or_default();
         let active = value(w, "active_seconds");
         s[0] += active;
         s[1] += f64::from(u8::from(active > 0.0));
@@ -126,7 +170,7 @@ pub fn person_weeks(user: &str, days: &[FeatureWindow]) -> Vec<PersonWeek> {
             let present = s[2].max(active);
             PersonWeek {
                 user: user.into(),
-                week,
+                week: week.to_string(),
                 vector: [
                     active / s[1] / 3600.0,
                     s[3] / present,
@@ -333,7 +377,7 @@ fn outliers(x: &[Vec<f64>], m: &DenseMatrix<f64>) -> Result<(Vec<bool>, f64), St
 pub fn cluster(weeks: &[PersonWeek]) -> Result<StyleModel, String> {
     if weeks.len() < 3 {
         return Err(format!(
-            "{} person-weeks with activity; clustering needs at least 3",
+            "{} complete person-weeks with activity in the range; clustering needs at least 3 (a week counts once its local Monday to Sunday has ended, after the person's first day with data): widen from/to or wait for more data",
             weeks.len()
         ));
     }
@@ -429,6 +473,87 @@ mod tests {
         // Contingency [[1,1],[1,1]]: index 0, expected 2·2/6 = 2/3, max 2 → −0.5.
         let ari = adjusted_rand_index(&[0, 0, 1, 1], &[0, 1, 0, 1]);
         assert!((ari + 0.5).abs() < 1e-12, "{ari}");
+    }
+
+    /// A final day window of `zone` for the local date `ymd`, with an hour of activity.
+    fn day(zone: &str, ymd: (i32, u32, u32)) -> FeatureWindow {
+        use chrono::TimeZone;
+        let tz: chrono_tz::Tz = zone.parse().unwrap();
+        let date = chrono::NaiveDate::from_ymd_opt(ymd.0, ymd.1, ymd.2).unwrap();
+        let start = tz
+            .from_local_datetime(&date.and_hms_opt(0, 0, 0).unwrap())
+            .unwrap()
+            .timestamp_millis();
+        let mut features = serde_json::Map::new();
+        features.insert("active_seconds".into(), 3600.0.into());
+        FeatureWindow {
+            window_start: EventTime(start),
+            window_end: EventTime(start + 86_400_000),
+            timezone: zone.into(),
+            is_final: true,
+            finality: crate::Finality::default(),
+            features,
+            breakdowns: serde_json::Map::new(),
+        }
+    }
+
+    fn at(rfc3339: &str) -> EventTime {
+        EventTime(
+            chrono::DateTime::parse_from_rfc3339(rfc3339)
+                .unwrap()
+                .timestamp_millis(),
+        )
+    }
+
+    fn weeks_of(days: &[FeatureWindow], from: &str, to: &str) -> Vec<String> {
+        let span = TimeRange::new(at(from), at(to)).unwrap();
+        person_weeks("u", days, span)
+            .into_iter()
+            .map(|w| w.week)
+            .collect()
+    }
+
+    #[test]
+    fn only_complete_weeks_are_clustered() {
+        // Kolkata (UTC+05:30). 2026-11-07 is a Saturday; data every day to Friday 12-04.
+        use chrono::Datelike;
+        let zone = "Asia/Kolkata";
+        let dates: Vec<chrono::NaiveDate> = chrono::NaiveDate::from_ymd_opt(2026, 11, 7)
+            .unwrap()
+            .iter_days()
+            .take(28)
+            .collect();
+        let windows = |keep: &dyn Fn(usize) -> bool| -> Vec<FeatureWindow> {
+            (dates.iter().enumerate())
+                .filter(|(i, _)| keep(*i))
+                .map(|(_, d)| day(zone, (d.year(), d.month(), d.day())))
+                .collect()
+        };
+        let days = windows(&|_| true);
+        // Read up to Saturday 12-05 10:00 local: the weeks of 11-09, 11-16 and 11-23 are
+        // whole; 11-07..08 (the data's start) and 11-30..12-04 (Sunday 12-06 has not
+        // ended) are cut.
+        let weeks = weeks_of(&days, "2026-10-01T00:00:00Z", "2026-12-05T04:30:00Z");
+        assert_eq!(weeks, ["2026-11-09", "2026-11-16", "2026-11-23"]);
+        // Once Sunday 12-06 has ended in Kolkata (18:30Z), the week of 11-30 is complete.
+        let weeks = weeks_of(&days, "2026-10-01T00:00:00Z", "2026-12-06T18:30:00Z");
+        assert_eq!(weeks.last().map(String::as_str), Some("2026-11-30"));
+        let weeks = weeks_of(&days, "2026-10-01T00:00:00Z", "2026-12-06T18:29:59Z");
+        assert_eq!(weeks.last().map(String::as_str), Some("2026-11-23"));
+        // A range starting at Monday 11-16's local midnight keeps that week; a moment later
+        // cuts it.
+        let to = "2026-12-05T04:30:00Z";
+        assert_eq!(
+            weeks_of(&days, "2026-11-15T18:30:00Z", to),
+            ["2026-11-16", "2026-11-23"]
+        );
+        assert_eq!(weeks_of(&days, "2026-11-15T18:30:01Z", to), ["2026-11-23"]);
+        // The data's first day decides too: from a lone Sunday 11-08, its week is cut.
+        let weeks = weeks_of(&days[1..], "2026-10-01T00:00:00Z", to);
+        assert_eq!(weeks.first().map(String::as_str), Some("2026-11-09"));
+        // A week in the middle with one day of data is still a complete week.
+        let sparse = windows(&|i| !(10..16).contains(&i));
+        assert_eq!(weeks_of(&sparse, "2026-10-01T00:00:00Z", to).len(), 3);
     }
 
     #[test]

@@ -41,18 +41,10 @@ pub fn tables() -> Vec<TableSpec> {
             name: "features",
             layout: Layout::of::<FeatureRow>(),
             engine: Engine::Replacing {
-                version: Some("revision"),
+                version: Some(FeatureRow::VERSION),
             },
             partition_time: "window_start",
-            order_by: vec![
-                "tenant_id",
-                "user_id",
-                "granularity",
-                "window_start",
-                "feature",
-                "dimension",
-                "feature_version",
-            ],
+            order_by: FeatureRow::KEY.to_vec(),
         },
         TableSpec {
             name: "anomalies",

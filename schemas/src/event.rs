@@ -195,10 +195,18 @@ impl ActivityEvent {
 /// `tenant:user`, the key that keeps one person's events in one partition.
 pub fn partition_key(tenant: &str, user: &str) -> String {
     let mut key = String::with_capacity(tenant.len() + user.len() + 1);
+    write_partition_key(&mut key, tenant, user);
+    key
+}
+
+/// [`partition_key`] written into `key` (cleared first), for hot loops that reuse one
+/// buffer.
+pub fn write_partition_key(key: &mut String, tenant: &str, user: &str) {
+    key.clear();
+    key.reserve(tenant.len() + user.len() + 1);
     key.push_str(tenant);
     key.push(':');
     key.push_str(user);
-    key
 }
 
 #[cfg(test)]

@@ -12,12 +12,14 @@ pub mod records;
 pub mod time;
 pub mod validate;
 
-pub use event::{ActivityEvent, Attributes, EventKind, SCHEMA_VERSION, partition_key};
+pub use event::{
+    ActivityEvent, Attributes, EventKind, SCHEMA_VERSION, partition_key, write_partition_key,
+};
 pub use profile::{PersonProfile, TenantSettings, params_version};
 pub use records::{
     AnomalyRow, DeadLetter, FEATURE_VERSION, FeatureRow, Granularity, PredictionRow,
 };
-pub use time::EventTime;
+pub use time::{EventTime, TimeRange};
 
 /// The published JSON Schema of the wire event (served at `GET /v1/schema`).
 pub fn event_json_schema() -> serde_json::Value {

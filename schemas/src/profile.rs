@@ -1,7 +1,7 @@
 //! The parameters behind every behavioral feature: a tenant's settings (category and
 //! productivity rules, timeouts, rates, redaction) and each person's profile (time zone,
-//! working hours, manager, team, goals). Defaults are the published defaults named in
-//! `METRICS.md`.
+//! working hours, manager, team, goals). What each one means, and its default, is in
+//! `docs/features.md`.
 //!
 //! Both are plain data validated here ([`TenantSettings::validate`],
 //! [`PersonProfile::validate`]) so that the API refuses a bad rule with a precise message
@@ -378,7 +378,7 @@ impl PersonProfile {
         end.saturating_sub(start)
     }
 
-    /// The data-quality flag of `METRICS.md`: a workday under 4 h or over 15 h.
+    /// The data-quality flag of `docs/features.md`: a workday under 4 h or over 15 h.
     pub fn implausible_workday(&self) -> bool {
         let m = self.workday_minutes();
         !(240..=900).contains(&m)

@@ -46,8 +46,8 @@ impl Granularity {
     }
 }
 
-/// One feature value of one person in one window. Key: (`tenant_id`, `user_id`,
-/// `granularity`, `window_start`, `feature`, `dimension`, `feature_version`).
+/// One feature value of one person in one window, identified by [`FeatureRow::KEY`];
+/// of the rows with one key, the highest [`FeatureRow::VERSION`] is the value.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct FeatureRow {
     /// Shared: one person's rows all carry the same tenant, user and zone, so a row
@@ -84,6 +84,23 @@ pub struct FeatureRow {
     /// event reopened it).
     #[serde(default)]
     pub final_revision: i64,
+}
+
+impl FeatureRow {
+    /// The columns identifying one feature value: ClickHouse's sorting (and replacing)
+    /// key, and the embedded store's deduplication key (less `tenant_id`, which is the
+    /// directory there). The one definition of the fact.
+    pub const KEY: &'static [&'static str] = &[
+        "tenant_id",
+        "user_id",
+        "granularity",
+        "window_start",
+        "feature",
+        "dimension",
+        "feature_version",
+    ];
+    /// The column whose highest value wins among rows with one key.
+    pub const VERSION: &'static str = "revision";
 }
 
 /// A rejected or too-late event, kept with the reason.

@@ -104,6 +104,26 @@ impl EventTime {
     }
 }
 
+/// A half-open span of event time, `[from, to)`: what every read by time range takes.
+/// [`TimeRange::new`] refuses an empty span.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TimeRange {
+    pub from: EventTime,
+    pub to: EventTime,
+}
+
+impl TimeRange {
+    /// The span `[from, to)`; `None` unless `from` is before `to`.
+    pub fn new(from: EventTime, to: EventTime) -> Option<Self> {
+        (from < to).then_some(TimeRange { from, to })
+    }
+
+    /// The span's length in milliseconds.
+    pub fn len_ms(&self) -> i64 {
+        self.to.0 - self.from.0
+    }
+}
+
 impl fmt::Display for EventTime {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.to_rfc3339())
@@ -165,6 +185,15 @@ impl JsonSchema for EventTime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_time_range_is_never_empty() {
+        let (a, b) = (EventTime(1_000), EventTime(5_000));
+        assert_eq!(TimeRange::new(b, a), None);
+        assert_eq!(TimeRange::new(a, a), None);
+        let r = TimeRange::new(a, b).unwrap();
+        assert_eq!((r.from, r.to, r.len_ms()), (a, b, 4_000));
+    }
 
     proptest::proptest! {
         /// The positional reader agrees with chrono on every canonical stamp and on

@@ -452,14 +452,29 @@ impl Client {
         ))
     }
 
-    /// `POST /v1/events` with a raw body and optional content encoding.
+    /// `POST /v1/events` with a raw NDJSON body and optional content encoding.
     pub async fn post_events_raw(&self, body: Vec<u8>, encoding: Option<&str>) -> Result<Reply> {
+        self.post_raw("/v1/events", Some("application/x-ndjson"), body, encoding)
+            .await
+    }
+
+    /// `POST path` with a raw body, its declared content type (none when `None`) and
+    /// optional content encoding.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+        encoding: Option<&str>,
+    ) -> Result<Reply> {
         let mut req = self
             .http
-            .post(format!("{}/v1/events", self.base))
+            .post(format!("{}{path}", self.base))
             .bearer_auth(&self.key)
-            .header("content-type", "application/x-ndjson")
             .body(body);
+        if let Some(t) = content_type {
+            req = req.header("content-type", t);
+        }
         if let Some(e) = encoding {
             req = req.header("content-encoding", e);
         }
@@ -531,6 +546,24 @@ impl Client {
             .send()
             .await?;
         Self::reply(r).await
+    }
+
+    /// The pipeline's notices on `/readyz` (damage it met and what it did), once there
+    /// is at least one; while the server is not answering yet, it waits.
+    pub async fn pipeline_notices(&self, timeout: Duration) -> Result<Vec<String>> {
+        eventually(timeout, || async {
+            let Ok((_, ready)) = self.get("/readyz").await else {
+                return Ok(None);
+            };
+            let notices: Vec<String> = ready["pipeline"]["notices"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n.as_str().map(str::to_string))
+                .collect();
+            Ok((!notices.is_empty()).then_some(notices))
+        })
+        .await
     }
 
     /// `GET` with extra request headers, as the server answered: status, headers and the

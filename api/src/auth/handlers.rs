@@ -183,6 +183,32 @@ pub async fn bootstrap(
     }))
 }
 
+/// Replaces the password of the account with `email` (any tenant) from the command line,
+/// for an owner locked out: `password` when given (it must pass the policy), else a
+/// generated one, which is returned to be shown once. The account's sessions are revoked.
+pub async fn reset_password(
+    meta: &MetaStore,
+    email: &str,
+    password: Option<String>,
+) -> anyhow::Result<Option<String>> {
+    let Some((account, _)) = meta.account_for_login(email).await? else {
+        anyhow::bail!(
+            "no account has the email `{email}` in this metadata store; check --email and --data-dir (or meta.url)"
+        );
+    };
+    let (password, generated) = match password {
+        Some(p) => {
+            passwords::check_policy(&p, &[&account.email])
+                .map_err(|e| anyhow::anyhow!("DIGAME_ADMIN_PASSWORD: {e}"))?;
+            (p, false)
+        }
+        None => (passwords::generate(), true),
+    };
+    let hash = hash_password(&password).await;
+    meta.set_password(&account.account_id, &hash).await?;
+    Ok(generated.then_some(password))
+}
+
 /// A new key: `((full key, record), key_id)`.
 fn new_key(
     tenant: &str,

@@ -36,7 +36,6 @@ use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use digame_infra::config::IngestKeys;
-use digame_infra::meta::MetaStore;
 use digame_infra::meta::identity::{Account, ApiKeyRecord, AuditRecord, digest};
 use subtle::ConstantTimeEq;
 
@@ -351,58 +350,58 @@ impl Auth {
     }
 }
 
-/// Follows what other nodes change, every `every`: accounts, keys, revoked sessions, and
-/// deletions the read cache must forget.
-pub async fn follow(
-    meta: MetaStore,
-    state: Arc<AppState>,
-    every: std::time::Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let (mut keys_seen, mut sessions_seen, mut accounts_seen, mut forgets_seen) = (0, 0, 0, 0);
-    loop {
-        match meta.invalidations_since(forgets_seen).await {
-            Ok((forgotten, rev)) => {
-                if let Some(cache) = state.query.cache() {
-                    for (tenant, user) in &forgotten {
-                        cache.forget(tenant, user.as_deref());
-                    }
+/// The metadata revisions the credential follower has applied.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Followed {
+    keys: i64,
+    sessions: i64,
+    accounts: i64,
+    forgets: i64,
+}
+
+/// Applies what other nodes changed since `seen` (accounts, keys, revoked sessions, and
+/// deletions the read cache must forget); returns the revisions now applied. A read that
+/// fails keeps its revision, so the next run reads it again.
+pub async fn follow(state: Arc<AppState>, mut seen: Followed) -> Followed {
+    let meta = &state.meta;
+    match meta.invalidations_since(seen.forgets).await {
+        Ok((forgotten, rev)) => {
+            if let Some(cache) = state.query.cache() {
+                for (tenant, user) in &forgotten {
+                    cache.forget(tenant, user.as_deref());
                 }
-                forgets_seen = rev;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "reading read-cache invalidations failed; retrying")
-            }
+            seen.forgets = rev;
         }
-        match meta.account_changes_since(accounts_seen).await {
-            Ok((changed, rev)) => {
-                state.auth.apply_accounts(&changed);
-                accounts_seen = rev;
-            }
-            Err(e) => tracing::warn!(error = %e, "reading account changes failed; retrying"),
-        }
-        match meta.api_key_changes_since(keys_seen).await {
-            Ok((changed, rev)) => {
-                state.auth.apply_keys(&changed);
-                keys_seen = rev;
-            }
-            Err(e) => tracing::warn!(error = %e, "reading API key changes failed; retrying"),
-        }
-        let since =
-            digame_schemas::EventTime::now().0 - (state.auth.tokens.access_ttl_secs + 60) * 1000;
-        match meta.revoked_sessions_since(sessions_seen, since).await {
-            Ok((revoked, rev)) => {
-                state.auth.apply_revoked(&revoked);
-                sessions_seen = rev;
-            }
-            Err(e) => tracing::warn!(error = %e, "reading revoked sessions failed; retrying"),
-        }
-        state.auth.limiter.shrink();
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = stop.changed() => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading read-cache invalidations failed; retrying")
         }
     }
+    match meta.account_changes_since(seen.accounts).await {
+        Ok((changed, rev)) => {
+            state.auth.apply_accounts(&changed);
+            seen.accounts = rev;
+        }
+        Err(e) => tracing::warn!(error = %e, "reading account changes failed; retrying"),
+    }
+    match meta.api_key_changes_since(seen.keys).await {
+        Ok((changed, rev)) => {
+            state.auth.apply_keys(&changed);
+            seen.keys = rev;
+        }
+        Err(e) => tracing::warn!(error = %e, "reading API key changes failed; retrying"),
+    }
+    let since =
+        digame_schemas::EventTime::now().0 - (state.auth.tokens.access_ttl_secs + 60) * 1000;
+    match meta.revoked_sessions_since(seen.sessions, since).await {
+        Ok((revoked, rev)) => {
+            state.auth.apply_revoked(&revoked);
+            seen.sessions = rev;
+        }
+        Err(e) => tracing::warn!(error = %e, "reading revoked sessions failed; retrying"),
+    }
+    state.auth.limiter.shrink();
+    seen
 }
 
 /// The bearer credential of a request.

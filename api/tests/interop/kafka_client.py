@@ -6,6 +6,8 @@
   kafka_client.py consume BOOTSTRAP TOPIC IDLE_SECONDS
       reads the topic from the beginning and prints each value (one JSON per line)
       until nothing arrives for IDLE_SECONDS.
+  kafka_client.py placement BOOTSTRAP TOPIC IDLE_SECONDS
+      the same, printing {"partition": N, "key": "..."} for each record instead.
 """
 
 import json
@@ -36,7 +38,7 @@ def publish(bootstrap, topic):
     print(len(futures))
 
 
-def consume(bootstrap, topic, idle_seconds):
+def consume(bootstrap, topic, idle_seconds, placement=False):
     consumer = KafkaConsumer(
         topic,
         bootstrap_servers=bootstrap,
@@ -45,7 +47,11 @@ def consume(bootstrap, topic, idle_seconds):
         consumer_timeout_ms=int(float(idle_seconds) * 1000),
     )
     for message in consumer:
-        print(message.value.decode("utf-8"))
+        if placement:
+            key = message.key.decode("utf-8")
+            print(json.dumps({"partition": message.partition, "key": key}))
+        else:
+            print(message.value.decode("utf-8"))
     consumer.close()
 
 
@@ -55,5 +61,7 @@ if __name__ == "__main__":
         publish(bootstrap, topic)
     elif command == "consume":
         consume(bootstrap, topic, sys.argv[4])
+    elif command == "placement":
+        consume(bootstrap, topic, sys.argv[4], placement=True)
     else:
         sys.exit(f"unknown command {command}")

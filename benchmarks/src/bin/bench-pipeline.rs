@@ -1,6 +1,6 @@
 //! The feature pipeline alone: bus payloads (canonical events as ingest writes them) from
 //! `simulate` data pushed through the operator core — decode, dedup, watermark, window
-//! assignment and every feature of `METRICS.md` (F1–F14, day, hour and week windows,
+//! assignment and every feature of `docs/features.md` (F1–F14, day, hour and week windows,
 //! rolling 28-day state) — with rows emitted as the runtime does. Also reports the state
 //! held per active person (its checkpointed size, measured outside the timed region).
 //!

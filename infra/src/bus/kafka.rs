@@ -400,6 +400,10 @@ impl EventBus for KafkaBus {
             .unwrap_or(self.settings.partitions)
     }
 
+    fn partition_of(&self, topic: Topic, key: &[u8]) -> u32 {
+        murmur2_partition(key, self.partitions(topic))
+    }
+
     fn status(&self) -> BusStatus {
         if self.health.all_brokers_down.load(Ordering::Relaxed) {
             return BusStatus {
@@ -617,5 +621,65 @@ impl BusConsumer for KafkaConsumer {
                 Some(high.get(p)?.saturating_sub(read.copied().unwrap_or(0)))
             })
             .sum()
+    }
+}
+
+/// The partition the `murmur2_random` partitioner (the producer's) sends a keyed record
+/// to: the positive part of the key's MurmurHash2 (seed `0x9747b28c`, the hash Kafka's
+/// Java client uses) modulo the partition count.
+pub fn murmur2_partition(key: &[u8], partitions: u32) -> u32 {
+    (murmur2(key) & 0x7fff_ffff) % partitions.max(1)
+}
+
+/// MurmurHash2, 32-bit, as Kafka clients compute it (little-endian words).
+fn murmur2(data: &[u8]) -> u32 {
+    const M: u32 = 0x5bd1_e995;
+    const R: u32 = 24;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut words = data.chunks_exact(4);
+    for w in &mut words {
+        let mut k = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> R;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M) ^ k;
+    }
+    let tail = words.remainder();
+    if !tail.is_empty() {
+        for (i, b) in tail.iter().enumerate() {
+            h ^= u32::from(*b) << (8 * i);
+        }
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^ (h >> 15)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        // Kafka's own test vectors for `Utils.murmur2` (signed 32-bit).
+        for (key, hash) in [
+            ("21", -973_932_308i32),
+            ("foobar", -790_332_482),
+            ("a-little-bit-long-string", -985_981_536),
+            ("a-little-bit-longer-string", -1_486_304_829),
+            (
+                "lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8",
+                -58_897_971,
+            ),
+            ("abc", 479_470_107),
+        ] {
+            assert_eq!(murmur2(key.as_bytes()) as i32, hash, "{key}");
+            assert_eq!(
+                murmur2_partition(key.as_bytes(), 8),
+                (hash & 0x7fff_ffff) as u32 % 8,
+                "{key}"
+            );
+        }
     }
 }

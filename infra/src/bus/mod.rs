@@ -142,6 +142,12 @@ pub trait EventBus: Send + Sync + 'static {
     /// Number of partitions of `topic`.
     fn partitions(&self, topic: Topic) -> u32;
 
+    /// The partition of `topic` a record keyed `key` is published to: which partition's
+    /// state a key belongs to, e.g. when state is rebuilt from elsewhere than the bus.
+    fn partition_of(&self, topic: Topic, key: &[u8]) -> u32 {
+        partition_for(key, self.partitions(topic))
+    }
+
     fn status(&self) -> BusStatus;
 
     /// Stops background work after making everything appended so far durable.

@@ -2,13 +2,15 @@
 //! and when a file compaction replaced may be deleted.
 //!
 //! Compaction writes the merged file first, then *retires* the files it replaces. From
-//! that moment new queries no longer list them (the engine's object store asks
-//! [`Snapshots::hidden`]); queries that began before it may have listed them and may still
-//! open them. A retired file is deleted only once every query that began before its
-//! retirement has finished ([`Snapshots::sweep`]), however long that takes — not
-//! after a fixed grace period, which a query planned near its end outlives. A query
-//! between the merged file's write and the retirement lists both; upsert deduplication
-//! makes that invisible in results.
+//! that moment new queries no longer list them (the engine's object store asks the
+//! query's [`ReadGuard::hides`]). A query that began before the retirement still lists
+//! them: its directory read may predate the merged file, so hiding the inputs from it
+//! would leave it neither the old rows nor the new (an empty answer). A retired file is
+//! deleted only once every query that began before its retirement has finished
+//! ([`Snapshots::sweep`]), however long that takes — not after a fixed grace period,
+//! which a query planned near its end outlives. A query that lists both the inputs and
+//! the merged file reads each row twice; upsert deduplication makes that invisible in
+//! results.
 //!
 //! The same shared value carries the store's [`super::integrity::Integrity`]: a query's
 //! listing leaves out, and quarantines, a file that fails verification.
@@ -48,6 +50,24 @@ pub struct ReadGuard {
     epoch: u64,
 }
 
+impl ReadGuard {
+    /// Whether this query must leave a listed file out: retired before the query began,
+    /// or deleted (a deleted file is never one an older query holds).
+    pub fn hides(&self, location: &ObjectPath) -> bool {
+        let inner = self.snapshots.lock();
+        inner
+            .retired
+            .get(location)
+            .is_some_and(|(_, at)| *at < self.epoch)
+            || inner.gone.contains_key(location)
+    }
+
+    /// The shared file versions this guard holds.
+    pub fn snapshots(&self) -> &Arc<Snapshots> {
+        &self.snapshots
+    }
+}
+
 impl Drop for ReadGuard {
     fn drop(&mut self) {
         let mut inner = self.snapshots.lock();
@@ -85,8 +105,9 @@ impl Snapshots {
         }
     }
 
-    /// Whether a file was retired or deleted (queries do not list it).
-    pub fn hidden(&self, location: &ObjectPath) -> bool {
+    /// Whether a file was retired or deleted (the store's own view: compaction merges
+    /// it no more; a query asks its [`ReadGuard::hides`]).
+    fn hidden(&self, location: &ObjectPath) -> bool {
         let inner = self.lock();
         inner.retired.contains_key(location) || inner.gone.contains_key(location)
     }
@@ -154,6 +175,15 @@ mod tests {
         assert!(s.is_retired(&f));
         // A query that began after the retirement does not hold it up.
         let late = s.begin();
+        let location = object_path(&f).unwrap();
+        assert!(
+            !early.hides(&location),
+            "the early query may have listed the directory before the merged file existed"
+        );
+        assert!(
+            late.hides(&location),
+            "the late query reads the merged file"
+        );
         let keep = |_: &std::path::Path| {};
         assert!(
             s.sweep(keep).is_empty(),
@@ -164,6 +194,7 @@ mod tests {
         let remove = |p: &std::path::Path| removed.borrow_mut().push(p.to_path_buf());
         assert_eq!(s.sweep(remove), vec![f.clone()]);
         assert_eq!(removed.into_inner(), vec![f.clone()]);
+        assert!(late.hides(&location));
         assert!(
             s.is_retired(&f),
             "hidden from the late query, which began before the deletion"
