@@ -136,13 +136,16 @@ async fn every_accepted_event_is_counted(bus: Bus, store: Option<TestClickHouse>
     // (nothing rejected, its events counted once) plus what time has since added.
     let (third, _) = simulate(&server, &reader_key(KEY), (42, 7), 4, 5000).await;
     assert!(third >= first, "{third} < {first}");
+    let last = std::sync::Mutex::new(Value::Null);
     let n = eventually(Duration::from_secs(120), || async {
         let (_, r) = client.get("/v1/reconciliation").await?;
         let settled = r["pipeline"]["caught_up"] == true && r["stored"] == r["counted"];
-        Ok(settled.then(|| r["counted"].as_u64().unwrap()))
+        let n = settled.then(|| r["counted"].as_u64().unwrap());
+        *last.lock().unwrap() = r;
+        Ok(n)
     })
     .await
-    .unwrap();
+    .unwrap_or_else(|e| panic!("{e}: {}", last.lock().unwrap()));
     let added = n - (first + second);
     assert!(
         added < third / 4,

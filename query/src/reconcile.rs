@@ -60,58 +60,91 @@ pub struct PersonTally {
     pub tally: Tally,
 }
 
-/// One tally statement: its table, what it selects and filters (`{date}` marks where a
-/// partition's filter goes), and the columns its counts are keyed by.
+/// One tally statement over a table: what it selects, filters and groups by, and the
+/// columns its counts are keyed by (the grouping columns).
 struct Statement {
     table: Table,
-    text: &'static str,
+    select: &'static str,
+    filter: &'static str,
     keys: &'static [&'static str],
 }
 
+impl Statement {
+    /// The statement's text, over the partition of `date` when given. `date` is a parsed
+    /// date, printed as digits and dashes: the only text that enters a statement, never
+    /// from a request.
+    fn text(&self, date: Option<chrono::NaiveDate>) -> String {
+        let date = date.map(|d| format!("date = '{}'", d.format("%Y-%m-%d")));
+        let filters: Vec<&str> = [date.as_deref().unwrap_or(""), self.filter]
+            .into_iter()
+            .filter(|f| !f.is_empty())
+            .collect();
+        let mut text = format!("SELECT {} FROM {}", self.select, self.table.name());
+        if !filters.is_empty() {
+            text.push_str(" WHERE ");
+            text.push_str(&filters.join(" AND "));
+        }
+        if !self.keys.is_empty() {
+            text.push_str(" GROUP BY ");
+            text.push_str(&self.keys.join(", "));
+        }
+        text
+    }
+}
+
+/// The day `event_count` totals: what the features count.
+const DAY_COUNTS: &str = "feature = 'event_count' AND dimension = '' AND granularity = 'day'";
+
 const STORED: Statement = Statement {
     table: Table::Events,
-    text: "SELECT COUNT(*) AS n FROM events WHERE {date} TRUE",
+    select: "COUNT(*) AS n",
+    filter: "",
     keys: &[],
 };
 const COUNTED: Statement = Statement {
     table: Table::Features,
-    text: "SELECT SUM(value) AS n FROM features \
-           WHERE {date} feature = 'event_count' AND dimension = '' AND granularity = 'day'",
+    select: "SUM(value) AS n",
+    filter: DAY_COUNTS,
     keys: &[],
 };
 const STORED_BY_USER: Statement = Statement {
     table: Table::Events,
-    text: "SELECT user_id, COUNT(*) AS n FROM events WHERE {date} TRUE GROUP BY user_id",
+    select: "user_id, COUNT(*) AS n",
+    filter: "",
     keys: &["user_id"],
 };
 const COUNTED_BY_USER: Statement = Statement {
     table: Table::Features,
-    text: "SELECT user_id, SUM(value) AS n FROM features \
-           WHERE {date} feature = 'event_count' AND dimension = '' AND granularity = 'day' \
-           GROUP BY user_id",
+    select: "user_id, SUM(value) AS n",
+    filter: DAY_COUNTS,
     keys: &["user_id"],
 };
 const DEAD: Statement = Statement {
     table: Table::DeadLetters,
-    text: "SELECT stage, reason_code, COUNT(*) AS n FROM dead_letters WHERE {date} TRUE \
-           GROUP BY stage, reason_code",
+    select: "stage, reason_code, COUNT(*) AS n",
+    filter: "",
     keys: &["stage", "reason_code"],
 };
 
 /// Counts keyed by a statement's key columns (one empty key for a total).
 type Counts = BTreeMap<Vec<String>, u64>;
 
+/// (tenant, table, selection, date) of a partition's answer.
+type PartitionKey = (String, &'static str, &'static str, String);
+/// A partition's answer: the sorted names of the files it was read from, and its counts.
+type PartitionAnswer = (Vec<String>, Counts);
+
 /// Partition answers of the embedded store, each with the file names it was read from.
 #[derive(Debug, Default)]
 pub(crate) struct PartitionMemo {
-    /// (tenant, statement, date) → (sorted file names, counts).
-    answers: Mutex<HashMap<(String, &'static str, String), (Vec<String>, Counts)>>,
+    answers: Mutex<HashMap<PartitionKey, PartitionAnswer>>,
     /// Partitions read from the files rather than answered from memory.
     reads: AtomicU64,
 }
 
 impl PartitionMemo {
     /// Partition statements run so far (the rest were answered from memory).
+    #[cfg(test)]
     pub(crate) fn reads(&self) -> u64 {
         self.reads.load(Ordering::Relaxed)
     }
@@ -224,9 +257,7 @@ impl QueryEngine {
         let root = match &self.backend {
             Backend::Embedded(root) => root.clone(),
             Backend::ClickHouse(_) => {
-                let rows = self
-                    .sql_all(tenant, &statement.text.replace("{date}", ""))
-                    .await?;
+                let rows = self.sql_all(tenant, &statement.text(None)).await?;
                 add_rows(&mut counts, &rows, statement.keys);
                 return Ok(counts);
             }
@@ -237,7 +268,9 @@ impl QueryEngine {
             .map_err(crate::internal)?
             .map_err(crate::internal)?;
         let memo = &self.reconcile_memo;
-        let key = |date: &chrono::NaiveDate| (tenant.to_string(), statement.text, date.to_string());
+        let (table_name, select) = (statement.table.name(), statement.select);
+        let key =
+            |date: &chrono::NaiveDate| (tenant.to_string(), table_name, select, date.to_string());
         // Partitions gone (retention, deletion) leave the memory too.
         {
             let dates: std::collections::HashSet<String> =
@@ -245,7 +278,9 @@ impl QueryEngine {
             memo.answers
                 .lock()
                 .expect("memo lock")
-                .retain(|(t, s, d), _| !(t == tenant && *s == statement.text) || dates.contains(d));
+                .retain(|(t, tb, s, d), _| {
+                    !(t == tenant && *tb == table_name && *s == select) || dates.contains(d)
+                });
         }
         for (date, files) in listed {
             let known = memo
@@ -258,12 +293,7 @@ impl QueryEngine {
             let part = match known {
                 Some(c) => c,
                 None => {
-                    // `date` is a parsed date, printed as digits and dashes: the only
-                    // text that enters the statement, and never from a request.
-                    let filter = format!("date = '{}' AND", date.format("%Y-%m-%d"));
-                    let rows = self
-                        .sql_all(tenant, &statement.text.replace("{date}", &filter))
-                        .await?;
+                    let rows = self.sql_all(tenant, &statement.text(Some(date))).await?;
                     memo.reads.fetch_add(1, Ordering::Relaxed);
                     let mut c = Counts::new();
                     add_rows(&mut c, &rows, statement.keys);
@@ -309,6 +339,24 @@ mod tests {
         assert_eq!(r.total, Tally::default());
         assert!(r.dead_letters.is_empty());
         assert_eq!(r.people, Some(Vec::new()));
+    }
+
+    /// Without a partition, no filter but the statement's own (ClickHouse 18.16 reads a
+    /// bare `TRUE` as a column name).
+    #[test]
+    fn statements_name_their_partition_and_nothing_else() {
+        assert_eq!(STORED.text(None), "SELECT COUNT(*) AS n FROM events");
+        let date = chrono::NaiveDate::from_ymd_opt(2026, 11, 24);
+        assert_eq!(
+            STORED.text(date),
+            "SELECT COUNT(*) AS n FROM events WHERE date = '2026-11-24'"
+        );
+        assert_eq!(
+            COUNTED_BY_USER.text(date),
+            format!(
+                "SELECT user_id, SUM(value) AS n FROM features WHERE date = '2026-11-24' AND {DAY_COUNTS} GROUP BY user_id"
+            )
+        );
     }
 
     const DAY: i64 = 86_400_000;
