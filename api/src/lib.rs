@@ -706,26 +706,38 @@ async fn refuse_oversized_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if let Some(length) = declared {
+    let refusal = declared.and_then(|length| {
         if req.uri().path() == "/v1/events" && length > limits.events as u64 {
             let e = IngestError::BodyTooLarge {
                 limit: limits.events,
             };
-            return ApiError::Ingest(e).into_response();
+            return Some((length, ApiError::Ingest(e)));
         }
-        if length > limits.any as u64 {
-            return ApiError::BodyRefused(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!(
-                    "request body of {length} bytes exceeds {} bytes, the most any route reads; send a smaller body",
-                    limits.any
-                ),
+        (length > limits.any as u64).then(|| {
+            let message = format!(
+                "request body of {length} bytes exceeds {} bytes, the most any route reads; send a smaller body",
+                limits.any
+            );
+            (
+                length,
+                ApiError::BodyRefused(StatusCode::PAYLOAD_TOO_LARGE, message),
             )
-            .into_response();
+        })
+    });
+    if let Some((length, refused)) = refusal {
+        // Read what a moderately oversized body sends before answering: closing with
+        // unread bytes resets the connection, and the client loses the answer with it.
+        // A body past the drain bound is not read; its sender may see the reset.
+        if length <= DRAIN_BOUND {
+            let _ = axum::body::to_bytes(req.into_body(), DRAIN_BOUND as usize).await;
         }
+        return refused.into_response();
     }
     next.run(req).await
 }
+
+/// The largest refused body still read (and dropped) before the refusal is sent.
+const DRAIN_BOUND: u64 = 16 << 20;
 
 /// The body limits [`refuse_oversized_body`] applies.
 #[derive(Clone, Copy, Debug)]

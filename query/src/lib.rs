@@ -255,6 +255,13 @@ impl QueryEngine {
 
     /// A session whose tables are the tenant's views and nothing else.
     pub fn tenant_context(&self, tenant: &str) -> Result<SessionContext> {
+        self.context(tenant, true)
+    }
+
+    /// As [`Self::tenant_context`]; with `dedup` false the tables are the tenant's rows as
+    /// stored, every version of a key included, for statements that deduplicate only what
+    /// they need (see `reconcile`).
+    fn context(&self, tenant: &str, dedup: bool) -> Result<SessionContext> {
         digame_schemas::validate::validate_tenant_id(tenant).map_err(QueryError::Invalid)?;
         let config = SessionConfig::new()
             .with_information_schema(false)
@@ -280,13 +287,29 @@ impl QueryEngine {
         );
         isolation::cap_functions(&ctx, self.config.max_value_bytes);
         for table in Table::ALL {
-            let view = self.tenant_view(table, tenant)?;
+            let view = self.tenant_view(table, tenant, dedup)?;
             ctx.register_table(table.name(), view).map_err(internal)?;
         }
         Ok(ctx)
     }
 
-    fn tenant_view(&self, table: Table, tenant: &str) -> Result<Arc<dyn TableProvider>> {
+    /// Runs one of the engine's own statements over the tenant's rows as stored (embedded
+    /// store only), with the limits of any query.
+    pub(crate) async fn sql_stored_rows(&self, tenant: &str, sql: &str) -> Result<SqlResult> {
+        let ctx = self.context(tenant, false)?;
+        let (sql, config) = (sql.to_string(), self.config.clone());
+        let work = self
+            .isolation
+            .run(tenant, async move { run_sql(ctx, &sql, &config).await });
+        self.run("sql", work).await
+    }
+
+    fn tenant_view(
+        &self,
+        table: Table,
+        tenant: &str,
+        dedup: bool,
+    ) -> Result<Arc<dyn TableProvider>> {
         let dir = self.root()?.join(table.name());
         std::fs::create_dir_all(&dir).map_err(internal)?;
         let url = ListingTableUrl::parse(format!("{}/", dir.display())).map_err(internal)?;
@@ -305,7 +328,7 @@ impl QueryEngine {
             .map_err(internal)?
             .filter(col("tenant_id").eq(lit(tenant)))
             .map_err(internal)?;
-        if let Some((key, version)) = table.upsert_key() {
+        if let Some((key, version)) = table.upsert_key().filter(|_| dedup) {
             let columns: Vec<Expr> = plan
                 .schema()
                 .columns()
