@@ -669,21 +669,16 @@ const EVENT_MEDIA_TYPES: [&str; 6] = [
 
 /// Refuses an events body not declared as JSON or NDJSON (415), before it is read.
 fn events_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
-    let declared = headers
-        .get(header::CONTENT_TYPE)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let declared = headers.get(header::CONTENT_TYPE);
     let essence = declared
-        .as_deref()
+        .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase());
-    if essence
-        .as_deref()
-        .is_some_and(|e| EVENT_MEDIA_TYPES.contains(&e))
-    {
+        .map(str::trim);
+    if essence.is_some_and(|e| EVENT_MEDIA_TYPES.iter().any(|t| t.eq_ignore_ascii_case(e))) {
         return Ok(());
     }
     let got = declared.map_or("no Content-Type".to_string(), |v| {
-        format!("Content-Type `{v}`")
+        format!("Content-Type `{}`", String::from_utf8_lossy(v.as_bytes()))
     });
     Err(ApiError::BodyRefused(
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -729,7 +724,16 @@ async fn refuse_oversized_body(
         // unread bytes resets the connection, and the client loses the answer with it.
         // A body past the drain bound is not read; its sender may see the reset.
         if length <= DRAIN_BOUND {
-            let _ = axum::body::to_bytes(req.into_body(), DRAIN_BOUND as usize).await;
+            // Chunk by chunk, kept nowhere: a refused body costs no memory.
+            use futures::StreamExt;
+            let mut chunks = req.into_body().into_data_stream();
+            let mut read = 0u64;
+            while let Some(Ok(chunk)) = chunks.next().await {
+                read += chunk.len() as u64;
+                if read > DRAIN_BOUND {
+                    break;
+                }
+            }
         }
         return refused.into_response();
     }

@@ -8,7 +8,9 @@
 use std::time::Duration;
 
 use chrono::{Days, Utc};
-use digame_testkit::{Bus, Client, DigameProcess, TestClickHouse, eventually, reader_key};
+use digame_testkit::{
+    Bus, Client, DigameProcess, TestClickHouse, eventually, job_succeeded, reader_key,
+};
 use serde_json::{Value, json};
 
 const KEY: &str = "acme-key-0123456789abcdef";
@@ -196,13 +198,9 @@ async fn every_accepted_event_is_counted(bus: Bus, store: Option<TestClickHouse>
         .unwrap();
     assert_eq!(status, 202, "{body}");
     let job_path = body["status_url"].as_str().unwrap().to_string();
-    let job = eventually(Duration::from_secs(120), || async {
-        let (status, job) = admin.get(&job_path).await?;
-        anyhow::ensure!(status == 200 && job["state"] != "failed", "{job}");
-        Ok((job["state"] == "succeeded").then_some(job))
-    })
-    .await
-    .unwrap();
+    let job = job_succeeded(&admin, &job_path, Duration::from_secs(120))
+        .await
+        .unwrap();
     let report: Value = serde_json::from_str(job["message"].as_str().unwrap()).unwrap();
     assert_eq!(report["rows_retracted"], 0, "{job}");
     let (_, r) = client.get("/v1/reconciliation").await.unwrap();

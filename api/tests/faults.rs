@@ -31,6 +31,27 @@ use digame_testkit::DigameProcess;
 use serde_json::{Value, json};
 
 const KEY: &str = "acme-key-0123456789abcdef";
+
+/// A commit event of person `u{n % people}` at `at`, its id `0195a6a4-0000-7000-{tag}-{n}`:
+/// each test tags its own ids.
+fn commit(tag: &str, n: usize, people: usize, at: i64) -> Value {
+    json!({"event_id": format!("0195a6a4-0000-7000-{tag}-{n:012x}"),
+           "user_id": format!("u{}", n % people), "source": "git", "kind": "commit",
+           "timestamp": at, "attributes": {"project": "digame"}})
+}
+
+/// `digame serve` on `data` checkpointing and flushing often, so every kill or fault finds
+/// a recent checkpoint.
+async fn start_checkpointing_often(data: &Path) -> DigameProcess {
+    let env = [
+        ("DIGAME_INGEST_KEYS", "acme-key-0123456789abcdef:acme"),
+        ("DIGAME_PIPELINE__CHECKPOINT_INTERVAL_MS", "200"),
+        ("DIGAME_PIPELINE__FLUSH_INTERVAL_MS", "100"),
+    ];
+    DigameProcess::start(Path::new(env!("CARGO_BIN_EXE_digame")), data, &env)
+        .await
+        .unwrap()
+}
 const REQUESTS: usize = 40;
 const PER_REQUEST: usize = 50;
 
@@ -425,21 +446,10 @@ async fn damaged_checkpoints_are_rebuilt_from_the_store_under_load() {
     const BATCH: usize = 20;
     const LOADERS: usize = 3;
     let data = tempfile::tempdir().unwrap();
-    let bin = Path::new(env!("CARGO_BIN_EXE_digame"));
-    let env = [
-        ("DIGAME_INGEST_KEYS", "acme-key-0123456789abcdef:acme"),
-        // Checkpoints often, so every kill finds one to damage.
-        ("DIGAME_PIPELINE__CHECKPOINT_INTERVAL_MS", "200"),
-        ("DIGAME_PIPELINE__FLUSH_INTERVAL_MS", "100"),
-    ];
-    let mut server = DigameProcess::start(bin, data.path(), &env).await.unwrap();
+    // Checkpoints often, so every kill finds one to damage.
+    let mut server = start_checkpointing_often(data.path()).await;
     let base = chrono::Utc::now().timestamp_millis() - 2 * 86_400_000;
-    let ev = move |n: usize| {
-        json!({"event_id": format!("0195a6a4-0000-7000-cb00-{n:012x}"),
-               "user_id": format!("u{}", n % 11), "source": "git", "kind": "commit",
-               "timestamp": base + (n as i64) * 1_000,
-               "attributes": {"project": "digame"}})
-    };
+    let ev = move |n: usize| commit("cb00", n, 11, base + (n as i64) * 1_000);
     let load = Load::start(&server, LOADERS, BATCH, ev);
     let checkpoints = data.path().join("pipeline").join("features");
     let mut next = seeded(0x9e37_79b9_7f4a_7c15);
@@ -525,10 +535,8 @@ async fn damaged_store_files_are_rebuilt_from_the_bus_under_load() {
     // several dates are there to damage.
     let base = chrono::Utc::now().timestamp_millis() - 3 * 86_400_000;
     let ev = move |n: usize| {
-        json!({"event_id": format!("0195a6a4-0000-7000-5707-{n:012x}"),
-               "user_id": format!("u{}", n % 11), "source": "git", "kind": "commit",
-               "timestamp": base + (n as i64 * 30_000) % (3 * 86_400_000 - 3_600_000),
-               "attributes": {"project": "digame"}})
+        let at = base + (n as i64 * 30_000) % (3 * 86_400_000 - 3_600_000);
+        commit("5707", n, 11, at)
     };
     let load = Load::start(&server, LOADERS, BATCH, ev);
     let store = data.path().join("store");
@@ -627,22 +635,11 @@ async fn damaged_store_files_are_rebuilt_from_the_bus_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_bus_and_checkpoint_together_are_rebuilt_from_the_store() {
     let data = tempfile::tempdir().unwrap();
-    let bin = Path::new(env!("CARGO_BIN_EXE_digame"));
-    let env = [
-        ("DIGAME_INGEST_KEYS", "acme-key-0123456789abcdef:acme"),
-        ("DIGAME_PIPELINE__CHECKPOINT_INTERVAL_MS", "200"),
-        ("DIGAME_PIPELINE__FLUSH_INTERVAL_MS", "100"),
-    ];
-    let mut server = DigameProcess::start(bin, data.path(), &env).await.unwrap();
+    let mut server = start_checkpointing_often(data.path()).await;
     let client = server.client(KEY);
     // Two days of event time up to an hour ago, seven people.
     let base = chrono::Utc::now().timestamp_millis() - 2 * 86_400_000;
-    let ev = move |n: usize| {
-        json!({"event_id": format!("0195a6a4-0000-7000-b0c0-{n:012x}"),
-               "user_id": format!("u{}", n % 7), "source": "git", "kind": "commit",
-               "timestamp": base + (n as i64) * 60_000,
-               "attributes": {"project": "digame"}})
-    };
+    let ev = move |n: usize| commit("b0c0", n, 7, base + (n as i64) * 60_000);
     for r in 0..REQUESTS {
         let batch: Vec<Value> = (r * PER_REQUEST..(r + 1) * PER_REQUEST).map(ev).collect();
         let (status, body) = client.post_events(&batch).await.unwrap();

@@ -7,7 +7,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use digame_testkit::{Bus, DigameProcess, TestClickHouse, assert_refused, eventually, golden};
+use digame_testkit::{
+    Bus, DigameProcess, TestClickHouse, assert_refused, eventually, golden, job_succeeded,
+};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde_json::{Value, json};
@@ -199,14 +201,9 @@ async fn golden_days(bus: Bus, store: Option<TestClickHouse>) {
         .unwrap();
     assert_eq!(status, 202, "{body}");
     let job_path = body["status_url"].as_str().unwrap().to_string();
-    let job = eventually(Duration::from_secs(30), || async {
-        let (status, job) = admin.get(&job_path).await?;
-        anyhow::ensure!(status == 200, "{job}");
-        anyhow::ensure!(job["state"] != "failed", "{job}");
-        Ok((job["state"] == "succeeded").then_some(job))
-    })
-    .await
-    .unwrap();
+    let job = job_succeeded(&admin, &job_path, Duration::from_secs(30))
+        .await
+        .unwrap();
     // ana, ben, cho and zed; every stored event read back from the store.
     assert_eq!(
         (job["done"].as_i64(), job["total"].as_i64()),

@@ -165,7 +165,7 @@ const DEAD: Statement = Statement {
 type Counts = BTreeMap<Vec<String>, u64>;
 
 /// (tenant, table, selection, date) of a partition's answer.
-type PartitionKey = (String, &'static str, &'static str, String);
+type PartitionKey = (String, &'static str, &'static str, chrono::NaiveDate);
 /// A partition's answer: the sorted names of the files it was read from, and its counts.
 type PartitionAnswer = (Vec<String>, Counts);
 
@@ -304,12 +304,11 @@ impl QueryEngine {
             .map_err(crate::internal)?;
         let memo = &self.reconcile_memo;
         let (table_name, select) = (statement.table.name(), statement.select);
-        let key =
-            |date: &chrono::NaiveDate| (tenant.to_string(), table_name, select, date.to_string());
+        let key = |date: chrono::NaiveDate| (tenant.to_string(), table_name, select, date);
         // Partitions gone (retention, deletion) leave the memory too.
         {
-            let dates: std::collections::HashSet<String> =
-                listed.iter().map(|(d, _)| d.to_string()).collect();
+            let dates: std::collections::HashSet<chrono::NaiveDate> =
+                listed.iter().map(|(d, _)| *d).collect();
             memo.answers
                 .lock()
                 .expect("memo lock")
@@ -322,7 +321,7 @@ impl QueryEngine {
                 .answers
                 .lock()
                 .expect("memo lock")
-                .get(&key(&date))
+                .get(&key(date))
                 .filter(|(seen, _)| *seen == files)
                 .map(|(_, c)| c.clone());
             let part = match known {
@@ -338,7 +337,7 @@ impl QueryEngine {
                     memo.answers
                         .lock()
                         .expect("memo lock")
-                        .insert(key(&date), (files, c.clone()));
+                        .insert(key(date), (files, c.clone()));
                     c
                 }
             };

@@ -617,6 +617,17 @@ pub const EVENT_COUNTS_BY_USER: &str = "SELECT user_id, sum(value) AS n FROM fea
     WHERE feature = 'event_count' AND granularity = 'day' AND dimension = '' \
     GROUP BY user_id ORDER BY user_id";
 
+/// Polls the job at `status_url` (as `POST /v1/recompute` answers it) until it succeeds;
+/// a failed job, or one not done within `timeout`, is an error.
+pub async fn job_succeeded(client: &Client, status_url: &str, timeout: Duration) -> Result<Value> {
+    eventually(timeout, || async {
+        let (status, job) = client.get(status_url).await?;
+        anyhow::ensure!(status == 200 && job["state"] != "failed", "{job}");
+        Ok((job["state"] == "succeeded").then_some(job))
+    })
+    .await
+}
+
 /// Polls `probe` until it returns `Some`, or fails after `timeout` with the last value seen.
 pub async fn eventually<T, F, Fut>(timeout: Duration, mut probe: F) -> Result<T>
 where
