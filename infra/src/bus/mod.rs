@@ -10,6 +10,7 @@
 //! embedded log assigns every partition to its one consumer; a Kafka consumer's assignment
 //! changes on rebalance and the caller re-reads it after each poll.
 
+mod frame;
 pub mod kafka;
 pub mod log;
 mod recovery;

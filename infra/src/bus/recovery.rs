@@ -20,7 +20,7 @@ use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use super::log::{BODY_FIXED, FRAME_HEADER, decode_frame};
+use super::frame::{BODY_FIXED, FRAME_HEADER, decode_frame};
 use super::{BusError, Result, Topic};
 use crate::telemetry::metrics;
 
@@ -181,7 +181,7 @@ fn io(path: &Path, source: std::io::Error) -> BusError {
 mod tests {
     use super::*;
     use crate::bus::Record;
-    use crate::bus::log::encode_frame;
+    use crate::bus::frame::encode_frame;
     use bytes::Bytes;
 
     /// Frames with offsets `offsets`, and where each starts.
