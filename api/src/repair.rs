@@ -16,11 +16,13 @@
 //!    writes its latest ones, and the pipeline's state is the fresher.
 //!
 //! Each rebuilt range is recorded beside its quarantined file, with what was *lost*: the
-//! rows of the damaged file found nowhere else. Where the damaged file still decodes (a
-//! flipped value, a checksum mismatch) its event ids are compared with the bus; where it
-//! does not, nothing is lost if the bus still reaches back to its first record on every
-//! partition (retention has removed nothing), and otherwise the loss is unknown, and
-//! said so. Dead letters the pipeline itself wrote (bus records that were not events) are
+//! rows of the damaged file found nowhere else. The bus is *whole* when it still holds
+//! every record ever appended (retention has removed nothing, damage has cost no record).
+//! Where the damaged file still decodes (a flipped value, a checksum mismatch) its event
+//! ids are compared with the bus: on a whole bus an id found on no record never named an
+//! event (the damage changed it) and is reported as *altered*, not lost. Where the file
+//! does not decode, nothing is lost if the bus is whole. Otherwise the loss is unknown,
+//! and said so. Dead letters the pipeline itself wrote (bus records that were not events) are
 //! not rebuilt: they are on the bus only as the undecodable records they were.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -62,7 +64,8 @@ struct Pass {
     written: HashMap<(String, String), u64>,
     /// Ids found on the bus, for the damaged (tenant, date)s whose file still decodes.
     found: HashMap<(String, String), HashSet<String>>,
-    /// Whether every partition was read from offset 0 (nothing removed by retention).
+    /// Whether the bus holds every record ever appended: each partition read from offset 0
+    /// (nothing removed by retention) and none of its records lost to damage.
     from_the_start: bool,
 }
 
@@ -106,35 +109,16 @@ impl Repairer {
             let pass = self.rebuild_from_bus(table, topic, &damaged, &ids).await?;
             for d in damaged {
                 let key = (d.tenant.clone(), d.date.clone());
-                let lost = match ids.get(&key) {
-                    Some(held) => {
-                        let found = pass.found.get(&key);
-                        Some(
-                            held.iter()
-                                .filter(|id| found.is_none_or(|f| !f.contains(*id)))
-                                .count() as u64,
-                        )
-                    }
-                    None => pass.from_the_start.then_some(0),
-                };
-                let detail = match (ids.contains_key(&key), pass.from_the_start) {
-                    (true, _) => {
-                        "the damaged file still decodes; its ids were looked up on the bus"
-                    }
-                    (false, true) => {
-                        "the damaged file does not decode; the bus holds every record since its start"
-                    }
-                    (false, false) => {
-                        "the damaged file does not decode and retention has removed the start of the bus: rows older than it are unknown"
-                    }
-                };
+                let (lost, altered, detail) =
+                    account(ids.get(&key), pass.found.get(&key), pass.from_the_start);
                 self.resolve(
                     d,
                     RepairOutcome {
                         source: format!("bus topic {}", topic.name()),
                         rows_rebuilt: pass.written.get(&key).copied().unwrap_or(0),
                         lost,
-                        detail: detail.into(),
+                        altered,
+                        detail,
                         at: EventTime::now(),
                     },
                 )?;
@@ -148,6 +132,7 @@ impl Repairer {
                     source: "recomputed from the stored raw events".into(),
                     rows_rebuilt: rows,
                     lost: Some(0),
+                    altered: 0,
                     detail: "feature rows derive from the raw events".into(),
                     at: EventTime::now(),
                 },
@@ -227,9 +212,12 @@ impl Repairer {
         for (key, rows) in buffers {
             *pass.written.entry(key).or_default() += self.write(table, rows)?;
         }
-        pass.from_the_start = ends
-            .iter()
-            .all(|(p, end)| *end == 0 || first.get(p) == Some(&0));
+        // Whole: nothing removed by retention, and no record lost to damage in the log.
+        let lost = self.bus.status().lost_records;
+        pass.from_the_start = lost.processed + lost.unprocessed == 0
+            && ends
+                .iter()
+                .all(|(p, end)| *end == 0 || first.get(p) == Some(&0));
         Ok(pass)
     }
 
@@ -319,6 +307,63 @@ fn decode(table: Table, payload: &[u8]) -> Option<((String, String), String, Row
     }
 }
 
+/// What a damaged range lost, given the ids its file still yields (`held`, `None` when it
+/// does not decode), the ids of that range found on the bus, and whether the bus was read
+/// from its very first record: (lost, altered, detail).
+///
+/// Every acknowledged event is on the bus before it is stored, so when the bus still
+/// holds everything since its start, an id of the file that is not on it never named an
+/// event: the damage changed it (a flipped bit in an unchecked, uncompressed run decodes
+/// as another value). Nothing is lost then, and those ids are reported as *altered*. When
+/// retention has removed the start, a missing id may be either, and the loss is unknown.
+fn account(
+    held: Option<&HashSet<String>>,
+    found: Option<&HashSet<String>>,
+    from_the_start: bool,
+) -> (Option<u64>, u64, String) {
+    let Some(held) = held else {
+        return if from_the_start {
+            (
+                Some(0),
+                0,
+                "the damaged file does not decode; the bus holds every record since its start"
+                    .into(),
+            )
+        } else {
+            (
+                None,
+                0,
+                "the damaged file does not decode and retention has removed the start of the bus: rows older than it are unknown".into(),
+            )
+        };
+    };
+    let missing = held
+        .iter()
+        .filter(|id| found.is_none_or(|f| !f.contains(*id)))
+        .count() as u64;
+    match (missing, from_the_start) {
+        (0, _) => (
+            Some(0),
+            0,
+            "the damaged file still decodes; each of its ids was found on the bus".into(),
+        ),
+        (n, true) => (
+            Some(0),
+            n,
+            format!(
+                "the damaged file still decodes; {n} of its ids are on no record of the bus, which holds every record since its start: values the damage changed"
+            ),
+        ),
+        (n, false) => (
+            None,
+            0,
+            format!(
+                "the damaged file still decodes; {n} of its ids are not on the bus, whose start retention has removed: each was either lost or changed by the damage"
+            ),
+        ),
+    }
+}
+
 /// The ids each damaged events file still yields, for the files that decode despite
 /// their damage.
 fn damaged_ids(damaged: &[&Damage]) -> HashMap<(String, String), HashSet<String>> {
@@ -331,4 +376,36 @@ fn damaged_ids(damaged: &[&Damage]) -> HashMap<(String, String), HashSet<String>
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(list: &[&str]) -> HashSet<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn an_id_on_no_record_of_a_whole_bus_was_changed_by_the_damage_not_lost() {
+        let held = ids(&["u/1", "u/2", "u/x"]);
+        let found = ids(&["u/1", "u/2", "u/3"]);
+        let (lost, altered, detail) = account(Some(&held), Some(&found), true);
+        assert_eq!((lost, altered), (Some(0), 1), "{detail}");
+        // Without the start of the bus the same id may have been a row: unknown.
+        let (lost, altered, _) = account(Some(&held), Some(&found), false);
+        assert_eq!((lost, altered), (None, 0));
+        // Every id found: nothing lost either way.
+        let (lost, altered, _) = account(Some(&ids(&["u/1"])), Some(&found), false);
+        assert_eq!((lost, altered), (Some(0), 0));
+        // A range none of whose ids reached this pass.
+        let (lost, altered, _) = account(Some(&held), None, true);
+        assert_eq!((lost, altered), (Some(0), 3));
+    }
+
+    #[test]
+    fn a_file_that_does_not_decode_lost_nothing_only_if_the_bus_is_whole() {
+        assert_eq!(account(None, None, true).0, Some(0));
+        assert_eq!(account(None, None, false).0, None);
+    }
 }

@@ -138,12 +138,22 @@ async fn every_accepted_event_is_counted(bus: Bus, store: Option<TestClickHouse>
     // (nothing rejected, its events counted once) plus what time has since added.
     let (third, _) = simulate(&server, &reader_key(KEY), (42, 7), 4, 5000).await;
     assert!(third >= first, "{third} < {first}");
+    // Caught up is exact at any moment on the embedded bus; on Kafka the backlog is as of
+    // the last poll and statistics (every second), so there the same answer is asked for
+    // twice, seconds apart.
     let last = std::sync::Mutex::new(Value::Null);
     let n = eventually(Duration::from_secs(120), || async {
         let (_, r) = client.get("/v1/reconciliation").await?;
         let settled = r["pipeline"]["caught_up"] == true && r["stored"] == r["counted"];
-        let n = settled.then(|| r["counted"].as_u64().unwrap());
-        *last.lock().unwrap() = r;
+        let mut n = settled.then(|| r["counted"].as_u64().unwrap());
+        *last.lock().unwrap() = r.clone();
+        if n.is_some() && !matches!(bus, Bus::Embedded) {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let (_, again) = client.get("/v1/reconciliation").await?;
+            if again != r {
+                n = None;
+            }
+        }
         Ok(n)
     })
     .await

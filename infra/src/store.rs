@@ -1034,6 +1034,7 @@ mod tests {
             source: "test".into(),
             rows_rebuilt: 3,
             lost: Some(0),
+            altered: 0,
             detail: String::new(),
             at: EventTime(1),
         };

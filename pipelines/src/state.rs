@@ -903,9 +903,16 @@ impl PersonState {
         self.record_day(ctx.day, week, std::mem::take(&mut features.summary));
         self.rolling_values(day_start, params, &mut features.day);
         let rev = revision();
-        for (g, ws, we, values) in day_windows(&ctx, &features) {
-            let emitted = day.windows.entry((g, ws)).or_default();
-            emitted.end = we;
+        let no_values = WindowValues::new();
+        let current: BTreeMap<(Granularity, i64), (i64, &WindowValues)> =
+            day_windows(&ctx, &features)
+                .map(|(g, ws, we, values)| ((g, ws), (we, values)))
+                .collect();
+        // Windows emitted before that the day no longer produces are diffed against no
+        // values, so what they held is retracted: an hour whose only presence came from
+        // input before the day's AFK watcher reported has nothing left, and must read so.
+        let mut emit = |emitted: &mut EmittedWindow, (g, ws): (Granularity, i64), values| {
+            let we = emitted.end;
             let first_final = emitted.finalize(we <= wm, rev);
             let final_revision = emitted.final_revision();
             emitted.diff(values, first_final, |feature, dimension, value| {
@@ -921,6 +928,16 @@ impl PersonState {
                     params,
                 ));
             });
+        };
+        for (&window, emitted) in day.windows.iter_mut() {
+            if !current.contains_key(&window) {
+                emit(emitted, window, &no_values);
+            }
+        }
+        for (&window, &(we, values)) in &current {
+            let emitted = day.windows.entry(window).or_default();
+            emitted.end = we;
+            emit(emitted, window, values);
         }
         if let (Some(w), Some(rec)) = (
             day.windows.get(&(Granularity::Day, day_start)),

@@ -489,3 +489,70 @@ fn a_device_uploaded_three_days_late_revises_only_its_windows() {
     r.flush(friday_evening + 60 * DAY);
     assert_same(&latest(r.rows), &want, "three days late");
 }
+
+/// An hour window whose every value falls away is retracted like a single value that
+/// does. Eli (UTC, no AFK watcher on Monday) leaves an editor heartbeat at 23:58: without
+/// an AFK watcher, input counts as present for `afk_timeout_secs` (180 s) after it, so
+/// Tuesday's first hour holds 60 s of presence while Tuesday has no events of its own.
+/// Tuesday's AFK watcher then reports: presence is its spans alone, the 00:00 hour has
+/// nothing, and a delivery that emitted the 60 s on the way must withdraw them. (Two
+/// simulated runs of one person gave a stored `presence_seconds` 60 that a recompute
+/// retracted.)
+#[test]
+fn an_hour_that_loses_every_value_is_retracted() {
+    let mut serial = 0;
+    let mut ev = |kind: &str, start: i64, dur: i64, attributes: Value| {
+        serial += 1;
+        canonical(&json!({
+            "event_id": format!("00000000-0000-4000-9000-{serial:012x}"),
+            "user_id": "eli", "source": "prop", "kind": kind, "timestamp": start,
+            "duration_ms": dur, "attributes": attributes,
+        }))
+    };
+    let focus = json!({"app": "Code", "title": "editor"});
+    let code = json!({"app": "Code", "project": "api", "language": "Rust"});
+    let tuesday = START + DAY;
+    let events = vec![
+        ev("window_focus", tuesday - 30 * MIN, 28 * MIN, focus.clone()),
+        ev("ide_heartbeat", tuesday - 2 * MIN, 0, code.clone()),
+        ev(
+            "afk",
+            tuesday + 10 * HOUR,
+            30 * MIN,
+            json!({"status": "not-afk"}),
+        ),
+        ev("window_focus", tuesday + 10 * HOUR, 30 * MIN, focus),
+        ev("ide_heartbeat", tuesday + 10 * HOUR, 0, code),
+    ];
+    let deliveries = sorted(&events);
+    // Everything in one poll: Tuesday is first computed with its AFK watcher.
+    let want = run(
+        &deliveries,
+        &Plan {
+            poll: deliveries.len(),
+            ..in_order_plan()
+        },
+    );
+    let first_hour = ("eli".to_string(), "hour".to_string(), tuesday);
+    let presence = |rows: &BTreeMap<Key, FeatureRow>| {
+        let key = (
+            first_hour.0.clone(),
+            first_hour.1.clone(),
+            first_hour.2,
+            "presence_seconds".to_string(),
+            String::new(),
+        );
+        rows.get(&key).map(|r| r.value)
+    };
+    assert_eq!(presence(&want), None, "{want:#?}");
+    // One event per poll, flushed each time: the 60 s are emitted, then withdrawn.
+    let got = run(
+        &deliveries,
+        &Plan {
+            poll: 1,
+            ..in_order_plan()
+        },
+    );
+    assert_eq!(presence(&got), Some(0.0));
+    assert_same(&got, &want, "one event per poll");
+}

@@ -64,8 +64,12 @@ pub struct RepairOutcome {
     /// Rows written back into the range.
     pub rows_rebuilt: u64,
     /// Rows of the damaged file found nowhere else; `None` when that cannot be known
-    /// (the file does not decode and the source no longer reaches back far enough).
+    /// (the source no longer reaches back far enough to tell).
     pub lost: Option<u64>,
+    /// Ids the damaged file still yields that were never on the source: values the damage
+    /// itself changed (a flipped bit in an uncompressed run), not rows that existed.
+    #[serde(default)]
+    pub altered: u64,
     pub detail: String,
     pub at: EventTime,
 }
