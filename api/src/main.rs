@@ -182,6 +182,11 @@ struct SimulateArgs {
     /// Random seed; the same seed gives the same events.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Generate up to this instant (RFC 3339, e.g. 2026-11-29T21:00:00Z) instead of now:
+    /// the same seed and instant give the same events whenever the command runs. The
+    /// server's `ingest.horizon_days` must reach back to the first day.
+    #[arg(long, value_parser = parse_instant)]
+    until: Option<i64>,
     /// Events per request.
     #[arg(long, default_value_t = 5000)]
     batch: usize,
@@ -547,13 +552,24 @@ async fn write_profiles(
     }
 }
 
+/// An RFC 3339 instant as milliseconds since the epoch.
+fn parse_instant(text: &str) -> Result<i64, String> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| {
+            format!("`{text}` is not an RFC 3339 instant ({e}); write e.g. 2026-11-29T21:00:00Z")
+        })
+}
+
 async fn simulate(args: SimulateArgs) -> anyhow::Result<()> {
     let key = args.key;
     let spec = SimulationSpec {
         people: args.people,
         days: args.days,
         seed: args.seed,
-        until_ms: digame_schemas::EventTime::now().0 - 60_000,
+        until_ms: args
+            .until
+            .unwrap_or(digame_schemas::EventTime::now().0 - 60_000),
     };
     let client = reqwest::Client::new();
     let base = args.url.trim_end_matches('/').to_string();

@@ -133,10 +133,13 @@ async fn damaged_bus_records_cost_only_themselves() {
     let keys = ("DIGAME_INGEST_KEYS", "acme-key-0123456789abcdef:acme");
     // Small segments, so that faults land in sealed segments as well as active ones.
     let small = ("DIGAME_BUS__SEGMENT_BYTES", "20000");
+    // The events are on fixed dates (their bytes are searched for below): a horizon of ten
+    // years keeps them acceptable whatever today is.
+    let horizon = ("DIGAME_INGEST__HORIZON_DAYS", "3650");
     let mut ingest_only = DigameProcess::start(
         bin,
         data.path(),
-        &[keys, small, ("DIGAME_PIPELINE__ENABLED", "false")],
+        &[keys, small, horizon, ("DIGAME_PIPELINE__ENABLED", "false")],
     )
     .await
     .unwrap();
@@ -214,7 +217,7 @@ async fn damaged_bus_records_cost_only_themselves() {
         "{report}"
     );
 
-    let mut server = DigameProcess::start(bin, data.path(), &[keys, small])
+    let mut server = DigameProcess::start(bin, data.path(), &[keys, small, horizon])
         .await
         .unwrap();
     let client = server.client(KEY);
