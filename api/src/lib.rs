@@ -886,13 +886,16 @@ async fn get_reconciliation(
             )));
         }
     };
+    // The pipeline's progress first, the store's figures after: what the pipeline had
+    // processed and flushed by then is in the figures read later.
+    let p = &state.pipeline;
+    let lag = p.backlog_now().await;
+    let unflushed = p.unflushed.load(Ordering::Relaxed);
     let r = state
         .query
         .reconcile(&tenant.tenant, people)
         .await
         .map_err(ApiError::Query)?;
-    let p = &state.pipeline;
-    let (lag, unflushed) = (p.backlog(), p.unflushed.load(Ordering::Relaxed));
     let mut body = serde_json::to_value(&r).expect("reconciliations serialize");
     // Both ways: features are written before the raw events they come from, so the
     // stored events can trail the counted ones as well as the other way round.
@@ -902,10 +905,14 @@ async fn get_reconciliation(
     // The bus and the pipeline's memory hold every tenant's events: drained is not per
     // tenant, and only a node running the pipeline can say it. Caught up needs both that
     // and this tenant's stored and counted events to agree.
+    // An unknown backlog (the bus did not answer) is not an empty one.
     let running = p.running.load(Ordering::Relaxed);
-    body["pipeline"] = json!({"running": running, "lag_records": lag,
-                              "unflushed_events": unflushed,
-                              "caught_up": running && lag == 0 && unflushed == 0 && stored == counted});
+    let caught_up = running && lag == Ok(0) && unflushed == 0 && stored == counted;
+    body["pipeline"] = json!({"running": running, "lag_records": lag.as_ref().ok(),
+                              "unflushed_events": unflushed, "caught_up": caught_up});
+    if let Err(e) = lag {
+        body["pipeline"]["detail"] = json!(format!("the backlog is unknown now: {e}"));
+    }
     Ok(Json(body).into_response())
 }
 
@@ -959,15 +966,18 @@ async fn healthz() -> &'static str {
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let bus = state.bus.status();
     let store = state.store.status();
-    let lag = state.pipeline.backlog();
+    // Every reason this node is not ready, in words an operator can act on.
+    let mut reasons = Vec::new();
+    let lag = state.pipeline.backlog_now().await.unwrap_or_else(|e| {
+        reasons.push(format!("bus: the pipeline's backlog is unknown now: {e}"));
+        state.pipeline.backlog()
+    });
     let unflushed = state.pipeline.unflushed.load(Ordering::Relaxed);
     let partitions = partition_gauges(&state);
     // An ingest-only node has no pipeline to wait for.
     let running = !state.pipeline_enabled || state.pipeline.running.load(Ordering::Relaxed);
     let lag_ok = lag <= state.max_ready_lag;
     let store_failing = state.pipeline.store_failing.load(Ordering::Relaxed);
-    // Every reason this node is not ready, in words an operator can act on.
-    let mut reasons = Vec::new();
     if !bus.healthy {
         reasons.push(format!("bus: {}", bus.detail));
     }

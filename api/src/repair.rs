@@ -66,7 +66,7 @@ struct Pass {
     found: HashMap<(String, String), HashSet<String>>,
     /// Whether the bus holds every record ever appended: each partition read from offset 0
     /// (nothing removed by retention) and none of its records lost to damage.
-    from_the_start: bool,
+    whole: bool,
 }
 
 impl Repairer {
@@ -110,7 +110,7 @@ impl Repairer {
             for d in damaged {
                 let key = (d.tenant.clone(), d.date.clone());
                 let (lost, altered, detail) =
-                    account(ids.get(&key), pass.found.get(&key), pass.from_the_start);
+                    account(ids.get(&key), pass.found.get(&key), pass.whole);
                 self.resolve(
                     d,
                     RepairOutcome {
@@ -214,7 +214,7 @@ impl Repairer {
         }
         // Whole: nothing removed by retention, and no record lost to damage in the log.
         let lost = self.bus.status().lost_records;
-        pass.from_the_start = lost.processed + lost.unprocessed == 0
+        pass.whole = lost.processed + lost.unprocessed == 0
             && ends
                 .iter()
                 .all(|(p, end)| *end == 0 || first.get(p) == Some(&0));
@@ -308,21 +308,22 @@ fn decode(table: Table, payload: &[u8]) -> Option<((String, String), String, Row
 }
 
 /// What a damaged range lost, given the ids its file still yields (`held`, `None` when it
-/// does not decode), the ids of that range found on the bus, and whether the bus was read
-/// from its very first record: (lost, altered, detail).
+/// does not decode), the ids of that range found on the bus, and whether the bus is whole
+/// (read from its very first record, none lost to damage): (lost, altered, detail).
 ///
 /// Every acknowledged event is on the bus before it is stored, so when the bus still
 /// holds everything since its start, an id of the file that is not on it never named an
 /// event: the damage changed it (a flipped bit in an unchecked, uncompressed run decodes
 /// as another value). Nothing is lost then, and those ids are reported as *altered*. When
-/// retention has removed the start, a missing id may be either, and the loss is unknown.
+/// retention has removed the start or damage has cost the log records, a missing id may
+/// be either, and the loss is unknown.
 fn account(
     held: Option<&HashSet<String>>,
     found: Option<&HashSet<String>>,
-    from_the_start: bool,
+    whole: bool,
 ) -> (Option<u64>, u64, String) {
     let Some(held) = held else {
-        return if from_the_start {
+        return if whole {
             (
                 Some(0),
                 0,
@@ -333,7 +334,7 @@ fn account(
             (
                 None,
                 0,
-                "the damaged file does not decode and retention has removed the start of the bus: rows older than it are unknown".into(),
+                "the damaged file does not decode and the bus is not whole (retention removed its start, or damage cost it records): rows it no longer holds are unknown".into(),
             )
         };
     };
@@ -341,7 +342,7 @@ fn account(
         .iter()
         .filter(|id| found.is_none_or(|f| !f.contains(*id)))
         .count() as u64;
-    match (missing, from_the_start) {
+    match (missing, whole) {
         (0, _) => (
             Some(0),
             0,
@@ -358,7 +359,7 @@ fn account(
             None,
             0,
             format!(
-                "the damaged file still decodes; {n} of its ids are not on the bus, whose start retention has removed: each was either lost or changed by the damage"
+                "the damaged file still decodes; {n} of its ids are not on the bus, which is not whole (retention removed its start, or damage cost it records): each was either lost or changed by the damage"
             ),
         ),
     }

@@ -487,3 +487,72 @@ async fn lost_checkpoints_are_rebuilt_from_the_store() {
     let exit = serve.terminate().await.unwrap();
     assert!(exit.success(), "{exit}");
 }
+
+/// The probe behind an exact backlog on Kafka: it sees records acknowledged that no
+/// member has polled (the last poll's lag cannot), partitions no member owns, and the
+/// group's commits once made. Counts by hand: 7 records over 3 partitions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_progress_probe_sees_records_no_poll_has_read() {
+    use digame_infra::bus::kafka::{KafkaBus, KafkaSettings};
+    use digame_infra::bus::{EventBus, Record, Topic};
+    let Bus::Kafka { bootstrap, prefix } = Bus::kafka() else {
+        unreachable!()
+    };
+    let bus = KafkaBus::connect(KafkaSettings {
+        brokers: bootstrap,
+        prefix,
+        partitions: 3,
+        replication: 1,
+        delivery_timeout: Duration::from_secs(10),
+        extra: Default::default(),
+    })
+    .await
+    .unwrap();
+    let mut consumer = bus.subscribe(Topic::Events, "probe").await.unwrap();
+    let probe = consumer
+        .progress_probe()
+        .expect("Kafka answers by round trip");
+    let ask = || {
+        let probe = probe.clone();
+        tokio::task::spawn_blocking(move || probe())
+    };
+    let before = ask().await.unwrap().unwrap();
+    assert_eq!(before.ends.len(), 3, "{before:?}");
+    assert_eq!(before.ends.values().sum::<u64>(), 0);
+
+    let records = (0..7)
+        .map(|i| Record {
+            key: format!("t:user-{i}").into_bytes().into(),
+            payload: format!("{{\"n\":{i}}}").into_bytes().into(),
+            timestamp_ms: 1_795_000_000_000,
+        })
+        .collect();
+    let positions = bus.publish(Topic::Events, records).await.unwrap();
+    let mut ends = std::collections::BTreeMap::from([(0u32, 0u64), (1, 0), (2, 0)]);
+    for p in &positions {
+        let end = ends.get_mut(&p.partition).unwrap();
+        *end = (*end).max(p.offset + 1);
+    }
+    let unpolled = ask().await.unwrap().unwrap();
+    assert_eq!(unpolled.ends, ends, "acknowledged, none polled yet");
+    assert!(
+        unpolled.committed.values().all(|&c| c == 0),
+        "nothing committed: {unpolled:?}"
+    );
+
+    // Read everything, commit it: the group's commits reach the ends.
+    let mut read = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while read < 7 && std::time::Instant::now() < deadline {
+        read += consumer
+            .poll(100, Duration::from_millis(500))
+            .await
+            .unwrap()
+            .len();
+    }
+    assert_eq!(read, 7);
+    consumer.commit(&ends).await.unwrap();
+    let done = ask().await.unwrap().unwrap();
+    assert_eq!((done.ends.clone(), done.committed), (ends.clone(), ends));
+    bus.close().await;
+}

@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use digame_infra::bus::{BusConsumer, EventBus, Record, Topic};
+use digame_infra::bus::{BusConsumer, EventBus, GroupProgress, Record, Topic};
 use digame_infra::config::PipelineConfig;
 use digame_infra::store::{StoreBatch, StoreSink};
 use digame_infra::telemetry::metrics;
@@ -158,6 +158,8 @@ const UNDECODABLE: usize = 3;
 #[derive(Default)]
 struct Backlog {
     ends: Option<digame_infra::bus::EndOffsets>,
+    /// Where the bus has no instant ends (Kafka): a round trip to the brokers.
+    probe: Option<digame_infra::bus::ProgressProbe>,
     processed: BTreeMap<u32, u64>,
     /// Per partition: the last moment it advanced or had nothing waiting.
     settled: BTreeMap<u32, Instant>,
@@ -197,7 +199,10 @@ impl PipelineStatus {
     /// bus can tell its ends at any moment (the embedded log), else the lag of the last
     /// poll.
     pub fn backlog(&self) -> u64 {
-        let b = self.backlog.lock().expect("backlog lock");
+        self.backlog_of(&self.backlog.lock().expect("backlog lock"))
+    }
+
+    fn backlog_of(&self, b: &Backlog) -> u64 {
         match &b.ends {
             Some(ends) => ends()
                 .into_iter()
@@ -205,6 +210,26 @@ impl PipelineStatus {
                 .sum(),
             None => self.lag.load(Ordering::Relaxed),
         }
+    }
+
+    /// Records accepted on the bus that no pipeline has processed yet, exact at the moment
+    /// of the call: [`Self::backlog`] where the bus can tell its ends at once; else the
+    /// brokers are asked (off the async workers) for every partition's end, and partitions
+    /// this node does not own count from the group's committed offsets. An error means the
+    /// backlog is unknown now: never take it for zero.
+    pub async fn backlog_now(&self) -> std::result::Result<u64, String> {
+        let (probe, processed) = {
+            let b = self.backlog.lock().expect("backlog lock");
+            match (&b.ends, &b.probe) {
+                (None, Some(probe)) => (probe.clone(), b.processed.clone()),
+                _ => return Ok(self.backlog_of(&b)),
+            }
+        };
+        let progress = tokio::task::spawn_blocking(move || probe())
+            .await
+            .map_err(|e| format!("the bus probe failed: {e}"))?
+            .map_err(|e| e.to_string())?;
+        Ok(unprocessed(&progress, &processed))
     }
 
     /// Records and events not yet counted in stored features: the backlog and what was
@@ -250,6 +275,10 @@ impl PipelineStatus {
             .collect()
     }
 
+    fn set_probe(&self, probe: Option<digame_infra::bus::ProgressProbe>) {
+        self.backlog.lock().expect("backlog lock").probe = probe;
+    }
+
     /// Called by the pipeline after every poll (at least every flush interval): a
     /// partition that advanced, or has nothing waiting, is settled now.
     fn track(&self, ends: Option<digame_infra::bus::EndOffsets>, processed: &BTreeMap<u32, u64>) {
@@ -277,6 +306,24 @@ impl PipelineStatus {
         b.settled.retain(|p, _| processed.contains_key(p));
         b.processed.clone_from(processed);
     }
+}
+
+/// Records below each partition's end not yet processed: from this node's processed
+/// offsets where it owns the partition, else from the group's commits (another member's
+/// unflushed work is not committed yet, so it counts as waiting).
+fn unprocessed(progress: &GroupProgress, processed: &BTreeMap<u32, u64>) -> u64 {
+    progress
+        .ends
+        .iter()
+        .map(|(p, end)| {
+            let done = processed
+                .get(p)
+                .or(progress.committed.get(p))
+                .copied()
+                .unwrap_or(0);
+            end.saturating_sub(done)
+        })
+        .sum()
 }
 
 impl Processor {
@@ -1152,6 +1199,7 @@ impl FeaturePipeline {
         self.follow_assignment(&mut consumer, &mut offsets, &shutdown)
             .await?;
         self.status.track(consumer.end_offsets(), &offsets);
+        self.status.set_probe(consumer.progress_probe());
         self.status.running.store(true, Ordering::Relaxed);
         let mut last_flush = Instant::now();
         let mut last_checkpoint = Instant::now();
@@ -1532,6 +1580,39 @@ mod tests {
             p[0].waiting < Duration::from_millis(60),
             "waits from its last settle, not from the start: {p:?}"
         );
+    }
+
+    /// Where the bus answers only by round trip (Kafka), the backlog asked for now counts
+    /// records acknowledged since the last poll, which the last poll's lag (0 here) misses,
+    /// and the partitions another member owns from the group's commits. A probe that fails
+    /// leaves the backlog unknown, not zero. Offsets by hand.
+    #[tokio::test]
+    async fn the_backlog_asked_now_sees_what_the_last_poll_did_not() {
+        use digame_infra::bus::{BusError, GroupProgress};
+        use std::collections::BTreeMap;
+        use std::sync::{Arc, Mutex};
+        let status = super::PipelineStatus::default();
+        // This node owns partitions 0 and 1 and processed to 10 and 4; partition 2 is
+        // another member's, committed to 7.
+        status.track(None, &BTreeMap::from([(0u32, 10u64), (1, 4)]));
+        let answer = Arc::new(Mutex::new(Some(GroupProgress {
+            ends: BTreeMap::from([(0, 12), (1, 4), (2, 9)]),
+            committed: BTreeMap::from([(0, 8), (1, 4), (2, 7)]),
+        })));
+        let probe = answer.clone();
+        status.set_probe(Some(Arc::new(move || {
+            probe
+                .lock()
+                .unwrap()
+                .clone()
+                .ok_or_else(|| BusError::Unavailable("kafka: broker down".into()))
+        })));
+        assert_eq!(status.backlog(), 0, "the last poll's lag");
+        // Partition 0: 12 - 10; 1: none; 2 (not owned): 9 - 7.
+        assert_eq!(status.backlog_now().await, Ok(2 + 2));
+        *answer.lock().unwrap() = None;
+        let e = status.backlog_now().await.unwrap_err();
+        assert!(e.contains("broker down"), "{e}");
     }
 
     /// A checkpoint with a flipped bit or cut short is refused as damaged, never decoded

@@ -380,8 +380,14 @@ impl EventBus for KafkaBus {
             .create_with_context(context)
             .map_err(|e| BusError::Config(format!("kafka consumer: {e}")))?;
         consumer.subscribe(&[&name]).map_err(unavailable)?;
+        // The probe's own client joins no group: its requests never queue behind the
+        // member's long-polling fetches, and it can read the group's commits.
+        let probe: BaseConsumer = cc
+            .create()
+            .map_err(|e| BusError::Config(format!("kafka consumer: {e}")))?;
         Ok(Box::new(KafkaConsumer {
             consumer: Arc::new(consumer),
+            probe: Arc::new(probe),
             topic: name,
             assignment,
             skip_below: HashMap::new(),
@@ -504,6 +510,8 @@ impl ConsumerContext for GroupContext {
 
 struct KafkaConsumer {
     consumer: Arc<StreamConsumer<GroupContext>>,
+    /// A client of the same group that never subscribes, for [`BusConsumer::progress_probe`].
+    probe: Arc<BaseConsumer>,
     topic: String,
     assignment: Arc<Mutex<BTreeSet<u32>>>,
     /// Records below these offsets are skipped (set by `seek`).
@@ -611,6 +619,11 @@ impl BusConsumer for KafkaConsumer {
         self.committed.clone()
     }
 
+    fn progress_probe(&self) -> Option<super::ProgressProbe> {
+        let (probe, topic) = (self.probe.clone(), self.topic.clone());
+        Some(Arc::new(move || group_progress(&probe, &topic)))
+    }
+
     fn lag(&self) -> u64 {
         let owned = self.assignment();
         let high = self.high.lock().expect("high watermarks lock");
@@ -622,6 +635,51 @@ impl BusConsumer for KafkaConsumer {
             })
             .sum()
     }
+}
+
+/// Every partition's end and the group's committed offset, asked of the brokers now
+/// (blocking: a metadata request, then one offsets request per partition and one for the
+/// group's commits).
+fn group_progress(probe: &BaseConsumer, topic: &str) -> Result<super::GroupProgress> {
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    // The client is never polled otherwise: drain what it queued (errors of brokers it
+    // could not reach) so the queue stays bounded.
+    for _ in 0..64 {
+        if probe.poll(Duration::ZERO).is_none() {
+            break;
+        }
+    }
+    let metadata = probe
+        .fetch_metadata(Some(topic), TIMEOUT)
+        .map_err(unavailable)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut out = super::GroupProgress::default();
+    let mut starts = BTreeMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for &p in &partitions {
+        let (low, high) = probe
+            .fetch_watermarks(topic, p, TIMEOUT)
+            .map_err(unavailable)?;
+        out.ends.insert(p as u32, high.max(0) as u64);
+        starts.insert(p as u32, low.max(0) as u64);
+        tpl.add_partition(topic, p);
+    }
+    let committed = probe.committed_offsets(tpl, TIMEOUT).map_err(unavailable)?;
+    for e in committed.elements_for_topic(topic) {
+        let p = e.partition() as u32;
+        let start = starts.get(&p).copied().unwrap_or(0);
+        let next = match e.offset() {
+            Offset::Offset(o) if o >= 0 => (o as u64).max(start),
+            _ => start,
+        };
+        out.committed.insert(p, next);
+    }
+    Ok(out)
 }
 
 /// The partition the `murmur2_random` partitioner (the producer's) sends a keyed record

@@ -183,10 +183,32 @@ pub trait BusConsumer: Send {
     fn end_offsets(&self) -> Option<EndOffsets> {
         None
     }
+
+    /// Where the bus cannot answer [`Self::end_offsets`] without a round trip (Kafka): a
+    /// probe that asks the brokers, at the moment it is called, for every partition's end
+    /// and the group's committed offsets. It blocks (run it off the async workers). With it
+    /// a reader that must not say "caught up" too early (reconciliation) sees records
+    /// acknowledged since the last poll, and those of partitions another member owns.
+    fn progress_probe(&self) -> Option<ProgressProbe> {
+        None
+    }
 }
 
 /// See [`BusConsumer::end_offsets`]: (partition, next offset to be appended).
 pub type EndOffsets = Arc<dyn Fn() -> Vec<(u32, u64)> + Send + Sync>;
+
+/// See [`BusConsumer::progress_probe`].
+pub type ProgressProbe = Arc<dyn Fn() -> Result<GroupProgress> + Send + Sync>;
+
+/// Every partition of a topic as the brokers saw it at one moment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupProgress {
+    /// Per partition: the next offset to be appended. Records below it are acknowledged.
+    pub ends: BTreeMap<u32, u64>,
+    /// Per partition: the group's committed next offset, or the oldest retained offset
+    /// where the group has committed none (the group starts there).
+    pub committed: BTreeMap<u32, u64>,
+}
 
 /// The partition of `key` among `partitions`: stable across processes and versions.
 pub fn partition_for(key: &[u8], partitions: u32) -> u32 {
