@@ -31,6 +31,7 @@ use digame_infra::config::PipelineConfig;
 use digame_infra::meta::{JobState, MetaStore};
 use digame_infra::store::{StoreBatch, StoreSink};
 use digame_pipelines::Processor;
+use digame_pipelines::directory::Directory;
 use digame_pipelines::runtime::{EventHistory, apply_changes};
 use digame_query::QueryEngine;
 use digame_schemas::{EventTime, FeatureRow, Granularity};
@@ -48,6 +49,28 @@ pub const MAX_EVENTS_PER_PERSON: usize = 5_000_000;
 const DAY_MS: i64 = 86_400_000;
 /// Rows per store write.
 const WRITE_CHUNK: usize = 50_000;
+/// Memory one event takes while a read holds it (its row, decoded and as an event), for
+/// sizing the people read at once.
+const READ_BYTES_PER_EVENT: u64 = 2048;
+
+/// `items` cut into runs, in order, each of total `size` at most `budget` (an item larger
+/// than `budget` is a run alone).
+fn cut_runs<T>(items: &[T], size: impl Fn(&T) -> u64, budget: u64) -> Vec<&[T]> {
+    let mut runs = Vec::new();
+    let (mut start, mut held) = (0, 0u64);
+    for (i, item) in items.iter().enumerate() {
+        let n = size(item);
+        if i > start && held + n > budget {
+            runs.push(&items[start..i]);
+            (start, held) = (i, 0);
+        }
+        held += n;
+    }
+    if start < items.len() {
+        runs.push(&items[start..]);
+    }
+    runs
+}
 
 /// The stored raw events, as the live pipeline reads them to reopen days no longer in its
 /// memory.
@@ -136,6 +159,16 @@ pub struct RecomputeReport {
     pub rows_written: usize,
     /// Zeros written for values no longer produced.
     pub rows_retracted: usize,
+}
+
+impl RecomputeReport {
+    /// Adds this report's counts to `total`.
+    fn add_to(&self, total: &mut RecomputeReport) {
+        total.people += self.people;
+        total.events_read += self.events_read;
+        total.rows_written += self.rows_written;
+        total.rows_retracted += self.rows_retracted;
+    }
 }
 
 /// Everything a job needs.
@@ -230,75 +263,126 @@ impl Recomputer {
         let directory = template.directory.clone();
 
         let mut report = RecomputeReport::default();
-        for (i, user) in users.iter().enumerate() {
-            let events = self
+        let groups = self.read_groups(tenant, &users, read_from, read_to).await?;
+        for group in groups {
+            let people = self
                 .query
-                .person_events(tenant, user, read_from, read_to, MAX_EVENTS_PER_PERSON)
+                .people_events(tenant, group, read_from, read_to, MAX_EVENTS_PER_PERSON)
                 .await?;
-            report.events_read += events.len();
-            let mut p = Processor::new(&self.pipeline, self.horizon_days)?;
-            p.directory = directory.clone();
-            p.keep_raw_events = false;
-            p.revisions_after(started);
-            let mut rows = Vec::new();
-            let mut last_day = i64::MIN;
-            for (i, ev) in events.iter().enumerate() {
-                let clock = ev.timestamp.0;
-                let payload = serde_json::to_vec(ev)?;
-                p.process(0, &payload, clock);
-                // Close days as the replay passes them, so memory stays at a few days.
-                if clock.div_euclid(DAY_MS) != last_day {
-                    last_day = clock.div_euclid(DAY_MS);
-                    // The events replayed so far are what the store held live.
-                    p.resolve_reopens_from(&events[..=i], clock);
-                    rows.extend(p.emit(clock));
+            for (user, events) in people {
+                self.recompute_person(tenant, &user, &events, spec, started, &directory)
+                    .await?
+                    .add_to(&mut report);
+                if let Some(id) = job_id {
+                    let done = report.people as i64;
+                    let msg = format!("{done} of {total} people");
+                    self.meta
+                        .update_job(id, JobState::Running, done, total, &msg)
+                        .await?;
                 }
-            }
-            p.resolve_reopens_from(&events, EventTime::now().0);
-            rows.extend(p.emit(EventTime::now().0));
-            let mut latest = latest_in_range(rows, spec.from, spec.to);
-            let retracted = self.retractions(tenant, user, spec, &latest).await?;
-            report.rows_retracted += retracted.len();
-            // Retractions take revisions after the job's newest row.
-            let mut revision = latest
-                .iter()
-                .map(|r| r.revision)
-                .max()
-                .unwrap_or(0)
-                .max(started * 1000);
-            for mut r in retracted {
-                revision += 1;
-                r.revision = revision;
-                latest.push(r);
-            }
-            report.rows_written += latest.len();
-            for chunk in latest.chunks(WRITE_CHUNK) {
-                let batch = StoreBatch {
-                    features: chunk.to_vec(),
-                    ..StoreBatch::default()
-                };
-                self.store.write(&batch).await?;
-                self.bus
-                    .publish(
-                        Topic::Features,
-                        digame_pipelines::runtime::feature_records(chunk, EventTime::now().0),
-                    )
-                    .await?;
-                // Every node's cache follows the stream; this node's takes them at once
-                // too, so the job's end is visible here on the next read.
-                if let Some(cache) = self.query.cache() {
-                    cache.apply(chunk);
-                }
-            }
-            report.people += 1;
-            if let Some(id) = job_id {
-                let msg = format!("{} of {total} people", i + 1);
-                self.meta
-                    .update_job(id, JobState::Running, i as i64 + 1, total, &msg)
-                    .await?;
             }
         }
         Ok(report)
+    }
+
+    /// Replays one person's events (`events`, in event-time order, from the warm-up to the
+    /// trailing days) and writes what the range's windows now hold, with zeros for values
+    /// no longer produced.
+    async fn recompute_person(
+        &self,
+        tenant: &str,
+        user: &str,
+        events: &[digame_schemas::ActivityEvent],
+        spec: &RecomputeSpec,
+        started: i64,
+        directory: &Directory,
+    ) -> anyhow::Result<RecomputeReport> {
+        let mut report = RecomputeReport {
+            people: 1,
+            events_read: events.len(),
+            ..RecomputeReport::default()
+        };
+        let mut p = Processor::new(&self.pipeline, self.horizon_days)?;
+        p.directory = directory.clone();
+        p.keep_raw_events = false;
+        p.revisions_after(started);
+        let mut rows = Vec::new();
+        let mut last_day = i64::MIN;
+        for (i, ev) in events.iter().enumerate() {
+            let clock = ev.timestamp.0;
+            let payload = serde_json::to_vec(ev)?;
+            p.process(0, &payload, clock);
+            // Close days as the replay passes them, so memory stays at a few days.
+            if clock.div_euclid(DAY_MS) != last_day {
+                last_day = clock.div_euclid(DAY_MS);
+                // The events replayed so far are what the store held live.
+                p.resolve_reopens_from(&events[..=i], clock);
+                rows.extend(p.emit(clock));
+            }
+        }
+        p.resolve_reopens_from(events, EventTime::now().0);
+        rows.extend(p.emit(EventTime::now().0));
+        let mut latest = latest_in_range(rows, spec.from, spec.to);
+        let retracted = self.retractions(tenant, user, spec, &latest).await?;
+        report.rows_retracted += retracted.len();
+        // Retractions take revisions after the job's newest row.
+        let mut revision = latest
+            .iter()
+            .map(|r| r.revision)
+            .max()
+            .unwrap_or(0)
+            .max(started * 1000);
+        for mut r in retracted {
+            revision += 1;
+            r.revision = revision;
+            latest.push(r);
+        }
+        report.rows_written += latest.len();
+        for chunk in latest.chunks(WRITE_CHUNK) {
+            let batch = StoreBatch {
+                features: chunk.to_vec(),
+                ..StoreBatch::default()
+            };
+            self.store.write(&batch).await?;
+            self.bus
+                .publish(
+                    Topic::Features,
+                    digame_pipelines::runtime::feature_records(chunk, EventTime::now().0),
+                )
+                .await?;
+            // Every node's cache follows the stream; this node's takes them at once
+            // too, so the job's end is visible here on the next read.
+            if let Some(cache) = self.query.cache() {
+                cache.apply(chunk);
+            }
+        }
+        Ok(report)
+    }
+
+    /// `users` cut into runs of consecutive people whose stored rows in `[from, to)` fit
+    /// one read's share of the query memory (a quarter of `query.max_memory_bytes`, at
+    /// [`READ_BYTES_PER_EVENT`] each); a person larger than that is a run alone. One read
+    /// per run instead of one per person: each read scans the range's files once.
+    async fn read_groups<'a>(
+        &self,
+        tenant: &str,
+        users: &'a [String],
+        from: EventTime,
+        to: EventTime,
+    ) -> anyhow::Result<Vec<&'a [String]>> {
+        let sizes: std::collections::HashMap<String, u64> = self
+            .query
+            .event_rows_by_user(tenant, from, to)
+            .await?
+            .into_iter()
+            .collect();
+        let budget =
+            (self.query.limits().max_memory_bytes as u64 / 4 / READ_BYTES_PER_EVENT).max(1);
+        Ok(cut_runs(
+            users,
+            |u| sizes.get(u).copied().unwrap_or(0),
+            budget,
+        ))
     }
 
     /// Zero rows for the values the store holds for `user` in the range that the new
@@ -384,4 +468,20 @@ fn latest_in_range(rows: Vec<FeatureRow>, from: EventTime, to: EventTime) -> Vec
     let mut out: Vec<FeatureRow> = latest.into_values().collect();
     out.sort_by_key(|r| r.revision);
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cut_runs;
+
+    #[test]
+    fn runs_hold_at_most_the_budget_and_keep_order() {
+        let sizes = [3u64, 4, 2, 9, 1, 1, 0, 5];
+        let runs = cut_runs(&sizes, |n| *n, 6);
+        // By hand: 3 (3+4 > 6), 4+2, 9 alone (over the budget), 1+1+0, 5.
+        let want: Vec<&[u64]> = vec![&[3], &[4, 2], &[9], &[1, 1, 0], &[5]];
+        assert_eq!(runs, want);
+        assert!(cut_runs(&[] as &[u64], |n| *n, 6).is_empty());
+        assert_eq!(cut_runs(&sizes, |n| *n, 100), vec![&sizes[..]]);
+    }
 }

@@ -1,5 +1,6 @@
 //! Raw events read back out of the store, for recomputation: which people have events in
-//! a range, and one person's events in event-time order.
+//! a range and how many rows each, and people's events in event-time order (one person,
+//! or a group of people in one read).
 //!
 //! Both backends answer through typed, bound parameters (DataFusion literals on the
 //! embedded store; the `clickhouse` crate's escaped binds on ClickHouse), scoped to one
@@ -74,13 +75,16 @@ fn in_range(from: EventTime, to: EventTime) -> Expr {
 }
 
 impl QueryEngine {
-    /// The tenant's events matching `filter` (embedded store).
+    /// The tenant's events matching `filter` (embedded store): deduplicated by event id, or with `dedup`
+    /// false as stored (a replayed event twice), for reads that need no more (which
+    /// people have events): deduplicating sorts every row the filter keeps.
     async fn events_where(
         &self,
         tenant: &str,
         filter: Expr,
+        dedup: bool,
     ) -> Result<datafusion::dataframe::DataFrame> {
-        let ctx = self.tenant_context(tenant)?;
+        let ctx = self.context(tenant, dedup)?;
         ctx.table(Table::Events.name())
             .await
             .map_err(internal)?
@@ -120,46 +124,118 @@ impl QueryEngine {
         Ok(tenants)
     }
 
-    /// The people of `tenant` with events in `[from, to)`, sorted.
+    /// The people with events in `[from, to)`, sorted.
     pub async fn event_users(
         &self,
         tenant: &str,
         from: EventTime,
         to: EventTime,
     ) -> Result<Vec<String>> {
+        Ok(self
+            .event_rows_by_user(tenant, from, to)
+            .await?
+            .into_iter()
+            .map(|(user, _)| user)
+            .collect())
+    }
+
+    /// Per person with events in `[from, to)`, the rows the store holds for them there (a
+    /// replayed event counts once per copy: what reading their events costs), sorted by
+    /// person. Memory is one entry per person, whatever the range holds: the rows are
+    /// counted as stored, hashed by person, never sorted.
+    pub async fn event_rows_by_user(
+        &self,
+        tenant: &str,
+        from: EventTime,
+        to: EventTime,
+    ) -> Result<Vec<(String, u64)>> {
         digame_schemas::validate::validate_tenant_id(tenant).map_err(QueryError::Invalid)?;
         if let Backend::ClickHouse(client) = &self.backend {
             let (from_s, to_s) = seconds(from, to);
             return client
                 .query(
-                    "SELECT DISTINCT user_id FROM events WHERE tenant_id = ? \
+                    "SELECT user_id, count() FROM events WHERE tenant_id = ? \
                      AND timestamp >= toDateTime(?, 'UTC') AND timestamp <= toDateTime(?, 'UTC') \
-                     ORDER BY user_id",
+                     GROUP BY user_id ORDER BY user_id",
                 )
                 .bind(tenant)
                 .bind(from_s)
                 .bind(to_s)
-                .fetch_all::<String>()
+                .fetch_all::<(String, u64)>()
                 .await
                 .map_err(|e| internal(format!("clickhouse: {e}")));
         }
         let df = self
-            .events_where(tenant, in_range(from, to))
+            .events_where(tenant, in_range(from, to), false)
             .await?
-            .select_columns(&["user_id"])
-            .map_err(internal)?
-            .distinct()
-            .map_err(internal)?
-            .sort(vec![col("user_id").sort(true, false)])
+            .aggregate(
+                vec![col("user_id")],
+                vec![datafusion::functions_aggregate::count::count(lit(1)).alias("n")],
+            )
             .map_err(internal)?;
         let rows = batches_to_json(&df.collect().await.map_err(internal)?)?;
-        Ok(rows
+        let mut out: Vec<(String, u64)> = rows
             .into_iter()
-            .filter_map(|mut r| match r.remove("user_id") {
-                Some(Value::String(u)) => Some(u),
+            .filter_map(|mut r| match (r.remove("user_id"), r.remove("n")) {
+                (Some(Value::String(u)), Some(n)) => Some((u, n.as_u64().unwrap_or(0))),
                 _ => None,
             })
-            .collect())
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// The events of each of `users` with `from <= timestamp < to`, per person in
+    /// event-time order (ties by event id), in one read of the store: a caller bounds its
+    /// memory by the people it asks for at once (see [`Self::event_rows_by_user`]). At
+    /// most `limit` per person (an error beyond, naming the limit, rather than a silent
+    /// cut).
+    pub async fn people_events(
+        &self,
+        tenant: &str,
+        users: &[String],
+        from: EventTime,
+        to: EventTime,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<ActivityEvent>)>> {
+        digame_schemas::validate::validate_tenant_id(tenant).map_err(QueryError::Invalid)?;
+        if let Backend::ClickHouse(_) = &self.backend {
+            // Its table is ordered by person: one person's read is a range of the index.
+            let mut out = Vec::with_capacity(users.len());
+            for user in users {
+                let events = self.person_events(tenant, user, from, to, limit).await?;
+                out.push((user.clone(), events));
+            }
+            return Ok(out);
+        }
+        let people = users.iter().map(|u| lit(u.as_str())).collect();
+        let df = self
+            .events_where(
+                tenant,
+                col("user_id")
+                    .in_list(people, false)
+                    .and(in_range(from, to)),
+                true,
+            )
+            .await?;
+        let rows = batches_to_json(&df.collect().await.map_err(internal)?)?;
+        let mut by_user: std::collections::HashMap<String, Vec<Map<String, Value>>> =
+            users.iter().map(|u| (u.clone(), Vec::new())).collect();
+        for row in rows {
+            if let Some(Value::String(u)) = row.get("user_id")
+                && let Some(list) = by_user.get_mut(u.as_str())
+            {
+                list.push(row);
+            }
+        }
+        let mut out = Vec::with_capacity(users.len());
+        for user in users {
+            let rows = by_user.remove(user).unwrap_or_default();
+            let mut events = to_events(user, rows, from, to, limit)?;
+            events.sort_by(|a, b| (a.timestamp, &a.event_id).cmp(&(b.timestamp, &b.event_id)));
+            out.push((user.clone(), events));
+        }
+        Ok(out)
     }
 
     /// One person's events with `from <= timestamp < to`, in event-time order; at most
@@ -177,7 +253,11 @@ impl QueryEngine {
             clickhouse_events(client, tenant, user, from, to, limit).await?
         } else {
             let df = self
-                .events_where(tenant, col("user_id").eq(lit(user)).and(in_range(from, to)))
+                .events_where(
+                    tenant,
+                    col("user_id").eq(lit(user)).and(in_range(from, to)),
+                    true,
+                )
                 .await?
                 .sort(vec![col("timestamp").sort(true, false)])
                 .map_err(internal)?
@@ -185,18 +265,31 @@ impl QueryEngine {
                 .map_err(internal)?;
             batches_to_json(&df.collect().await.map_err(internal)?)?
         };
-        if rows.len() > limit {
-            return Err(QueryError::Invalid(format!(
-                "{user} has more than {limit} events in the range; recompute a shorter range"
-            )));
-        }
-        let mut events = rows
-            .into_iter()
-            .map(event_from_flat)
-            .collect::<Result<Vec<_>>>()?;
-        events.retain(|e| e.timestamp >= from && e.timestamp < to);
-        Ok(events)
+        to_events(user, rows, from, to, limit)
     }
+}
+
+/// `user`'s stored rows as events with `from <= timestamp < to` (the store's bounds may be
+/// wider: ClickHouse's are whole seconds), in the rows' order; more than `limit` rows is an
+/// error naming the limit.
+fn to_events(
+    user: &str,
+    rows: Vec<Map<String, Value>>,
+    from: EventTime,
+    to: EventTime,
+    limit: usize,
+) -> Result<Vec<ActivityEvent>> {
+    if rows.len() > limit {
+        return Err(QueryError::Invalid(format!(
+            "{user} has more than {limit} events in the range; recompute a shorter range"
+        )));
+    }
+    let mut events = rows
+        .into_iter()
+        .map(event_from_flat)
+        .collect::<Result<Vec<_>>>()?;
+    events.retain(|e| e.timestamp >= from && e.timestamp < to);
+    Ok(events)
 }
 
 async fn clickhouse_events(

@@ -194,12 +194,12 @@ enum PersonRead {
 const END_OF_TIME: EventTime = EventTime(i64::MAX / 4);
 
 impl QueryEngine {
-    /// Over the embedded store under `store_root`.
     /// The limits this engine was configured with.
     pub fn limits(&self) -> &QueryConfig {
         &self.config
     }
 
+    /// Over the embedded store under `store_root`.
     pub fn new(store_root: impl Into<std::path::PathBuf>, config: QueryConfig) -> Self {
         Self::over(Backend::Embedded(store_root.into()), config)
     }
