@@ -82,8 +82,8 @@ fn window(series: &Value, start: &str) -> Value {
 }
 
 /// The features and breakdowns of window `w` that `expected` names: this test checks the
-/// spine features by hand; `pipelines/tests/it/golden.rs` and the golden end-to-end test check
-/// the whole set.
+/// spine features by hand; `pipelines/tests/it/golden.rs` and the golden end-to-end test
+/// check the whole set.
 /// Asserts that window `w` has the values `expected` names.
 fn assert_like(w: &Value, expected: Value) {
     assert_eq!(
