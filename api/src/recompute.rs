@@ -297,11 +297,6 @@ impl Recomputer {
         started: i64,
         directory: &Directory,
     ) -> anyhow::Result<RecomputeReport> {
-        let mut report = RecomputeReport {
-            people: 1,
-            events_read: events.len(),
-            ..RecomputeReport::default()
-        };
         let mut p = Processor::new(&self.pipeline, self.horizon_days)?;
         p.directory = directory.clone();
         p.keep_raw_events = false;
@@ -324,7 +319,7 @@ impl Recomputer {
         rows.extend(p.emit(EventTime::now().0));
         let mut latest = latest_in_range(rows, spec.from, spec.to);
         let retracted = self.retractions(tenant, user, spec, &latest).await?;
-        report.rows_retracted += retracted.len();
+        let rows_retracted = retracted.len();
         // Retractions take revisions after the job's newest row.
         let mut revision = latest
             .iter()
@@ -337,7 +332,6 @@ impl Recomputer {
             r.revision = revision;
             latest.push(r);
         }
-        report.rows_written += latest.len();
         for chunk in latest.chunks(WRITE_CHUNK) {
             let batch = StoreBatch {
                 features: chunk.to_vec(),
@@ -356,7 +350,12 @@ impl Recomputer {
                 cache.apply(chunk);
             }
         }
-        Ok(report)
+        Ok(RecomputeReport {
+            people: 1,
+            events_read: events.len(),
+            rows_written: latest.len(),
+            rows_retracted,
+        })
     }
 
     /// `users` cut into runs of consecutive people whose stored rows in `[from, to)` fit

@@ -75,9 +75,9 @@ fn in_range(from: EventTime, to: EventTime) -> Expr {
 }
 
 impl QueryEngine {
-    /// The tenant's events matching `filter` (embedded store): deduplicated by event id, or with `dedup`
-    /// false as stored (a replayed event twice), for reads that need no more (which
-    /// people have events): deduplicating sorts every row the filter keeps.
+    /// The tenant's events matching `filter` (embedded store): deduplicated by event id,
+    /// or with `dedup` false as stored (a replayed event twice), for reads that need no
+    /// more (which people have events): deduplicating sorts every row the filter keeps.
     async fn events_where(
         &self,
         tenant: &str,
