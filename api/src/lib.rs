@@ -15,6 +15,7 @@ pub mod auth;
 mod background;
 pub mod recompute;
 pub mod repair;
+mod seams;
 pub mod serve;
 pub mod simulate;
 mod views;
@@ -1593,7 +1594,7 @@ impl Server {
                 ..RuntimeSettings::from_config(&config.pipeline, &config.data_dir)
             },
             status: pipeline_status.clone(),
-            meta: Some(meta.clone()),
+            meta: Some(Arc::new(seams::StoredSettings(meta.clone()))),
             history: Arc::new(StoredEvents(query.clone())),
         };
         let mut tasks = Vec::new();
@@ -1691,7 +1692,9 @@ impl Server {
         }
 
         let ids = if config.ingest.idempotency_index {
-            Some(digame_ingest::IdIndex::open(&config.meta.url, &config.data_dir).await?)
+            let index =
+                digame_infra::meta::IdIndex::open(&config.meta.url, &config.data_dir).await?;
+            Some(Arc::new(seams::StoredEventIds(index)) as Arc<dyn digame_ingest::EventIds>)
         } else {
             None
         };

@@ -1,7 +1,6 @@
-//! The store seam and the embedded Parquet store.
+//! The embedded Parquet store, behind the store seam (`digame-store`, re-exported here).
 //!
-//! [`StoreSink`] is what pipelines write through; [`clickhouse::ClickHouseStore`] is the
-//! scale implementation. The
+//! [`clickhouse::ClickHouseStore`] is the scale implementation. The
 //! embedded [`ParquetStore`] writes one Parquet file per (table, tenant, date) partition per
 //! flush under `<root>/<table>/tenant_id=<t>/date=<YYYY-MM-DD>/`, hive style, so DataFusion
 //! prunes by tenant and date from the path alone.
@@ -28,187 +27,31 @@ use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{
     ArrayRef, BooleanBuilder, Float64Builder, Int64Builder, ListBuilder, StringBuilder,
     TimestampMillisecondBuilder, UInt16Builder, UInt32Builder, UInt64Builder,
 };
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::properties::WriterProperties;
+use digame_schemas::EventTime;
 use digame_schemas::arrow::{Column, Layout};
-use digame_schemas::{ActivityEvent, DeadLetter, EventTime, FeatureRow};
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::telemetry::metrics;
 
+pub use digame_store::*;
+
 pub mod clickhouse;
 pub mod integrity;
 pub mod snapshots;
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("store i/o error on {path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("store encoding error in table {table}: {message}")]
-    Encode {
-        table: &'static str,
-        message: String,
-    },
-    #[error("store query error: {0}")]
-    Query(String),
-    #[error("{0}")]
-    Unsupported(String),
-}
-
-pub type Result<T, E = StoreError> = std::result::Result<T, E>;
-
-pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
-/// The tables of the store.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Table {
-    Events,
-    Features,
-    DeadLetters,
-}
-
-/// Columns taken from the directory path instead of the file.
-pub const PARTITION_COLUMNS: [&str; 2] = ["tenant_id", "date"];
-
-static EVENT_LAYOUT: LazyLock<Layout> = LazyLock::new(Layout::of::<ActivityEvent>);
-static FEATURE_LAYOUT: LazyLock<Layout> = LazyLock::new(Layout::of::<FeatureRow>);
-static DEAD_LETTER_LAYOUT: LazyLock<Layout> = LazyLock::new(Layout::of::<DeadLetter>);
-
-impl Table {
-    pub const ALL: [Table; 3] = [Table::Events, Table::Features, Table::DeadLetters];
-
-    /// The table named `name`.
-    pub fn from_name(name: &str) -> Option<Table> {
-        Table::ALL.into_iter().find(|t| t.name() == name)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Table::Events => "events",
-            Table::Features => "features",
-            Table::DeadLetters => "dead_letters",
-        }
-    }
-
-    /// The record layout, derived from the record type in `schemas`.
-    pub fn layout(self) -> &'static Layout {
-        match self {
-            Table::Events => &EVENT_LAYOUT,
-            Table::Features => &FEATURE_LAYOUT,
-            Table::DeadLetters => &DEAD_LETTER_LAYOUT,
-        }
-    }
-
-    /// The timestamp column whose UTC date names the partition.
-    pub fn time_column(self) -> &'static str {
-        match self {
-            Table::Events => "timestamp",
-            Table::Features => "window_start",
-            Table::DeadLetters => "rejected_at",
-        }
-    }
-
-    /// Columns identifying one logical row, and the column whose highest value wins.
-    pub fn upsert_key(self) -> Option<(&'static [&'static str], &'static str)> {
-        match self {
-            // Per person, as ClickHouse's sorting key has it: an id another person's event
-            // reuses never erases that event.
-            Table::Events => Some((&["user_id", "event_id"], "received_at")),
-            // The record's key less `tenant_id`, which is the partition directory.
-            Table::Features => Some((&FeatureRow::KEY[1..], FeatureRow::VERSION)),
-            Table::DeadLetters => None,
-        }
-    }
-
-    /// Schema of the Parquet files (the layout without the path columns).
-    pub fn file_schema(self) -> SchemaRef {
-        Arc::new(self.layout().arrow_schema_without(&PARTITION_COLUMNS))
-    }
-
-    /// The partition columns as DataFusion's listing table declares them.
-    pub fn partition_fields() -> Vec<Field> {
-        PARTITION_COLUMNS
-            .iter()
-            .map(|c| Field::new(*c, DataType::Utf8, false))
-            .collect()
-    }
-}
-
-/// Rows produced by one pipeline flush.
-#[derive(Debug, Default)]
-pub struct StoreBatch {
-    pub events: Vec<ActivityEvent>,
-    pub features: Vec<FeatureRow>,
-    pub dead_letters: Vec<DeadLetter>,
-}
-
-impl StoreBatch {
-    pub fn is_empty(&self) -> bool {
-        self.events.is_empty() && self.features.is_empty() && self.dead_letters.is_empty()
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoreStatus {
-    pub healthy: bool,
-    pub detail: String,
-}
-
-/// Rows removed per table by a deletion.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct DeletionReport {
-    /// Logical rows (one per key) removed, by table.
-    pub rows: BTreeMap<String, u64>,
-    /// Months (`YYYYMM`) of rollups recomputed without the deleted rows.
-    pub rollup_months_rebuilt: Vec<u32>,
-}
-
-/// What to delete of one tenant.
-#[derive(Clone, Debug)]
-pub enum Deletion<'a> {
-    /// Every row of one person (a privacy request).
-    Person(&'a str),
-    /// Every row whose time is before this instant (retention).
-    Before(EventTime),
-}
-
-/// Where pipelines write. Returning `Ok` means every row is durable.
-#[async_trait]
-pub trait StoreSink: Send + Sync + 'static {
-    /// Writes a batch durably. Feature rows are written before the raw events of the same
-    /// batch (the pipeline reopens a day from its stored events), so a
-    /// crash between the two leaves rows ahead of events, never behind.
-    async fn write(&self, batch: &StoreBatch) -> Result<()>;
-    fn status(&self) -> StoreStatus;
-    /// Deletes rows of `tenant` from every table and reports how many went.
-    async fn delete(&self, tenant: &str, what: &Deletion<'_>) -> Result<DeletionReport> {
-        let _ = (tenant, what);
-        Err(StoreError::Unsupported(
-            "deleting data is available on the ClickHouse store in this build".into(),
-        ))
-    }
-}
 
 /// The embedded Parquet store.
 pub struct ParquetStore {
@@ -462,11 +305,6 @@ impl ParquetStore {
             self.integrity().forget(&path);
         }
     }
-}
-
-/// The `date=` partition of a row whose time column holds `time` (RFC 3339, UTC).
-pub fn partition_date(time: &str) -> &str {
-    time.get(..10).unwrap_or("1970-01-01")
 }
 
 /// Every batch of one Parquet file, or why it does not decode.
@@ -797,7 +635,7 @@ pub fn file_schema(table: Table) -> Schema {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use digame_schemas::Granularity;
+    use digame_schemas::{ActivityEvent, FeatureRow, Granularity};
 
     /// Both stores keep one row per key with the same key: the embedded store's
     /// deduplication key, with the tenant its directories carry, is ClickHouse's

@@ -10,21 +10,19 @@
 //!
 //! The tenant comes from the credential, never from the body.
 
-pub mod ids;
 pub mod redact;
 
 use std::io::Read;
 
 use bytes::Bytes;
-use digame_infra::bus::{BusError, EventBus, Record, Topic};
-use digame_infra::config::IngestConfig;
-use digame_infra::telemetry::metrics;
+use digame_bus::{BusError, EventBus, Record, Topic};
+use digame_config::IngestConfig;
 use digame_schemas::validate::{TimePolicy, validate_event};
 use digame_schemas::{ActivityEvent, DeadLetter, EventTime, partition_key};
+use digame_telemetry::metrics;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-pub use crate::ids::IdIndex;
 pub use crate::redact::Redactions;
 
 /// Why a whole request was refused.
@@ -103,7 +101,24 @@ pub struct Collector {
     pub redactions: std::sync::Arc<Redactions>,
     /// The idempotency index: client event ids are claimed here before the answer, so an
     /// id already naming another event is refused. `None` checks within a request only.
-    pub ids: Option<IdIndex>,
+    pub ids: Option<std::sync::Arc<dyn EventIds>>,
+}
+
+/// Where client event ids are claimed across requests: in Digame's binary, the metadata
+/// store's idempotency index (one writer committing every waiting request's claims in one
+/// transaction, in arrival order).
+#[async_trait::async_trait]
+pub trait EventIds: Send + Sync + 'static {
+    /// Claims `claims` ((event id, content digest), ids distinct) for `tenant`: per claim,
+    /// the digest the id already names when that differs (refuse the event), `None` when
+    /// the id is new or names the same event. Durable when it answers; the error says why
+    /// the index could not answer.
+    async fn claim(
+        &self,
+        tenant: &str,
+        claims: Vec<(String, i64)>,
+        now_ms: i64,
+    ) -> Result<Vec<Option<i64>>, String>;
 }
 
 /// Inflates gzip up to `limit` bytes.

@@ -37,15 +37,15 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use digame_infra::bus::{BusConsumer, EventBus, GroupProgress, Record, Topic};
-use digame_infra::config::PipelineConfig;
-use digame_infra::store::{StoreBatch, StoreSink};
-use digame_infra::telemetry::metrics;
+use digame_bus::{BusConsumer, EventBus, GroupProgress, Record, Topic};
+use digame_config::PipelineConfig;
 use digame_schemas::{ActivityEvent, DeadLetter, EventTime, FeatureRow, write_partition_key};
+use digame_store::{StoreBatch, StoreSink};
+use digame_telemetry::metrics;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use digame_infra::meta::{Changes, MetaStore};
+use digame_schemas::profile::Changes;
 
 use crate::directory::Directory;
 use crate::features::FeatureParams;
@@ -157,9 +157,9 @@ const UNDECODABLE: usize = 3;
 /// since when each partition has had records waiting without progress.
 #[derive(Default)]
 struct Backlog {
-    ends: Option<digame_infra::bus::EndOffsets>,
+    ends: Option<digame_bus::EndOffsets>,
     /// Where the bus has no instant ends (Kafka): a round trip to the brokers.
-    probe: Option<digame_infra::bus::ProgressProbe>,
+    probe: Option<digame_bus::ProgressProbe>,
     processed: BTreeMap<u32, u64>,
     /// Per partition: the last moment it advanced or had nothing waiting.
     settled: BTreeMap<u32, Instant>,
@@ -275,13 +275,13 @@ impl PipelineStatus {
             .collect()
     }
 
-    fn set_probe(&self, probe: Option<digame_infra::bus::ProgressProbe>) {
+    fn set_probe(&self, probe: Option<digame_bus::ProgressProbe>) {
         self.backlog.lock().expect("backlog lock").probe = probe;
     }
 
     /// Called by the pipeline after every poll (at least every flush interval): a
     /// partition that advanced, or has nothing waiting, is settled now.
-    fn track(&self, ends: Option<digame_infra::bus::EndOffsets>, processed: &BTreeMap<u32, u64>) {
+    fn track(&self, ends: Option<digame_bus::EndOffsets>, processed: &BTreeMap<u32, u64>) {
         let mut b = self.backlog.lock().expect("backlog lock");
         if ends.is_some() {
             b.ends = ends;
@@ -765,7 +765,7 @@ pub struct RuntimeSettings {
 impl RuntimeSettings {
     pub fn from_config(cfg: &PipelineConfig, data_dir: &std::path::Path) -> Self {
         RuntimeSettings {
-            checkpoint_dir: digame_infra::config::pipeline_dir(data_dir).join(GROUP),
+            checkpoint_dir: digame_config::pipeline_dir(data_dir).join(GROUP),
             flush_interval: Duration::from_millis(cfg.flush_interval_ms.max(10)),
             checkpoint_interval: Duration::from_millis(cfg.checkpoint_interval_ms.max(10)),
             poll_batch: cfg.poll_batch.max(1),
@@ -784,9 +784,18 @@ pub struct FeaturePipeline {
     pub status: Arc<PipelineStatus>,
     /// Where tenant settings and person profiles come from; `None` keeps whatever the
     /// processor's directory was given (tests, benchmarks).
-    pub meta: Option<MetaStore>,
+    pub meta: Option<Arc<dyn SettingsSource>>,
     /// The stored raw events, read to reopen days no longer in memory.
     pub history: Arc<dyn EventHistory>,
+}
+
+/// Where a pipeline reads tenant settings and person profiles as they change: in
+/// Digame's binary, the metadata store.
+#[async_trait::async_trait]
+pub trait SettingsSource: Send + Sync + 'static {
+    /// Everything written after `revision`, in revision order, with the newest revision
+    /// included; the error says why the source could not answer.
+    async fn changes_since(&self, revision: i64) -> std::result::Result<Changes, String>;
 }
 
 /// Applies settings and profile changes to `directory`. Content was validated when it was
@@ -834,7 +843,7 @@ where
 
 /// A failed poll (broker unreachable, say) is waited out, not fatal: the consumer
 /// reconnects by itself.
-async fn bus_trouble(e: &digame_infra::bus::BusError) {
+async fn bus_trouble(e: &digame_bus::BusError) {
     tracing::warn!(error = %e, "reading the bus failed; retrying in 1 s");
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
@@ -1343,7 +1352,7 @@ pub async fn run_dead_letter_sink(
 #[cfg(test)]
 mod tests {
     use super::{Processor, decode_event};
-    use digame_infra::config::PipelineConfig;
+    use digame_config::PipelineConfig;
 
     fn commit(id: u128, at: i64) -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({
@@ -1588,7 +1597,7 @@ mod tests {
     /// leaves the backlog unknown, not zero. Offsets by hand.
     #[tokio::test]
     async fn the_backlog_asked_now_sees_what_the_last_poll_did_not() {
-        use digame_infra::bus::{BusError, GroupProgress};
+        use digame_bus::{BusError, GroupProgress};
         use std::collections::BTreeMap;
         use std::sync::{Arc, Mutex};
         let status = super::PipelineStatus::default();

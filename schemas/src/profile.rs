@@ -457,3 +457,15 @@ mod tests {
         assert!(v < (1 << 53));
     }
 }
+
+/// Tenant settings and person profiles written after some revision of the metadata store,
+/// in revision order: what a pipeline applies to stay current.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// (tenant, its settings).
+    pub settings: Vec<(String, TenantSettings)>,
+    /// (tenant, person, their profile).
+    pub profiles: Vec<(String, String, PersonProfile)>,
+    /// The newest revision included; ask for the changes after it next.
+    pub revision: i64,
+}

@@ -19,6 +19,7 @@
 //!   the generated multi-row statements on SQLite), never by concatenation.
 
 pub mod identity;
+pub mod ids;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -28,6 +29,10 @@ use digame_schemas::profile::{PersonProfile, TenantSettings};
 use serde::Serialize;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Row};
+
+pub use digame_config::redact_url;
+pub use digame_schemas::profile::Changes;
+pub use ids::IdIndex;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/meta");
 
@@ -62,15 +67,6 @@ pub struct Stored<T> {
     pub value: T,
     pub revision: i64,
     pub updated_at: i64,
-}
-
-/// Everything written after some revision, in revision order.
-#[derive(Debug, Default)]
-pub struct Changes {
-    pub settings: Vec<(String, TenantSettings)>,
-    pub profiles: Vec<(String, String, PersonProfile)>,
-    /// The newest revision included; pass it to the next [`MetaStore::changes_since`].
-    pub revision: i64,
 }
 
 /// State of a background job.
@@ -170,20 +166,6 @@ pub fn sqlite_path(url: &str, data_dir: &Path) -> Result<std::path::PathBuf> {
         Some("") => Ok(data_dir.join("meta.db")),
         Some(path) if !path.contains('?') => Ok(path.into()),
         _ => Err(MetaError::BadUrl(url.into())),
-    }
-}
-
-/// `url` with any password replaced, for messages and logs.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:<redacted>{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use digame_infra::config::PipelineConfig;
+use digame_config::PipelineConfig;
 use digame_pipelines::Processor;
 use digame_schemas::{ActivityEvent, EventTime, FeatureRow, PersonProfile};
 use digame_testkit::golden;

@@ -15,7 +15,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::de::{self, Deserializer};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::telemetry::LogFormat;
+use digame_telemetry::LogFormat;
 
 /// Everything `digame serve` can be told.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -253,7 +253,7 @@ pub struct MetaConfig {
 impl fmt::Debug for MetaConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MetaConfig")
-            .field("url", &crate::meta::redact_url(&self.url))
+            .field("url", &redact_url(&self.url))
             .field("refresh_ms", &self.refresh_ms)
             .finish()
     }
@@ -749,9 +749,9 @@ impl Config {
         };
         c.ingest.keys = hide(&c.ingest.keys);
         c.admin.keys = hide(&c.admin.keys);
-        c.meta.url = crate::meta::redact_url(&c.meta.url);
-        c.store.url = crate::meta::redact_url(&c.store.url);
-        c.bus.url = crate::meta::redact_url(&c.bus.url);
+        c.meta.url = redact_url(&c.meta.url);
+        c.store.url = redact_url(&c.store.url);
+        c.bus.url = redact_url(&c.bus.url);
         if !c.store.clickhouse.password.is_empty() {
             c.store.clickhouse.password = R.into();
         }
@@ -853,6 +853,20 @@ impl Config {
             url: format!("http://{addr}"),
             database: database.to_string(),
         })
+    }
+}
+
+/// `url` with any password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:<redacted>{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
     }
 }
 

@@ -15,7 +15,7 @@
 
 use std::path::Path;
 
-use digame_infra::meta::{EventIdClaims, MetaError, MetaStore};
+use super::{EventIdClaims, MetaError, MetaStore};
 use tokio::sync::{mpsc, oneshot};
 
 /// Requests waiting for the writer at most.
@@ -45,7 +45,7 @@ impl IdIndex {
     pub async fn open(url: &str, data_dir: &Path) -> Result<Self, MetaError> {
         let (requests, rx) = mpsc::channel(QUEUE);
         let (opened, is_open) = oneshot::channel();
-        let shown = digame_infra::meta::redact_url(url);
+        let shown = super::redact_url(url);
         let failed = |reason: String| MetaError::Open {
             url: shown.clone(),
             reason,

@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 
 use super::frame::{BODY_FIXED, FRAME_HEADER, decode_frame};
 use super::{BusError, Result, Topic};
-use crate::telemetry::metrics;
+use digame_telemetry::metrics;
 
 /// The smallest frame: header and fixed body, empty key and payload.
 const MIN_FRAME: usize = FRAME_HEADER + BODY_FIXED;
@@ -180,8 +180,8 @@ fn io(path: &Path, source: std::io::Error) -> BusError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::Record;
-    use crate::bus::frame::encode_frame;
+    use crate::Record;
+    use crate::frame::encode_frame;
     use bytes::Bytes;
 
     /// Frames with offsets `offsets`, and where each starts.

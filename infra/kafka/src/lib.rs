@@ -36,7 +36,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 
-use super::{
+use digame_bus::{
     BusConsumer, BusError, BusStatus, Delivered, EventBus, Position, Record, Result, Topic,
 };
 
@@ -619,7 +619,7 @@ impl BusConsumer for KafkaConsumer {
         self.committed.clone()
     }
 
-    fn progress_probe(&self) -> Option<super::ProgressProbe> {
+    fn progress_probe(&self) -> Option<digame_bus::ProgressProbe> {
         let (probe, topic) = (self.probe.clone(), self.topic.clone());
         Some(Arc::new(move || group_progress(&probe, &topic)))
     }
@@ -640,7 +640,7 @@ impl BusConsumer for KafkaConsumer {
 /// Every partition's end and the group's committed offset, asked of the brokers now
 /// (blocking: a metadata request, then one offsets request per partition and one for the
 /// group's commits).
-fn group_progress(probe: &BaseConsumer, topic: &str) -> Result<super::GroupProgress> {
+fn group_progress(probe: &BaseConsumer, topic: &str) -> Result<digame_bus::GroupProgress> {
     const TIMEOUT: Duration = Duration::from_secs(2);
     // The client is never polled otherwise: drain what it queued (errors of brokers it
     // could not reach) so the queue stays bounded.
@@ -658,7 +658,7 @@ fn group_progress(probe: &BaseConsumer, topic: &str) -> Result<super::GroupProgr
         .filter(|t| t.name() == topic)
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
-    let mut out = super::GroupProgress::default();
+    let mut out = digame_bus::GroupProgress::default();
     let mut starts = BTreeMap::new();
     let mut tpl = TopicPartitionList::new();
     for &p in &partitions {

@@ -42,7 +42,7 @@ use super::{
     BusConsumer, BusError, BusStatus, Delivered, EventBus, Position, Record, Result, Topic,
     partition_for,
 };
-use crate::telemetry::metrics;
+use digame_telemetry::metrics;
 
 const READ_CHUNK: usize = 1 << 20;
 
@@ -279,7 +279,7 @@ impl TopicLog {
     }
 }
 
-/// A segment as [`crate::scrub`] reports it.
+/// A segment as a scrub of the log reports it.
 pub struct SegmentScan {
     pub records: u64,
     pub len: usize,
@@ -752,7 +752,7 @@ impl EventBus for LogBus {
     fn status(&self) -> BusStatus {
         let mut detail = Vec::new();
         let mut healthy = true;
-        let mut lost = crate::bus::LostRecords::default();
+        let mut lost = crate::LostRecords::default();
         for log in self.topics.values() {
             if !log.healthy.load(Ordering::Relaxed) {
                 healthy = false;
@@ -1082,7 +1082,7 @@ impl BusConsumer for LogConsumer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bus::frame::BODY_FIXED;
+    use crate::frame::BODY_FIXED;
 
     fn rec(key: &str, payload: &str) -> Record {
         Record {
@@ -1200,7 +1200,7 @@ mod tests {
         // No group had committed anything: the one lost record was never processed.
         assert_eq!(
             bus.status().lost_records,
-            crate::bus::LostRecords {
+            crate::LostRecords {
                 processed: 0,
                 unprocessed: 1
             }
@@ -1330,7 +1330,7 @@ mod tests {
         // Offsets 6–9 were committed: processed before their bytes were lost.
         assert_eq!(
             bus.status().lost_records,
-            crate::bus::LostRecords {
+            crate::LostRecords {
                 processed: 4,
                 unprocessed: 0
             }

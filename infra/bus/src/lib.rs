@@ -9,9 +9,11 @@
 //! The shape follows Kafka's so a Kafka implementation fits behind the same traits: the
 //! embedded log assigns every partition to its one consumer; a Kafka consumer's assignment
 //! changes on rebalance and the caller re-reads it after each poll.
+//!
+//! This crate holds the seam and the embedded log ([`log`]); the Kafka implementation is
+//! the `digame-kafka` crate, so what only publishes or consumes builds without librdkafka.
 
 mod frame;
-pub mod kafka;
 pub mod log;
 mod recovery;
 
@@ -22,7 +24,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use kafka::{KafkaBus, KafkaSettings, TopicInfo};
 pub use log::{LogBus, LogConfig};
 
 /// Errors from the bus.
@@ -213,42 +214,4 @@ pub struct GroupProgress {
 /// The partition of `key` among `partitions`: stable across processes and versions.
 pub fn partition_for(key: &[u8], partitions: u32) -> u32 {
     crc32fast::hash(key) % partitions.max(1)
-}
-
-/// Opens the bus `config` selects: the embedded log, or Kafka (creating missing topics).
-pub async fn open(config: &crate::config::Config) -> Result<std::sync::Arc<dyn EventBus>> {
-    use crate::config::BusBackend;
-    let bus = &config.bus;
-    match config.bus_backend().map_err(BusError::Config)? {
-        BusBackend::Embedded(dir) => Ok(std::sync::Arc::new(LogBus::open(LogConfig {
-            dir,
-            partitions: bus.partitions,
-            segment_bytes: bus.segment_bytes,
-            retention_bytes: bus.retention_bytes,
-            retention: Duration::from_secs(bus.retention_hours * 3600),
-            queue_capacity: bus.queue_capacity,
-            max_batch_bytes: 32 << 20,
-        })?)),
-        BusBackend::Kafka { brokers } => {
-            Ok(std::sync::Arc::new(connect_kafka(config, brokers).await?))
-        }
-    }
-}
-
-/// Connects to the Kafka cluster of `config`, creating missing topics.
-pub async fn connect_kafka(config: &crate::config::Config, brokers: String) -> Result<KafkaBus> {
-    KafkaBus::connect(kafka_settings(config, brokers)).await
-}
-
-/// The Kafka settings of `config`.
-pub fn kafka_settings(config: &crate::config::Config, brokers: String) -> KafkaSettings {
-    let bus = &config.bus;
-    KafkaSettings {
-        brokers,
-        prefix: bus.topic_prefix.clone(),
-        partitions: bus.partitions,
-        replication: bus.replication,
-        delivery_timeout: Duration::from_millis(bus.delivery_timeout_ms),
-        extra: bus.kafka.0.clone(),
-    }
 }
