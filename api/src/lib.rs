@@ -1691,10 +1691,10 @@ impl Server {
             ));
         }
 
-        let ids = if config.ingest.idempotency_index {
+        let ids: Option<Arc<dyn digame_ingest::EventIds>> = if config.ingest.idempotency_index {
             let index =
                 digame_infra::meta::IdIndex::open(&config.meta.url, &config.data_dir).await?;
-            Some(Arc::new(seams::StoredEventIds(index)) as Arc<dyn digame_ingest::EventIds>)
+            Some(Arc::new(seams::StoredEventIds(index)))
         } else {
             None
         };

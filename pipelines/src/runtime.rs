@@ -39,13 +39,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use digame_bus::{BusConsumer, EventBus, GroupProgress, Record, Topic};
 use digame_config::PipelineConfig;
+use digame_schemas::profile::Changes;
 use digame_schemas::{ActivityEvent, DeadLetter, EventTime, FeatureRow, write_partition_key};
 use digame_store::{StoreBatch, StoreSink};
 use digame_telemetry::metrics;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-
-use digame_schemas::profile::Changes;
 
 use crate::directory::Directory;
 use crate::features::FeatureParams;
