@@ -281,7 +281,12 @@ impl DigameProcess {
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .env("DIGAME_LOG_LEVEL", "warn")
+            // Warnings only, unless the run asks for more (`TEST_DIGAME_LOG=info` shows
+            // what each server did, e.g. its consumer group's rebalances).
+            .env(
+                "DIGAME_LOG_LEVEL",
+                std::env::var("TEST_DIGAME_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
