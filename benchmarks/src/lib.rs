@@ -9,6 +9,46 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+/// `simulate`'s events for `people` over the `days` ending at `until_ms`, as the collector
+/// publishes them: tenant `bench`, received at `until_ms`. The seed is fixed, so every run
+/// of a benchmark reads the same events.
+pub fn simulated_events(
+    people: usize,
+    days: u32,
+    until_ms: i64,
+) -> anyhow::Result<Vec<digame_schemas::ActivityEvent>> {
+    let spec = digame_api::simulate::SimulationSpec {
+        people,
+        days,
+        seed: 42,
+        until_ms,
+    };
+    digame_api::simulate::generate(&spec)
+        .into_iter()
+        .map(|v| {
+            let mut ev: digame_schemas::ActivityEvent = serde_json::from_value(v)?;
+            ev.tenant_id = "bench".into();
+            ev.received_at = Some(digame_schemas::EventTime(until_ms));
+            Ok(ev)
+        })
+        .collect()
+}
+
+/// The end of the simulated range of the benchmarks that process `simulate` data, fixed so
+/// every run processes the same events: 2026-11-23T00:00:00Z.
+pub const SIMULATED_UNTIL_MS: i64 = 1_795_392_000_000;
+
+/// [`simulated_events`] ending at [`SIMULATED_UNTIL_MS`], in event-time order (as a live
+/// stream delivers them), each encoded as the collector publishes it.
+pub fn simulated_payloads_in_time_order(people: usize, days: u32) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut events = simulated_events(people, days, SIMULATED_UNTIL_MS)?;
+    events.sort_by_key(|e| e.timestamp);
+    Ok(events
+        .iter()
+        .map(serde_json::to_vec)
+        .collect::<Result<_, _>>()?)
+}
+
 /// One window-focus event of about 300 bytes, as a desktop watcher sends it.
 pub fn focus_event(n: u64, users: u64, base_ms: i64) -> Value {
     const APPS: [(&str, &str); 4] = [

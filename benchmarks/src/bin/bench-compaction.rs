@@ -24,12 +24,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use digame_api::simulate::{SimulationSpec, generate};
-use digame_benchmarks::{process_cpu, thousands};
+use digame_benchmarks::{process_cpu, simulated_payloads_in_time_order, thousands};
 use digame_infra::config::{PipelineConfig, StoreConfig};
 use digame_infra::store::{ParquetStore, StoreBatch, StoreSink, Table};
 use digame_pipelines::Processor;
-use digame_schemas::{ActivityEvent, EventTime};
+use digame_schemas::ActivityEvent;
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -85,27 +84,7 @@ async fn compact(store: &Arc<ParquetStore>, min_files: usize) -> anyhow::Result<
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let now = 1_795_392_000_000; // 2026-11-23T00:00:00Z, as bench-pipeline
-    let spec = SimulationSpec {
-        people: cli.people,
-        days: cli.days,
-        seed: 42,
-        until_ms: now,
-    };
-    let mut events: Vec<ActivityEvent> = generate(&spec)
-        .into_iter()
-        .map(|v| {
-            let mut ev: ActivityEvent = serde_json::from_value(v)?;
-            ev.tenant_id = "bench".into();
-            ev.received_at = Some(EventTime(now));
-            Ok(ev)
-        })
-        .collect::<anyhow::Result<_>>()?;
-    events.sort_by_key(|e| e.timestamp);
-    let payloads: Vec<Vec<u8>> = events
-        .iter()
-        .map(serde_json::to_vec)
-        .collect::<Result<_, _>>()?;
+    let payloads = simulated_payloads_in_time_order(cli.people, cli.days)?;
     let n = payloads.len();
 
     let dir = tempfile::tempdir()?;

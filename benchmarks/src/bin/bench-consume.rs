@@ -16,14 +16,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use clap::Parser;
 use digame_api::recompute::StoredEvents;
-use digame_api::simulate::{SimulationSpec, generate};
-use digame_benchmarks::{process_cpu, thousands};
+use digame_benchmarks::{process_cpu, simulated_events, thousands};
 use digame_infra::bus::{Record, Topic};
 use digame_infra::config::{Config, PipelineConfig};
 use digame_infra::store::{ParquetStore, StoreSink};
 use digame_pipelines::{FeaturePipeline, PipelineStatus, Processor, RuntimeSettings};
 use digame_query::QueryEngine;
-use digame_schemas::{ActivityEvent, EventTime};
+use digame_schemas::EventTime;
 
 /// The allocator, as in the `digame` binary.
 #[global_allocator]
@@ -48,18 +47,9 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     digame_infra::telemetry::init_logging(digame_infra::telemetry::LogFormat::Text, "warn");
     let now = EventTime::now();
-    let spec = SimulationSpec {
-        people: cli.people,
-        days: cli.days,
-        seed: 42,
-        until_ms: now.0,
-    };
-    let records: Vec<Record> = generate(&spec)
+    let records: Vec<Record> = simulated_events(cli.people, cli.days, now.0)?
         .into_iter()
-        .map(|v| {
-            let mut ev: ActivityEvent = serde_json::from_value(v)?;
-            ev.tenant_id = "bench".into();
-            ev.received_at = Some(now);
+        .map(|ev| {
             Ok(Record {
                 key: Bytes::from(ev.partition_key()),
                 payload: Bytes::from(serde_json::to_vec(&ev)?),

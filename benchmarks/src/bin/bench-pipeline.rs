@@ -15,12 +15,12 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use digame_api::simulate::{SimulationSpec, generate, profile_of, user_id};
-use digame_benchmarks::thousands;
+use digame_api::simulate::{profile_of, user_id};
+use digame_benchmarks::{simulated_events, thousands};
 use digame_infra::config::PipelineConfig;
 use digame_pipelines::Processor;
 use digame_pipelines::runtime::decode_event;
-use digame_schemas::{ActivityEvent, EventTime};
+use digame_schemas::ActivityEvent;
 
 /// The allocator: the pipeline and ingest allocate many small, short-lived strings, which
 /// glibc's malloc serves markedly slower.
@@ -130,23 +130,11 @@ fn main() -> anyhow::Result<()> {
     // A fixed end instant, so every run processes the same events (2026-11-23T00:00:00Z;
     // the wall clock the processor sees is the same instant).
     let now = 1_795_392_000_000;
-    let spec = SimulationSpec {
-        people: cli.people,
-        days: cli.days,
-        seed: 42,
-        until_ms: now,
-    };
-    let received = EventTime(now);
     // Payloads exactly as the collector publishes them: tenant and receive time set.
-    let payloads: Vec<Vec<u8>> = generate(&spec)
-        .into_iter()
-        .map(|v| {
-            let mut ev: ActivityEvent = serde_json::from_value(v)?;
-            ev.tenant_id = "bench".into();
-            ev.received_at = Some(received);
-            Ok(serde_json::to_vec(&ev)?)
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let payloads: Vec<Vec<u8>> = simulated_events(cli.people, cli.days, now)?
+        .iter()
+        .map(serde_json::to_vec)
+        .collect::<Result<_, _>>()?;
     let bytes: usize = payloads.iter().map(Vec::len).sum();
     let n = payloads.len();
 
