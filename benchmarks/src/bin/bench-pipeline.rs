@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use digame_api::simulate::{profile_of, user_id};
-use digame_benchmarks::{simulated_events, thousands};
+use digame_benchmarks::{SIMULATED_UNTIL_MS, simulated_events, thousands};
 use digame_infra::config::PipelineConfig;
 use digame_pipelines::Processor;
 use digame_pipelines::runtime::decode_event;
@@ -127,9 +127,8 @@ fn delivered_pass(
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    // A fixed end instant, so every run processes the same events (2026-11-23T00:00:00Z;
-    // the wall clock the processor sees is the same instant).
-    let now = 1_795_392_000_000;
+    // The wall clock the processor sees is the fixed end of the simulated range.
+    let now = SIMULATED_UNTIL_MS;
     // Payloads exactly as the collector publishes them: tenant and receive time set.
     let payloads: Vec<Vec<u8>> = simulated_events(cli.people, cli.days, now)?
         .iter()
