@@ -523,7 +523,15 @@ async fn kill_9_after_ack(bus: Bus) {
         acked += 200;
     }
     server.kill9().await.unwrap();
-
+    if matches!(bus, Bus::Kafka { .. }) {
+        // The development broker's coordinator (tansu 0.6.0) can leave a member that joins
+        // while its dead predecessor still holds the partitions with nothing once the
+        // predecessor expires (README, Running on Kafka). What this test is about is that
+        // nothing acknowledged is lost across kill -9, so the restart waits out the dead
+        // member's session, as an operator's supervisor with a restart delay would.
+        tokio::time::sleep(digame_infra::bus::kafka::SESSION_TIMEOUT + Duration::from_secs(2))
+            .await;
+    }
     server.restart().await.unwrap();
     let client = server.client(ACME_KEY);
     // A client that never saw the last answer retries it: same event ids.

@@ -40,6 +40,11 @@ use digame_bus::{
     BusConsumer, BusError, BusStatus, Delivered, EventBus, Position, Record, Result, Topic,
 };
 
+/// How long the group coordinator waits for a consumer's heartbeat before it takes the
+/// consumer's partitions away: a worker that dies without leaving the group holds its
+/// partitions this long.
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Settings of the Kafka bus.
 #[derive(Clone, Debug)]
 pub struct KafkaSettings {
@@ -366,7 +371,10 @@ impl EventBus for KafkaBus {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
-            .set("session.timeout.ms", "10000")
+            .set(
+                "session.timeout.ms",
+                SESSION_TIMEOUT.as_millis().to_string(),
+            )
             .set("heartbeat.interval.ms", "1000")
             // High watermarks for the lag gauge, from fetch responses. Asking the broker
             // (ListOffsets) instead would queue behind a long-polling fetch on the same
