@@ -34,6 +34,64 @@ pub fn simulated_events(
         .collect()
 }
 
+/// The prefix of every benchmark's scratch directory, which `infra/scripts/clean` looks
+/// for in `$TMPDIR`.
+pub const SCRATCH_PREFIX: &str = "digame-bench.";
+
+/// A scratch directory for one benchmark run, `$TMPDIR/digame-bench.PID.XXXXXX` (the pid
+/// tells `infra/scripts/clean` whether its run is still going). It is removed when the
+/// guard drops (the run ends or fails), and on Ctrl-C or SIGTERM, which would otherwise end
+/// the process without running destructors: a watcher thread removes it and exits with
+/// 130. Only a SIGKILL leaves it behind (`infra/scripts/clean` finds it). One per process:
+/// the first watcher to see the signal ends the process.
+pub fn scratch_dir() -> anyhow::Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("{SCRATCH_PREFIX}{}.", std::process::id()))
+        .tempdir()?;
+    let path = dir.path().to_path_buf();
+    // The watcher runs a runtime of its own on its own thread: the benchmark may run none,
+    // or be inside its own (where starting another would panic). It reports once its
+    // handlers are in place, so no signal falls between the directory and the handlers.
+    let (ready, armed) = std::sync::mpsc::channel::<std::io::Result<()>>();
+    std::thread::Builder::new()
+        .name("scratch-cleanup".into())
+        .spawn(move || {
+            let armed = || -> std::io::Result<_> {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .build()?;
+                let term = rt.block_on(async {
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                })?;
+                let int = rt.block_on(async {
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                })?;
+                Ok((rt, term, int))
+            };
+            let (rt, mut term, mut int) = match armed() {
+                Ok(parts) => {
+                    let _ = ready.send(Ok(()));
+                    parts
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            };
+            rt.block_on(async {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            });
+            let _ = std::fs::remove_dir_all(&path);
+            eprintln!("interrupted; removed {}", path.display());
+            std::process::exit(130);
+        })?;
+    armed.recv()??;
+    Ok(dir)
+}
+
 /// The end of the simulated range of the benchmarks that process `simulate` data, fixed so
 /// every run processes the same events: 2026-11-23T00:00:00Z.
 pub const SIMULATED_UNTIL_MS: i64 = 1_795_392_000_000;

@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let bare = serve(Router::new().route(PATH, get(handler.clone()))).await;
 
-    let dir = tempfile::tempdir()?;
+    let dir = digame_benchmarks::scratch_dir()?;
     let meta = digame_infra::meta::MetaStore::open("sqlite://", dir.path()).await?;
     let keys = vec![(
         "bench".to_string(),

@@ -144,8 +144,9 @@ async fn main() -> anyhow::Result<()> {
     let sink_secs = started.elapsed().as_secs_f64();
 
     let input = tsv(&batch.features);
-    let file = tempfile::NamedTempFile::new()?;
-    std::fs::write(file.path(), &input)?;
+    let scratch = digame_benchmarks::scratch_dir()?;
+    let file = scratch.path().join("features.tsv");
+    std::fs::write(&file, &input)?;
     let started = Instant::now();
     let status = std::process::Command::new("clickhouse-client")
         .args([
@@ -162,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
             "--query",
             &format!("INSERT INTO {client_db}.features FORMAT TSV"),
         ])
-        .stdin(std::fs::File::open(file.path())?)
+        .stdin(std::fs::File::open(&file)?)
         .status()?;
     anyhow::ensure!(status.success(), "clickhouse-client failed");
     let client_secs = started.elapsed().as_secs_f64();

@@ -87,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
     let payloads = simulated_payloads_in_time_order(cli.people, cli.days)?;
     let n = payloads.len();
 
-    let dir = tempfile::tempdir()?;
+    let dir = digame_benchmarks::scratch_dir()?;
     let store = Arc::new(ParquetStore::open(dir.path())?);
     let min_files = StoreConfig::default().compaction_min_files;
     let mut p = Processor::new(&PipelineConfig::default(), 30)?;

@@ -74,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let load_secs = loading.elapsed().as_secs_f64();
 
-    let dir = tempfile::tempdir()?;
+    let dir = digame_benchmarks::scratch_dir()?;
     let status = Arc::new(PipelineStatus::default());
     let pipeline_cfg = PipelineConfig::default();
     let store_root = dir.path().join("store");

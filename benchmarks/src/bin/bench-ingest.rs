@@ -133,7 +133,7 @@ fn serve_child(
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let data = tempfile::tempdir()?;
+    let data = digame_benchmarks::scratch_dir()?;
     let mut child = Command::new(std::env::current_exe()?)
         .args(["serve-child", "--data-dir"])
         .arg(data.path())

@@ -97,7 +97,7 @@ async fn main() -> anyhow::Result<()> {
     let now = SIMULATED_UNTIL_MS;
     let payloads = simulated_payloads_in_time_order(cli.people, cli.days)?;
 
-    let dir = tempfile::tempdir()?;
+    let dir = digame_benchmarks::scratch_dir()?;
     let store = std::sync::Arc::new(ParquetStore::open(dir.path())?);
     let mut p = Processor::new(&PipelineConfig::default(), 30)?;
     p.process_batch(payloads.iter().map(|b| (0, &b[..])), now);
@@ -127,9 +127,19 @@ async fn main() -> anyhow::Result<()> {
     let first = engine
         .sql("bench", "SELECT min(user_id) AS u FROM events")
         .await?;
-    let person = first.rows[0]["u"]
-        .as_str()
-        .ok_or_else(|| anyhow::anyhow!("the store holds no events"))?
+    let person = first
+        .rows
+        .first()
+        .and_then(|row| row.get("u"))
+        .and_then(|u| u.as_str())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "simulate made no events for {} people x {} days (the range ends on a \
+                 weekend, when few people work): choose more people or days",
+                cli.people,
+                cli.days
+            )
+        })?
         .to_string();
     for (name, sql) in STATEMENTS {
         let sql = &sql.replace("{person}", &person);
