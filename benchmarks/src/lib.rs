@@ -56,28 +56,27 @@ pub fn scratch_dir() -> anyhow::Result<tempfile::TempDir> {
     std::thread::Builder::new()
         .name("scratch-cleanup".into())
         .spawn(move || {
-            let armed = || -> std::io::Result<_> {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_io()
-                    .build()?;
-                let term = rt.block_on(async {
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                })?;
-                let int = rt.block_on(async {
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-                })?;
-                Ok((rt, term, int))
-            };
-            let (rt, mut term, mut int) = match armed() {
-                Ok(parts) => {
-                    let _ = ready.send(Ok(()));
-                    parts
-                }
+            use tokio::signal::unix::{SignalKind, signal};
+            let handlers = tokio::runtime::Builder::new_current_thread()
+                .enable_io()
+                .build()
+                .and_then(|rt| {
+                    let (term, int) = rt.block_on(async {
+                        Ok::<_, std::io::Error>((
+                            signal(SignalKind::terminate())?,
+                            signal(SignalKind::interrupt())?,
+                        ))
+                    })?;
+                    Ok((rt, term, int))
+                });
+            let (rt, mut term, mut int) = match handlers {
+                Ok(handlers) => handlers,
                 Err(e) => {
                     let _ = ready.send(Err(e));
                     return;
                 }
             };
+            let _ = ready.send(Ok(()));
             rt.block_on(async {
                 tokio::select! {
                     _ = term.recv() => {}
